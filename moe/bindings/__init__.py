@@ -1,1 +1,102 @@
-"""moe.bindings"""
+"""Sparse dispatch and grouped-GEMM kernels: compiled (Cython) when built, numpy otherwise.
+
+`HAVE_COMPILED` says whether the Cython extensions imported. Every public function here
+has the same signature on both paths; `reference` is the numpy oracle. `use_backend("numpy")`
+forces the oracle (for tests and benchmarks) without touching anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from moe.bindings import reference
+
+try:  # the compiled path is optional at import time; `make test` insists on it
+    from moe.bindings import _dispatch, _grouped  # type: ignore[attr-defined]
+
+    HAVE_COMPILED = True
+except ImportError:  # pragma: no cover - exercised only on a machine without the build
+    _dispatch = _grouped = None
+    HAVE_COMPILED = False
+
+_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_backend = "compiled" if HAVE_COMPILED else "numpy"
+
+
+def backend() -> str:
+    """The live path: "compiled" or "numpy"."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily force "numpy" or "compiled" (the latter only if it was built)."""
+    global _backend
+    if name not in ("numpy", "compiled"):
+        raise ValueError(f"backend must be 'numpy' or 'compiled', got {name!r}")
+    if name == "compiled" and not HAVE_COMPILED:
+        raise RuntimeError("the compiled kernels are not built; run `pip install -e .`")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def _mod(compiled_module, dtype: np.dtype | None = None):
+    if _backend == "compiled" and (dtype is None or np.dtype(dtype) in _COMPILED_DTYPES):
+        return compiled_module
+    return reference
+
+
+def topk_rows(h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return _mod(_dispatch, h.dtype).topk_rows(h, k)
+
+
+def capacity_keep(expert_index: np.ndarray, n_experts: int, capacity: int) -> np.ndarray:
+    return _mod(_dispatch).capacity_keep(expert_index, n_experts, capacity)
+
+
+def counting_sort(expert_index: np.ndarray, keep: np.ndarray, n_experts: int):
+    return _mod(_dispatch).counting_sort(expert_index, keep, n_experts)
+
+
+def gather_rows(x: np.ndarray, src_row: np.ndarray) -> np.ndarray:
+    return _mod(_dispatch, x.dtype).gather_rows(x, src_row)
+
+
+def combine(out: np.ndarray, slot: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return _mod(_dispatch, out.dtype).combine(out, slot, weights)
+
+
+def combine_backward(dy: np.ndarray, out: np.ndarray, slot: np.ndarray, weights: np.ndarray):
+    return _mod(_dispatch, out.dtype).combine_backward(dy, out, slot, weights)
+
+
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str):
+    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation)
+
+
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2):
+    return _mod(_grouped, packed.dtype).ffn_backward(
+        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2
+    )
+
+
+__all__ = [
+    "HAVE_COMPILED",
+    "backend",
+    "use_backend",
+    "reference",
+    "topk_rows",
+    "capacity_keep",
+    "counting_sort",
+    "gather_rows",
+    "combine",
+    "combine_backward",
+    "ffn_forward",
+    "ffn_backward",
+]

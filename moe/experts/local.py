@@ -1,0 +1,67 @@
+"""LocalExperts: the in-process ExpertGroup, an FFN bank plus its own optimizer state."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe.experts.ffn import FFNExperts
+from moe.optim import Adam, AdamConfig
+
+
+class LocalExperts:
+    """Experts that live in this process. Implements the ExpertGroup protocol.
+
+    The optimizer is lazy Adam by default: only experts that received rows are updated
+    (see moe.optim); `lazy=False` gives dense Adam for comparison.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        d_hidden: int,
+        *,
+        activation: str = "relu",
+        rng: np.random.Generator,
+        dtype: np.dtype = np.float32,
+        adam: AdamConfig | None = None,
+        lazy: bool = True,
+    ) -> None:
+        self.bank = FFNExperts(
+            n_experts, d_model, d_hidden, activation=activation, rng=rng, dtype=dtype
+        )
+        self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
+        self.params, self.grads = self.bank.params, self.bank.grads
+        self.lazy = lazy
+        self.optimizer = Adam(self.params, adam or AdamConfig(), lazy_rows=lazy)
+
+    def forward(self, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        return self.bank.forward(packed, offsets)
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        return self.bank.backward(grad_out)
+
+    def grad_sq_norm(self) -> float:
+        t = self.bank.touched
+        return float(sum(np.sum(np.square(g[t], dtype=np.float64)) for g in self.grads.values()))
+
+    def apply_update(self, lr: float, grad_scale: float = 1.0) -> None:
+        if self.lazy:
+            self.optimizer.step(self.grads, lr, grad_scale, rows=self.bank.touched)
+        else:
+            self.optimizer.step(self.grads, lr, grad_scale)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {**self.params, **self.optimizer.state_dict("adam.")}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for n, p in self.params.items():
+            if n not in state:
+                raise ValueError(f"expert state is missing {n!r}")
+            if state[n].shape != p.shape or state[n].dtype != p.dtype:
+                raise ValueError(
+                    f"expert param {n!r}: expected {p.dtype}{list(p.shape)}, "
+                    f"got {state[n].dtype}{list(state[n].shape)}"
+                )
+            p[...] = state[n]
+        self.optimizer.load_state_dict(state, "adam.")

@@ -1,0 +1,169 @@
+"""MoELayer: gate -> dispatch -> experts -> combine, with its exact backward.
+
+y = sum_j G(x)_j * E_{i_j}(x) over the k experts chosen for x (gates zeroed where capacity
+dropped the assignment). The layer does not know where its experts run: any ExpertGroup
+(LocalExperts in this process, RemoteExperts on shard servers) will do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe import bindings
+from moe.bindings.plan import plan_dispatch
+from moe.experts.local import LocalExperts
+from moe.experts.protocol import ExpertGroup
+from moe.routing.capacity import expert_capacity, validate_capacity_factor
+from moe.routing.gates import GATE_TYPES, make_gate
+from moe.routing.types import Routing
+
+
+def check_input(x: np.ndarray, width: int, dtype: np.dtype, name: str = "x") -> None:
+    """Refuse what would silently go wrong: wrong rank, width, dtype, or non-finite values."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [batch, {width}], got shape {list(x.shape)}")
+    if x.shape[1] != width:
+        raise ValueError(f"{name} must have width {width}, got {x.shape[1]}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {x.dtype}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one example, got 0")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+class MoELayer:
+    """A sparsely-gated mixture-of-experts layer (Shazeer et al. 2017).
+
+    gate: "noisy_topk" (default), "softmax_topk" or "top1". capacity_factor=None is
+    dropless; otherwise each expert takes C = ceil(cf * B * k / E) rows and the rest are
+    dropped. d_gate_extra > 0 lets forward take a task embedding that is concatenated to x
+    for the gate only. params/grads cover the gate and, when local, the experts.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        d_hidden: int,
+        k: int = 2,
+        gate: str = "noisy_topk",
+        capacity_factor: float | None = None,
+        w_importance: float = 0.1,
+        w_load: float = 0.1,
+        *,
+        rng: np.random.Generator,
+        w_z: float = 0.0,
+        d_gate_extra: int = 0,
+        activation: str = "relu",
+        dtype: np.dtype = np.float32,
+        experts: ExpertGroup | None = None,
+    ) -> None:
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+        if not 1 <= k <= n_experts:
+            raise ValueError(f"k must be in [1, n_experts={n_experts}], got {k}")
+        if gate not in GATE_TYPES:
+            raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
+        if gate == "top1" and k != 1:
+            raise ValueError(f"gate 'top1' routes to one expert, got k={k}")
+        if d_model < 1 or d_hidden < 1 or d_gate_extra < 0:
+            raise ValueError(
+                f"need d_model >= 1, d_hidden >= 1, d_gate_extra >= 0, got {d_model}, {d_hidden}, {d_gate_extra}"
+            )
+        validate_capacity_factor(capacity_factor)
+        self.d_model, self.n_experts, self.d_hidden, self.k = d_model, n_experts, d_hidden, k
+        self.capacity_factor, self.d_gate_extra = capacity_factor, d_gate_extra
+        self.dtype = np.dtype(dtype)
+        self.rng = rng
+        self.gate = make_gate(
+            gate, d_model + d_gate_extra, n_experts, k,
+            w_importance=w_importance, w_load=w_load, w_z=w_z, rng=rng, dtype=self.dtype,
+        )
+        if experts is None:
+            experts = LocalExperts(
+                n_experts, d_model, d_hidden, activation=activation, rng=rng, dtype=self.dtype
+            )
+        elif experts.n_experts != n_experts or experts.d_model != d_model:
+            raise ValueError(
+                f"expert group has {experts.n_experts} experts of width {experts.d_model}, "
+                f"layer expects {n_experts} of width {d_model}"
+            )
+        self.experts = experts
+        self.params: dict[str, np.ndarray] = {f"gate.{n}": p for n, p in self.gate.params.items()}
+        self.grads: dict[str, np.ndarray] = {f"gate.{n}": g for n, g in self.gate.grads.items()}
+        if hasattr(experts, "params"):  # local experts expose their weights
+            self.params.update({f"experts.{n}": p for n, p in experts.params.items()})
+            self.grads.update({f"experts.{n}": g for n, g in experts.grads.items()})
+        self.grad_task_emb: np.ndarray | None = None
+        self._cache = None
+
+    @property
+    def gate_param_names(self) -> list[str]:
+        return [n for n in self.params if n.startswith("gate.")]
+
+    def forward(
+        self,
+        x: np.ndarray,
+        task_emb: np.ndarray | None = None,
+        train: bool = True,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[np.ndarray, Routing]:
+        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing)."""
+        check_input(x, self.d_model, self.dtype)
+        B = x.shape[0]
+        if self.d_gate_extra:
+            if task_emb is None:
+                raise ValueError(f"this layer routes on a task embedding of width {self.d_gate_extra}; got none")
+            check_input(task_emb, self.d_gate_extra, self.dtype, "task_emb")
+            if task_emb.shape[0] != B:
+                raise ValueError(f"task_emb must have {B} rows like x, got {task_emb.shape[0]}")
+            x_gate = np.concatenate([x, task_emb], axis=1)  # [B, d + d_t]
+        elif task_emb is not None:
+            raise ValueError("task_emb given, but the layer was built with d_gate_extra=0")
+        else:
+            x_gate = x
+        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng)
+        capacity = expert_capacity(self.capacity_factor, B, self.k, self.n_experts)
+        plan = plan_dispatch(g.expert_index, self.n_experts, capacity)
+        gates = np.where(plan.keep, g.gates, 0).astype(self.dtype)  # [B, k] after capacity
+        packed = bindings.gather_rows(x, plan.src_row)  # [N, d]
+        out = self.experts.forward(packed, plan.offsets)  # [N, d]
+        y = bindings.combine(out, plan.slot, gates)  # [B, d]
+        self._cache = (plan, gates, out)
+        routing = Routing(
+            expert_index=g.expert_index,
+            gates=gates,
+            importance=g.importance,
+            load=g.load,
+            counts=plan.counts,
+            dropped=plan.dropped,
+            aux_loss=g.aux_loss,
+        )
+        return y, routing
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """dy [B, d_model] -> dx [B, d_model]; includes the aux-loss gradient, fills grads.
+
+        The task-embedding gradient (when routing on one) is left in `grad_task_emb`.
+        """
+        if self._cache is None:
+            raise ValueError("backward called before forward (or twice for one forward)")
+        plan, gates, out = self._cache
+        if dy.shape != (plan.slot.shape[0], self.d_model) or dy.dtype != self.dtype:
+            raise ValueError(
+                f"dy must be {self.dtype} [{plan.slot.shape[0]}, {self.d_model}], "
+                f"got {dy.dtype} {list(dy.shape)}"
+            )
+        self._cache = None
+        d_out, d_gates = bindings.combine_backward(dy, out, plan.slot, gates)  # [N, d], [B, k]
+        d_packed = self.experts.backward(d_out)  # [N, d]
+        dx = bindings.combine(d_packed, plan.slot, plan.keep.astype(self.dtype))  # [B, d]
+        dx_gate = self.gate.backward(d_gates)  # [B, d + d_t]; dropped gates get 0 via d_gates
+        dx += dx_gate[:, : self.d_model]
+        self.grad_task_emb = dx_gate[:, self.d_model :] if self.d_gate_extra else None
+        return dx
