@@ -176,8 +176,13 @@ class TopKGate:
     def backward(self, d_gates: np.ndarray) -> np.ndarray:
         """dL/dgates [B, k] (main loss) -> dL/dx [B, d_in]; the aux loss gradient is added here.
 
-        Fills self.grads (overwritten, not accumulated).
+        Fills self.grads (overwritten, not accumulated). Products of small probabilities may
+        underflow to zero here, which is the right answer, so underflow is not an error.
         """
+        with np.errstate(under="ignore"):
+            return self._backward(d_gates)
+
+    def _backward(self, d_gates: np.ndarray) -> np.ndarray:
         if self._cache is None:
             raise ValueError("gate backward called before forward")
         x, clean, raw, std, eps, index, gates, probs, d_imp, smooth, d_pmean, lse = self._cache

@@ -1,0 +1,34 @@
+# The two commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev
+STAMP  := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install check-compiled demo test bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard moe/bindings/*.pyx moe/bindings/*.pxd)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fails loudly when the Cython kernels did not build, unless MOE_ALLOW_PURE_PYTHON=1 is set on purpose.
+check-compiled: install
+	$(PY) -c "import os, sys, moe.bindings as b; ok = b.HAVE_COMPILED or os.environ.get('MOE_ALLOW_PURE_PYTHON') == '1'; print('moe.bindings: compiled path', 'live' if b.HAVE_COMPILED else 'MISSING'); sys.exit(0 if ok else 'the compiled kernels are missing (set MOE_ALLOW_PURE_PYTHON=1 to run on the numpy path on purpose)')"
+
+demo: install
+	$(PY) -m moe.demo_layer
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+test: check-compiled
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: install
+	$(PY) bench/layer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info moe/bindings/*.c moe/bindings/*.so
