@@ -40,7 +40,8 @@ class MoELayer:
     gate: "noisy_topk" (default), "softmax_topk" or "top1". capacity_factor=None is
     dropless; otherwise each expert takes C = ceil(cf * B * k / E) rows and the rest are
     dropped. d_gate_extra > 0 lets forward take a task embedding that is concatenated to x
-    for the gate only. params/grads cover the gate and, when local, the experts.
+    for the gate only; route_on_x=False makes the gate see the task embedding alone.
+    params/grads cover the gate and, when local, the experts.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class MoELayer:
         rng: np.random.Generator,
         w_z: float = 0.0,
         d_gate_extra: int = 0,
+        route_on_x: bool = True,
         activation: str = "relu",
         dtype: np.dtype = np.float32,
         experts: ExpertGroup | None = None,
@@ -75,13 +77,18 @@ class MoELayer:
             raise ValueError(
                 f"need d_model >= 1, d_hidden >= 1, d_gate_extra >= 0, got {d_model}, {d_hidden}, {d_gate_extra}"
             )
+        if not route_on_x and d_gate_extra < 1:
+            raise ValueError(f"route_on_x=False needs a task embedding (d_gate_extra >= 1), got {d_gate_extra}")
         validate_capacity_factor(capacity_factor)
         self.d_model, self.n_experts, self.d_hidden, self.k = d_model, n_experts, d_hidden, k
         self.capacity_factor, self.d_gate_extra = capacity_factor, d_gate_extra
+        self.route_on_x = route_on_x
+        self._d_gate_x = d_model if route_on_x else 0  # columns of the gate input taken from x
         self.dtype = np.dtype(dtype)
         self.rng = rng
+        self.gate_name = gate
         self.gate = make_gate(
-            gate, d_model + d_gate_extra, n_experts, k,
+            gate, self._d_gate_x + d_gate_extra, n_experts, k,
             w_importance=w_importance, w_load=w_load, w_z=w_z, rng=rng, dtype=self.dtype,
         )
         if experts is None:
@@ -94,13 +101,34 @@ class MoELayer:
                 f"layer expects {n_experts} of width {d_model}"
             )
         self.experts = experts
-        self.params: dict[str, np.ndarray] = {f"gate.{n}": p for n, p in self.gate.params.items()}
-        self.grads: dict[str, np.ndarray] = {f"gate.{n}": g for n, g in self.gate.grads.items()}
-        if hasattr(experts, "params"):  # local experts expose their weights
-            self.params.update({f"experts.{n}": p for n, p in experts.params.items()})
-            self.grads.update({f"experts.{n}": g for n, g in experts.grads.items()})
+        self._collect()
         self.grad_task_emb: np.ndarray | None = None
         self._cache = None
+
+    def _collect(self) -> None:
+        self.params: dict[str, np.ndarray] = {f"gate.{n}": p for n, p in self.gate.params.items()}
+        self.grads: dict[str, np.ndarray] = {f"gate.{n}": g for n, g in self.gate.grads.items()}
+        if hasattr(self.experts, "params"):  # local experts expose their weights
+            self.params.update({f"experts.{n}": p for n, p in self.experts.params.items()})
+            self.grads.update({f"experts.{n}": g for n, g in self.experts.grads.items()})
+
+    def grow_experts(self, m: int, *, rng: np.random.Generator) -> None:
+        """Append m fresh experts. Old gate columns and experts are kept bit for bit; new gate
+        columns start as a fresh gate of this type would (zero for noisy top-k)."""
+        if m < 1:
+            raise ValueError(f"grow_experts needs m >= 1, got {m}")
+        if not isinstance(self.experts, LocalExperts):
+            raise ValueError("only local experts can be grown in place")
+        old, E = self.gate, self.n_experts
+        self.gate = make_gate(
+            self.gate_name, old.d_in, E + m, self.k, w_importance=old.w_importance,
+            w_load=old.w_load, w_z=old.w_z, rng=rng, dtype=self.dtype,
+        )
+        for n, p in old.params.items():
+            self.gate.params[n][:, :E] = p
+        self.experts = self.experts.grown(m, rng=rng)
+        self.n_experts = E + m
+        self._collect()
 
     @property
     def gate_param_names(self) -> list[str]:
@@ -122,7 +150,7 @@ class MoELayer:
             check_input(task_emb, self.d_gate_extra, self.dtype, "task_emb")
             if task_emb.shape[0] != B:
                 raise ValueError(f"task_emb must have {B} rows like x, got {task_emb.shape[0]}")
-            x_gate = np.concatenate([x, task_emb], axis=1)  # [B, d + d_t]
+            x_gate = np.concatenate([x, task_emb], axis=1) if self.route_on_x else task_emb  # [B, d + d_t]
         elif task_emb is not None:
             raise ValueError("task_emb given, but the layer was built with d_gate_extra=0")
         else:
@@ -164,6 +192,7 @@ class MoELayer:
         d_packed = self.experts.backward(d_out)  # [N, d]
         dx = bindings.combine(d_packed, plan.slot, plan.keep.astype(self.dtype))  # [B, d]
         dx_gate = self.gate.backward(d_gates)  # [B, d + d_t]; dropped gates get 0 via d_gates
-        dx += dx_gate[:, : self.d_model]
-        self.grad_task_emb = dx_gate[:, self.d_model :] if self.d_gate_extra else None
+        if self.route_on_x:
+            dx += dx_gate[:, : self._d_gate_x]
+        self.grad_task_emb = dx_gate[:, self._d_gate_x :] if self.d_gate_extra else None
         return dx

@@ -32,8 +32,25 @@ class LocalExperts:
         )
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
         self.params, self.grads = self.bank.params, self.bank.grads
-        self.lazy = lazy
+        self.lazy, self.activation, self.dtype = lazy, activation, np.dtype(dtype)
         self.optimizer = Adam(self.params, adam or AdamConfig(), lazy_rows=lazy)
+
+    def grown(self, m: int, *, rng: np.random.Generator) -> LocalExperts:
+        """A copy with m fresh experts appended; weights and optimizer state of the old ones kept."""
+        E = self.n_experts
+        new = LocalExperts(
+            E + m, self.d_model, self.d_hidden, activation=self.activation, rng=rng,
+            dtype=self.dtype, adam=self.optimizer.config, lazy=self.lazy,
+        )
+        for n, p in self.params.items():
+            new.params[n][:E] = p
+            new.optimizer.m[n][:E] = self.optimizer.m[n]
+            new.optimizer.v[n][:E] = self.optimizer.v[n]
+        if self.lazy:
+            new.optimizer.t[:E] = self.optimizer.t
+        else:
+            new.optimizer.t[...] = self.optimizer.t
+        return new
 
     def forward(self, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         return self.bank.forward(packed, offsets)

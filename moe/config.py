@@ -1,0 +1,195 @@
+"""Run configuration: frozen dataclasses, loaded from TOML, overridden by `key=value` flags.
+
+Every field is validated with a message that says what it must be and what arrived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe.routing.gates import GATE_TYPES
+
+ROUTE_BY = ("example+task", "example", "task")
+SAMPLING = ("proportional", "uniform", "temperature")
+
+
+def _need(cond: bool, what: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"{what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 64
+    n_experts: int = 64
+    d_hidden: int = 128
+    k: int = 2
+    n_layers: int = 1
+    gate: str = "noisy_topk"  # one name, or a comma list with one gate per layer
+    capacity_factor: float | None = None
+    w_importance: float = 0.1
+    w_load: float = 0.1
+    w_z: float = 0.0
+    route_by: str = "example+task"
+    d_task_emb: int = 16
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_experts", "d_hidden", "k", "n_layers", "d_task_emb"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"model.{name} must be an integer >= 1", v)
+        _need(self.k <= self.n_experts, f"model.k must be <= n_experts={self.n_experts}", self.k)
+        gates = self.gates
+        _need(len(gates) in (1, self.n_layers), f"model.gate must name 1 or {self.n_layers} gates", self.gate)
+        for g in gates:
+            _need(g in GATE_TYPES, f"model.gate entries must be in {GATE_TYPES}", g)
+            _need(g != "top1" or self.k == 1, "model.gate 'top1' needs k = 1", self.k)
+        if self.capacity_factor is not None:
+            cf = self.capacity_factor
+            _need(isinstance(cf, int | float) and math.isfinite(cf) and cf > 0,
+                  "model.capacity_factor must be > 0 or none", cf)
+        for name in ("w_importance", "w_load", "w_z"):
+            v = getattr(self, name)
+            _need(isinstance(v, int | float) and math.isfinite(v) and v >= 0, f"model.{name} must be >= 0", v)
+        _need(self.route_by in ROUTE_BY, f"model.route_by must be one of {ROUTE_BY}", self.route_by)
+        _need(self.activation in ("relu", "gelu"), "model.activation must be 'relu' or 'gelu'", self.activation)
+
+    @property
+    def gates(self) -> list[str]:
+        names = [g.strip() for g in self.gate.split(",")]
+        return names * self.n_layers if len(names) == 1 else names
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 3e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    clip_norm: float = 1.0
+    weight_decay: float = 0.0
+    sampling: str = "temperature"
+    temperature: float = 2.0
+    eval_every: int = 250
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    seed: int = 0
+    baseline: bool = True
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "keep_last"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"train.{name} must be an integer >= 1", v)
+        _need(isinstance(self.warmup, int) and self.warmup >= 0, "train.warmup must be an integer >= 0", self.warmup)
+        _need(isinstance(self.seed, int) and self.seed >= 0, "train.seed must be an integer >= 0", self.seed)
+        _need(self.lr > 0 and math.isfinite(self.lr), "train.lr must be > 0", self.lr)
+        _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]", self.min_lr_ratio)
+        _need(self.clip_norm >= 0, "train.clip_norm must be >= 0 (0 = no clipping)", self.clip_norm)
+        _need(self.weight_decay >= 0, "train.weight_decay must be >= 0", self.weight_decay)
+        _need(self.sampling in SAMPLING, f"train.sampling must be one of {SAMPLING}", self.sampling)
+        _need(self.temperature > 0, "train.temperature must be > 0", self.temperature)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    builtin: bool = True  # the built-in benchmark (scikit-learn's bundled datasets + a generated family)
+    n_family: int = 16
+    family_size: int = 600
+    task_file: str | None = None  # a TOML file of user tasks, added to (or instead of) the built-in ones
+    seed: int = 0  # split seed
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.n_family, int) and self.n_family >= 0, "data.n_family must be an integer >= 0", self.n_family)
+        _need(isinstance(self.family_size, int) and self.family_size >= 30,
+              "data.family_size must be an integer >= 30", self.family_size)
+        _need(self.builtin or self.task_file, "data needs builtin = true or a task_file", None)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in ("model", "train", "data")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        unknown = sorted(set(d) - {"model", "train", "data"})
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; expected model, train, data")
+        sections = {}
+        for name, klass in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            values = d.get(name, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"config section [{name}] must be a table, got {type(values).__name__}")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ValueError(f"unknown key(s) {bad} in [{name}]; expected some of {sorted(known)}")
+            sections[name] = klass(**values)
+        return cls(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file, then `key=value` overrides ("model.n_experts=32" or "steps=100")."""
+    raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        for section, values in loaded.items():
+            raw.setdefault(section, {})
+            if isinstance(values, dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
+    for item in overrides:
+        section, key, value = parse_override(item)
+        raw.setdefault(section, {})[key] = value
+    return Config.from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """"model.k=1" -> ("model", "k", 1); a bare key is looked up in every section."""
+    if "=" not in item:
+        raise ValueError(f"override must look like key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if "." in key:
+        section, name = key.split(".", 1)
+    else:
+        owners = [s for s, k in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig))
+                  if name_in(key, k)]
+        if len(owners) != 1:
+            raise ValueError(f"unknown config key {key!r}" if not owners else
+                             f"config key {key!r} is ambiguous; write one of {[o + '.' + key for o in owners]}")
+        section, name = owners[0], key
+    return section, name, parse_value(text.strip())
+
+
+def name_in(key: str, klass: type) -> bool:
+    return key in {f.name for f in dataclasses.fields(klass)}
+
+
+def parse_value(text: str) -> Any:
+    """TOML scalar syntax (numbers, true/false, quoted strings); `none` means None; else a bare string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
