@@ -1,0 +1,178 @@
+"""Atomic checkpoints: safetensors files plus a JSON manifest that names their sha256.
+
+Layout of one checkpoint (see docs/FORMAT.md):
+
+    <root>/step-00000100/
+        params.safetensors     model parameters (local experts included)
+        optim.safetensors      optimizer state and data-order arrays
+        manifest.json          written last: format, step, config, RNG states, data cursor,
+                               task registry, and {file: {sha256, bytes}}
+
+Writing goes to a hidden temporary folder: each file is written and fsynced, the manifest
+last, then the folder is renamed into place and the parent folder fsynced. A folder without
+a manifest is not a checkpoint. Loading verifies every hash and refuses anything tampered
+with or truncated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+FORMAT = "moe.checkpoint/1"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, tampered with or incompatible."""
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write one safetensors file durably; return its manifest entry."""
+    data = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    _fsync_write(path, data)
+    return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    files: dict[str, dict[str, np.ndarray]],
+    manifest: dict[str, Any],
+    *,
+    keep_last: int | None = None,
+) -> Path:
+    """Write `files` ({"params": tensors, "optim": tensors, ...}) and the manifest atomically."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        entries = {f"{name}.safetensors": write_tensors(tmp / f"{name}.safetensors", t) for name, t in files.items()}
+        full = {"format": FORMAT, "step": int(step), **manifest, "files": entries}
+        _fsync_write(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a rollback) replaces it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under root (those with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a run/checkpoints folder meaning its newest checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
+    if (p / MANIFEST).is_file():
+        return p
+    for candidate in (p, p / "checkpoints"):
+        found = list_checkpoints(candidate)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"{str(p)!r} holds no complete checkpoint (no {MANIFEST} found)")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = resolve(path)
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(p)!r}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"checkpoint {str(p)!r}: expected format {FORMAT!r}, got {got!r}")
+    if not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint {str(p)!r}: manifest lists no files")
+    return manifest
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], Path]:
+    """Read and verify a checkpoint: (manifest, {name: tensors}, folder)."""
+    p = resolve(path)
+    manifest = read_manifest(p)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for fname, entry in manifest["files"].items():
+        fpath = p / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint {str(p)!r}: file {fname!r} is missing")
+        data = fpath.read_bytes()
+        if len(data) != entry.get("bytes"):
+            raise CheckpointError(
+                f"checkpoint {str(p)!r}: {fname} has {len(data)} bytes, manifest says {entry.get('bytes')} (truncated?)"
+            )
+        if sha256_bytes(data) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint {str(p)!r}: {fname} does not match its sha256 (tampered or corrupt)")
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {str(p)!r}: {fname} is not a valid safetensors file ({e})") from None
+        out[fname.removesuffix(".safetensors")] = tensors
+    return manifest, out, p
+
+
+def assign(target: dict[str, np.ndarray], source: dict[str, np.ndarray], what: str) -> None:
+    """Copy arrays into existing ones of the same names, shapes and dtypes, or say what differs."""
+    missing = sorted(set(target) - set(source))
+    extra = sorted(set(source) - set(target))
+    if missing or extra:
+        raise CheckpointError(f"{what}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, dst in target.items():
+        src = source[name]
+        if src.shape != dst.shape or src.dtype != dst.dtype:
+            raise CheckpointError(
+                f"{what} {name!r}: expected {dst.dtype}{list(dst.shape)}, got {src.dtype}{list(src.shape)}"
+            )
+        dst[...] = src

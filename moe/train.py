@@ -1,0 +1,225 @@
+"""Trainer: mixed-task batches, Adam with warmup + cosine, clipping, eval, logs, checkpoints, resume.
+
+Reproducibility: three generators, all derived from the seed and all saved in checkpoints:
+`init` (weights), `noise` (gate noise), `data` (task mix and example order). A run resumed
+from a checkpoint takes exactly the steps an uninterrupted run would, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe import checkpoint as ckpt
+from moe.config import Config
+from moe.experts.protocol import ExpertGroup
+from moe.model import Chunk, MultiTaskMoE
+from moe.optim import Adam, AdamConfig, clip_scale, lr_at
+from moe.profiling.stats import cv
+from moe.sampler import TaskSampler
+from moe.tasks.losses import loss_and_grad
+from moe.tasks.metrics import evaluate
+from moe.tasks.spec import TaskData, TaskRegistry
+
+EVAL_BATCH = 2048
+
+
+def task_loss(model: MultiTaskMoE, chunks: list[Chunk], outputs: list[np.ndarray]):
+    """Weighted mean of per-task losses over the batch, and d loss / d outputs."""
+    B = sum(ch.x.shape[0] for ch in chunks)
+    total, grads, per_task = 0.0, [], {}
+    for ch, out in zip(chunks, outputs, strict=True):
+        spec = model.tasks.spec(ch.task)
+        loss, g = loss_and_grad(spec.kind, out, ch.y)
+        w = spec.loss_weight * ch.x.shape[0] / B
+        total += w * loss
+        grads.append(g * out.dtype.type(w))
+        per_task[ch.task] = loss
+    return total, grads, per_task
+
+
+def predict_split(model: MultiTaskMoE, data: TaskData, split: str) -> np.ndarray:
+    x, _ = data.split(split)
+    outs = [model.forward([Chunk(data.name, x[i : i + EVAL_BATCH])], train=False).outputs[0]
+            for i in range(0, x.shape[0], EVAL_BATCH)]
+    return np.concatenate(outs, axis=0)
+
+
+def evaluate_tasks(model: MultiTaskMoE, data: list[TaskData], split: str) -> dict[str, dict[str, float]]:
+    """Every metric of every task on one split (no noise, no drops beyond the model's config)."""
+    return {d.name: evaluate(d.spec.kind, predict_split(model, d, split), d.split(split)[1]) for d in data}
+
+
+@dataclass
+class TrainResult:
+    step: int
+    test: dict[str, dict[str, float]]
+    checkpoint: Path | None
+    seen: dict[str, int]
+    seconds: float
+
+
+class Trainer:
+    """Trains one MultiTaskMoE on a list of tasks; writes logs and checkpoints under out_dir."""
+
+    def __init__(
+        self,
+        config: Config,
+        data: list[TaskData],
+        out_dir: str | Path,
+        *,
+        expert_groups: list[ExpertGroup] | None = None,
+        data_source: dict[str, Any] | None = None,
+        save_checkpoints: bool = True,
+        echo=print,
+    ) -> None:
+        self.config, self.data, self.out = config, data, Path(out_dir)
+        self.echo, self.save_checkpoints = echo, save_checkpoints
+        self.data_source = data_source or {}
+        seed = config.train.seed
+        self.rng_init = np.random.default_rng([seed, 0])
+        self.rng_noise = np.random.default_rng([seed, 1])
+        self.rng_data = np.random.default_rng([seed, 2])
+        registry = TaskRegistry([d.spec for d in data])
+        self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init, expert_groups=expert_groups)
+        t = config.train
+        adam = AdamConfig(weight_decay=t.weight_decay)
+        self.dense_names = self.model.dense_param_names()
+        self.optimizer = Adam({n: self.model.params[n] for n in self.dense_names}, adam)
+        self.sampler = TaskSampler(data, t.batch_size, sampling=t.sampling, temperature=t.temperature,
+                                   rng=self.rng_data)
+        self.step = 0
+        self.ckpt_root = self.out / "checkpoints"
+        self._tb = None
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        t = self.config.train
+        chunks = self.sampler.next_batch()
+        out = self.model.forward(chunks, train=True, rng=self.rng_noise)
+        loss, d_outs, _ = task_loss(self.model, chunks, out.outputs)
+        self.model.backward(d_outs)
+        grads = self.model.grads
+        sq = sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in self.dense_names)
+        sq += sum(layer.experts.grad_sq_norm() for layer in self.model.layers)
+        scale = clip_scale(sq, t.clip_norm)
+        lr = lr_at(self.step, lr=t.lr, warmup=t.warmup, total=t.steps, min_ratio=t.min_lr_ratio)
+        self.optimizer.step({n: grads[n] for n in self.dense_names}, lr, scale)
+        for layer in self.model.layers:
+            layer.experts.apply_update(lr, scale)
+        self.step += 1
+        r = out.routings[0]
+        return {"loss": loss + out.aux_loss, "task_loss": loss, "aux_loss": out.aux_loss,
+                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq))}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False) -> TrainResult:
+        t = self.config.train
+        if resume:
+            found = ckpt.list_checkpoints(self.ckpt_root)
+            if not found:
+                raise ValueError(f"--resume: no checkpoint under {str(self.ckpt_root)!r}")
+            self.restore(found[-1])
+            self.echo(f"resumed from {found[-1]} at step {self.step}")
+        if self.save_checkpoints:
+            self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        start = time.perf_counter()
+        bar = self._progress(t.steps)
+        last = self.step
+        last_t = time.perf_counter()
+        while self.step < t.steps:
+            m = self.train_step()
+            if bar is not None:
+                now = time.perf_counter()
+                if now - last_t > 0.5:
+                    rate = (self.step - last) * t.batch_size / (now - last_t)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:,.0f}", cv_load=f"{m['cv_load']:.3f}")
+                    last, last_t = self.step, now
+                bar.update(1)
+            if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
+                self._log_eval(log_path, m)
+            if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+                self.save()
+        if bar is not None:
+            bar.close()
+        test = evaluate_tasks(self.model, self.data, "test")
+        where = ckpt.list_checkpoints(self.ckpt_root)[-1] if self.save_checkpoints else None
+        return TrainResult(self.step, test, where, dict(self.sampler.seen), time.perf_counter() - start)
+
+    def _progress(self, total: int):
+        if not self.config.train.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _log_eval(self, path: Path, m: dict[str, float]) -> None:
+        val = evaluate_tasks(self.model, self.data, "val")
+        primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
+        record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
+                  "lr": m["lr"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
+                  "tasks": val}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.config.train.tensorboard:
+            self._tensorboard(record)
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # optional: JSONL is the log of record
+            return
+        if self._tb is None:
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        for key in ("loss", "aux_loss", "lr", "cv_load", "mean_score"):
+            self._tb.add_scalar(key, record[key], record["step"])
+        for name, metrics in record["tasks"].items():
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"val/{name}/{k}", v, record["step"])
+        self._tb.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_tensors(self) -> dict[str, dict[str, np.ndarray]]:
+        optim = self.optimizer.state_dict("dense.")
+        for i, layer in enumerate(self.model.layers):
+            state = layer.experts.state_dict()
+            optim.update({f"block{i}.experts.{k}": v for k, v in state.items() if k.startswith("adam.")})
+        arrays, _ = self.sampler.state()
+        optim.update(arrays)
+        return {"params": dict(self.model.params), "optim": optim}
+
+    def manifest(self) -> dict[str, Any]:
+        _, cursor = self.sampler.state()
+        return {
+            "config": self.config.to_dict(),
+            "tasks": self.model.tasks.to_dict(),
+            "data_source": self.data_source,
+            "rng": {"init": self.rng_init.bit_generator.state, "noise": self.rng_noise.bit_generator.state},
+            "data_cursor": cursor,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_tensors(), self.manifest(),
+                                    keep_last=self.config.train.keep_last)
+
+    def restore(self, path: str | Path) -> None:
+        manifest, files, where = ckpt.load_checkpoint(path)
+        if manifest.get("tasks") != self.model.tasks.to_dict():
+            raise ckpt.CheckpointError(f"checkpoint {str(where)!r} was trained on other tasks")
+        ckpt.assign(self.model.params, files["params"], "model parameters")
+        optim = files["optim"]
+        self.optimizer.load_state_dict(optim, "dense.")
+        for i, layer in enumerate(self.model.layers):
+            prefix = f"block{i}.experts."
+            state = {k[len(prefix):]: v for k, v in optim.items() if k.startswith(prefix)}
+            layer.experts.load_state_dict({**layer.experts.params, **state})
+        self.sampler.load_state(optim, manifest["data_cursor"])
+        self.rng_init.bit_generator.state = manifest["rng"]["init"]
+        self.rng_noise.bit_generator.state = manifest["rng"]["noise"]
+        self.step = int(manifest["step"])
