@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,14 @@ def save_checkpoint(
     manifest: dict[str, Any],
     *,
     keep_last: int | None = None,
+    writers: list[Callable[[Path], dict[str, dict[str, Any]]]] = (),
 ) -> Path:
-    """Write `files` ({"params": tensors, "optim": tensors, ...}) and the manifest atomically."""
+    """Write `files` ({"params": tensors, ...}) and the manifest atomically.
+
+    Each of `writers` is called with the temporary folder and writes further files into it
+    (expert parts, possibly by other processes), returning their manifest entries. This is
+    the first phase; the manifest, written after all of them, is the commit.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -86,6 +93,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         entries = {f"{name}.safetensors": write_tensors(tmp / f"{name}.safetensors", t) for name, t in files.items()}
+        for write in writers:
+            entries.update(write(tmp))
         full = {"format": FORMAT, "step": int(step), **manifest, "files": entries}
         _fsync_write(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
         _fsync_dir(tmp)
@@ -139,12 +148,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], Path]:
-    """Read and verify a checkpoint: (manifest, {name: tensors}, folder)."""
+def load_checkpoint(
+    path: str | Path, *, load_experts: bool = False
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], Path]:
+    """Read and verify a checkpoint: (manifest, {name: tensors}, folder).
+
+    Expert part files are verified and read by their holders (`load_part`), not here,
+    unless load_experts is set."""
     p = resolve(path)
     manifest = read_manifest(p)
     out: dict[str, dict[str, np.ndarray]] = {}
     for fname, entry in manifest["files"].items():
+        if entry.get("kind") == "experts" and not load_experts:
+            continue  # read (and verified) by whoever holds those experts
         fpath = p / fname
         if not fpath.is_file():
             raise CheckpointError(f"checkpoint {str(p)!r}: file {fname!r} is missing")

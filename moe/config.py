@@ -114,21 +114,55 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """Where experts run when not in this process (see docs/PROTOCOL.md and `moe shard serve`)."""
+
+    local: int = 0  # start this many shard processes on this machine (`moe train --shards N`)
+    transport: str = "ipc"  # for local shards: "ipc" or "tcp" (loopback)
+    endpoints: tuple[str, ...] = ()  # already-running shards, e.g. ("tcp://10.0.0.2:5555", ...)
+    placement: str | None = None  # JSON file mapping expert -> shard (from the profiler); contiguous if unset
+    deadline_s: float = 5.0  # a request unanswered this long means the shard is dead or stalled
+    heartbeat_s: float = 1.0
+    retries: int = 2  # resends of an unanswered (idempotent) request before declaring failure
+    max_failures: int = 3  # failures tolerated within failure_window_s before giving up
+    failure_window_s: float = 600.0
+    curve_dir: str | None = None  # folder with client and server keypairs (`moe keys generate`)
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.local, int) and self.local >= 0, "shards.local must be an integer >= 0", self.local)
+        _need(self.transport in ("ipc", "tcp"), "shards.transport must be 'ipc' or 'tcp'", self.transport)
+        _need(not (self.local and self.endpoints), "use shards.local or shards.endpoints, not both", self.endpoints)
+        for name in ("deadline_s", "heartbeat_s", "failure_window_s"):
+            v = getattr(self, name)
+            _need(isinstance(v, int | float) and v > 0, f"shards.{name} must be > 0", v)
+        _need(isinstance(self.retries, int) and self.retries >= 0, "shards.retries must be >= 0", self.retries)
+        _need(isinstance(self.max_failures, int) and self.max_failures >= 1, "shards.max_failures must be >= 1",
+              self.max_failures)
+        if not isinstance(self.endpoints, tuple):
+            object.__setattr__(self, "endpoints", tuple(self.endpoints))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.local or self.endpoints)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {s: dataclasses.asdict(getattr(self, s)) for s in ("model", "train", "data")}
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        unknown = sorted(set(d) - {"model", "train", "data"})
+        unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; expected model, train, data")
+            raise ValueError(f"unknown config section(s) {unknown}; expected {', '.join(SECTIONS)}")
         sections = {}
-        for name, klass in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+        for name, klass in SECTIONS.items():
             values = d.get(name, {})
             if not isinstance(values, dict):
                 raise ValueError(f"config section [{name}] must be a table, got {type(values).__name__}")
@@ -140,9 +174,12 @@ class Config:
         return cls(**sections)
 
 
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "shards": ShardConfig}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the TOML file, then `key=value` overrides ("model.n_experts=32" or "steps=100")."""
-    raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -172,8 +209,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     if "." in key:
         section, name = key.split(".", 1)
     else:
-        owners = [s for s, k in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig))
-                  if name_in(key, k)]
+        owners = [s for s, k in SECTIONS.items() if name_in(key, k)]
         if len(owners) != 1:
             raise ValueError(f"unknown config key {key!r}" if not owners else
                              f"config key {key!r} is ambiguous; write one of {[o + '.' + key for o in owners]}")

@@ -112,6 +112,16 @@ class MoELayer:
             self.params.update({f"experts.{n}": p for n, p in self.experts.params.items()})
             self.grads.update({f"experts.{n}": g for n, g in self.experts.grads.items()})
 
+    def set_experts(self, experts: ExpertGroup) -> None:
+        """Swap in another expert group of the same shape (e.g. remote shards holding the same weights)."""
+        if experts.n_experts != self.n_experts or experts.d_model != self.d_model:
+            raise ValueError(
+                f"expert group has {experts.n_experts} experts of width {experts.d_model}, "
+                f"layer expects {self.n_experts} of width {self.d_model}"
+            )
+        self.experts = experts
+        self._collect()
+
     def grow_experts(self, m: int, *, rng: np.random.Generator) -> None:
         """Append m fresh experts. Old gate columns and experts are kept bit for bit; new gate
         columns start as a fresh gate of this type would (zero for noisy top-k)."""

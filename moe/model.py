@@ -18,7 +18,7 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.experts.protocol import ExpertGroup
 from moe.layer import MoELayer
-from moe.nn import LayerNorm, Linear
+from moe.nn import MLP, LayerNorm, Linear
 from moe.routing.types import Routing
 from moe.tasks.spec import TaskRegistry, TaskSpec
 
@@ -49,8 +49,10 @@ class MultiTaskMoE:
         *,
         rng: np.random.Generator,
         expert_groups: list[ExpertGroup] | None = None,
+        head_hidden: dict[str, int] | None = None,
         dtype=np.float32,
     ) -> None:
+        """head_hidden: tasks whose head is an MLP with this hidden width (others: linear)."""
         if len(tasks) == 0:
             raise ValueError("a model needs at least one task")
         self.config, self.tasks, self.dtype = config, tasks, np.dtype(dtype)
@@ -68,7 +70,8 @@ class MultiTaskMoE:
             self.blocks.append((LayerNorm(c.d_model, dtype=self.dtype), layer))
         self.final_ln = LayerNorm(c.d_model, dtype=self.dtype)
         self.adapters: dict[str, Linear] = {}
-        self.heads: dict[str, Linear] = {}
+        self.heads: dict[str, Linear | MLP] = {}
+        self.head_hidden: dict[str, int] = dict(head_hidden or {})
         self.task_emb: dict[str, np.ndarray] = {}
         self.task_emb_grad: dict[str, np.ndarray] = {}
         for spec in tasks:
@@ -79,7 +82,11 @@ class MultiTaskMoE:
     # ------------------------------------------------------------------ structure
     def _build_task(self, spec: TaskSpec, rng: np.random.Generator) -> None:
         self.adapters[spec.name] = Linear(spec.n_inputs, self.config.d_model, rng=rng, dtype=self.dtype)
-        self.heads[spec.name] = Linear(self.config.d_model, spec.n_outputs, rng=rng, dtype=self.dtype)
+        hidden = self.head_hidden.get(spec.name, 0)
+        if hidden:
+            self.heads[spec.name] = MLP(self.config.d_model, hidden, spec.n_outputs, rng=rng, dtype=self.dtype)
+        else:
+            self.heads[spec.name] = Linear(self.config.d_model, spec.n_outputs, rng=rng, dtype=self.dtype)
         emb = rng.standard_normal(self.config.d_task_emb, dtype=self.dtype)
         self.task_emb[spec.name] = emb
         self.task_emb_grad[spec.name] = np.zeros_like(emb)
@@ -119,11 +126,14 @@ class MultiTaskMoE:
         rng: np.random.Generator,
         init_from: str | None = None,
         grow_experts: int = 0,
+        head_hidden: int = 0,
     ) -> None:
-        """Register a new task with a fresh head; its adapter and embedding start from
-        `init_from` (a task with the same input width) when given, else at random.
-        `grow_experts` adds that many fresh experts to every block."""
+        """Register a new task with a fresh head (an MLP when head_hidden > 0); its adapter and
+        embedding start from `init_from` (a task with the same input width) when given, else
+        at random. `grow_experts` adds that many fresh experts to every block."""
         self.tasks.add(spec)
+        if head_hidden:
+            self.head_hidden[spec.name] = head_hidden
         self._build_task(spec, rng)
         if init_from is not None:
             src = self.tasks.spec(init_from)

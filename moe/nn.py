@@ -65,3 +65,30 @@ class LayerNorm:
 
 def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
+
+
+class MLP:
+    """Linear -> ReLU -> Linear. The head of a task added from few examples: the trunk's
+    features cluster by what the old tasks taught it, and a new label is often a union of
+    such clusters, which no linear head can carve out."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, *, rng: np.random.Generator, dtype=np.float32) -> None:
+        self.l1 = Linear(d_in, d_hidden, rng=rng, dtype=dtype, gain=2.0)
+        self.l2 = Linear(d_hidden, d_out, rng=rng, dtype=dtype)
+        self.params = {"w1": self.l1.params["w"], "b1": self.l1.params["b"],
+                       "w2": self.l2.params["w"], "b2": self.l2.params["b"]}
+        self.grads = {"w1": self.l1.grads["w"], "b1": self.l1.grads["b"],
+                      "w2": self.l2.grads["w"], "b2": self.l2.grads["b"]}
+        self._pre = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._pre = self.l1.forward(x)  # [B, h]
+        return self.l2.forward(relu(self._pre))  # [B, d_out]
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self._pre is None:
+            raise ValueError("MLP backward called before forward")
+        d_act = self.l2.backward(dy)  # [B, h]
+        d_pre = d_act * (self._pre > 0)
+        self._pre = None
+        return self.l1.backward(d_pre)  # [B, d_in]

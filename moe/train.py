@@ -8,7 +8,9 @@ from a checkpoint takes exactly the steps an uninterrupted run would, bit for bi
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import numpy as np
 
 from moe import checkpoint as ckpt
 from moe.config import Config
-from moe.experts.protocol import ExpertGroup
+from moe.experts.protocol import ExpertGroup, ExpertGroupFailure
 from moe.model import Chunk, MultiTaskMoE
 from moe.optim import Adam, AdamConfig, clip_scale, lr_at
 from moe.profiling.stats import cv
@@ -76,8 +78,12 @@ class Trainer:
         expert_groups: list[ExpertGroup] | None = None,
         data_source: dict[str, Any] | None = None,
         save_checkpoints: bool = True,
+        on_failure: Callable[[Exception], None] | None = None,
         echo=print,
     ) -> None:
+        """expert_groups: one ExpertGroup per MoE block to use instead of in-process experts
+        (they receive the same initial weights). on_failure is called after an
+        ExpertGroupFailure (e.g. to restart a dead shard) before rolling back."""
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.echo, self.save_checkpoints = echo, save_checkpoints
         self.data_source = data_source or {}
@@ -86,7 +92,13 @@ class Trainer:
         self.rng_noise = np.random.default_rng([seed, 1])
         self.rng_data = np.random.default_rng([seed, 2])
         registry = TaskRegistry([d.spec for d in data])
-        self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init, expert_groups=expert_groups)
+        # Always initialise in this process, so the weights do not depend on where experts run.
+        self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init)
+        self.on_failure = on_failure
+        self._failures: list[float] = []
+        self.remote = False  # experts live elsewhere: keep a rollback checkpoint from step 0
+        if expert_groups is not None:
+            self._adopt(expert_groups)
         t = config.train
         adam = AdamConfig(weight_decay=t.weight_decay)
         self.dense_names = self.model.dense_param_names()
@@ -96,6 +108,20 @@ class Trainer:
         self.step = 0
         self.ckpt_root = self.out / "checkpoints"
         self._tb = None
+
+    def _adopt(self, groups: list[ExpertGroup]) -> None:
+        """Hand each block's freshly initialised experts to the given groups, then use those."""
+        if len(groups) != len(self.model.layers):
+            raise ValueError(f"need one expert group per MoE block ({len(self.model.layers)}), got {len(groups)}")
+        staging = self.out / ".init-experts"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            for i, (layer, group) in enumerate(zip(self.model.layers, groups, strict=True)):
+                group.load_part(staging, layer.experts.save_part(staging, i), i)
+                layer.set_experts(group)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.remote = True
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -118,8 +144,10 @@ class Trainer:
                 "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq))}
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool = False) -> TrainResult:
+    def train(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+        """Train to config.train.steps (or stop early after `stop_at`, with a checkpoint)."""
         t = self.config.train
+        end = t.steps if stop_at is None else min(stop_at, t.steps)
         if resume:
             found = ckpt.list_checkpoints(self.ckpt_root)
             if not found:
@@ -133,8 +161,17 @@ class Trainer:
         bar = self._progress(t.steps)
         last = self.step
         last_t = time.perf_counter()
-        while self.step < t.steps:
-            m = self.train_step()
+        if self.remote and self.save_checkpoints and not ckpt.list_checkpoints(self.ckpt_root):
+            self.save()  # a rollback point before the first step
+        while self.step < end:
+            try:
+                m = self.train_step()
+            except ExpertGroupFailure as e:
+                self._recover(e)
+                if bar is not None:
+                    bar.n = self.step
+                    bar.refresh()
+                continue
             if bar is not None:
                 now = time.perf_counter()
                 if now - last_t > 0.5:
@@ -144,13 +181,31 @@ class Trainer:
                 bar.update(1)
             if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
                 self._log_eval(log_path, m)
-            if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+            if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == end):
                 self.save()
         if bar is not None:
             bar.close()
         test = evaluate_tasks(self.model, self.data, "test")
         where = ckpt.list_checkpoints(self.ckpt_root)[-1] if self.save_checkpoints else None
         return TrainResult(self.step, test, where, dict(self.sampler.seen), time.perf_counter() - start)
+
+    def _recover(self, error: ExpertGroupFailure) -> None:
+        """Void the step, let the owner repair (restart a shard), roll everything back."""
+        s = self.config.shards
+        now = time.monotonic()
+        self._failures = [t for t in self._failures if now - t <= s.failure_window_s] + [now]
+        if len(self._failures) > s.max_failures:
+            raise RuntimeError(
+                f"{len(self._failures)} expert failures within {s.failure_window_s:.0f}s "
+                f"(limit {s.max_failures}); giving up at step {self.step}. Last: {error}"
+            ) from error
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        if not found:
+            raise RuntimeError(f"expert failure at step {self.step} with no checkpoint to roll back to: {error}") from error
+        self.echo(f"step {self.step + 1} failed: {error}; rolling back to {found[-1].name}")
+        if self.on_failure is not None:
+            self.on_failure(error)
+        self.restore(found[-1])
 
     def _progress(self, total: int):
         if not self.config.train.progress:
@@ -186,13 +241,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> dict[str, dict[str, np.ndarray]]:
+        """Coordinator-side state; the experts write their own part files (see save)."""
         optim = self.optimizer.state_dict("dense.")
-        for i, layer in enumerate(self.model.layers):
-            state = layer.experts.state_dict()
-            optim.update({f"block{i}.experts.{k}": v for k, v in state.items() if k.startswith("adam.")})
         arrays, _ = self.sampler.state()
         optim.update(arrays)
-        return {"params": dict(self.model.params), "optim": optim}
+        return {"params": {n: self.model.params[n] for n in self.dense_names}, "optim": optim}
 
     def manifest(self) -> dict[str, Any]:
         _, cursor = self.sampler.state()
@@ -205,20 +258,20 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        writers = [lambda folder, i=i, g=layer.experts: g.save_part(folder, i)
+                   for i, layer in enumerate(self.model.layers)]
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_tensors(), self.manifest(),
-                                    keep_last=self.config.train.keep_last)
+                                    keep_last=self.config.train.keep_last, writers=writers)
 
     def restore(self, path: str | Path) -> None:
         manifest, files, where = ckpt.load_checkpoint(path)
         if manifest.get("tasks") != self.model.tasks.to_dict():
             raise ckpt.CheckpointError(f"checkpoint {str(where)!r} was trained on other tasks")
-        ckpt.assign(self.model.params, files["params"], "model parameters")
+        ckpt.assign({n: self.model.params[n] for n in self.dense_names}, files["params"], "model parameters")
         optim = files["optim"]
         self.optimizer.load_state_dict(optim, "dense.")
         for i, layer in enumerate(self.model.layers):
-            prefix = f"block{i}.experts."
-            state = {k[len(prefix):]: v for k, v in optim.items() if k.startswith(prefix)}
-            layer.experts.load_state_dict({**layer.experts.params, **state})
+            layer.experts.load_part(where, manifest["files"], i)
         self.sampler.load_state(optim, manifest["data_cursor"])
         self.rng_init.bit_generator.state = manifest["rng"]["init"]
         self.rng_noise.bit_generator.state = manifest["rng"]["noise"]

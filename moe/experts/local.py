@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from moe.experts import state
 from moe.experts.ffn import FFNExperts
 from moe.optim import Adam, AdamConfig
 
@@ -58,15 +61,38 @@ class LocalExperts:
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         return self.bank.backward(grad_out)
 
-    def grad_sq_norm(self) -> float:
+    def expert_sq_norms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float64 squared grad norm of each expert that received rows), ids ascending.
+
+        Summing these in id order gives the same bits wherever the experts live.
+        """
         t = self.bank.touched
-        return float(sum(np.sum(np.square(g[t], dtype=np.float64)) for g in self.grads.values()))
+        sq = np.zeros(t.shape[0], dtype=np.float64)
+        for n in state.PARAM_NAMES:
+            g = self.grads[n][t].astype(np.float64).reshape(t.shape[0], -1)  # [n_touched, size]
+            sq += (g * g).sum(axis=1)
+        return t, sq
+
+    def grad_sq_norm(self) -> float:
+        return float(np.sum(self.expert_sq_norms()[1]))
 
     def apply_update(self, lr: float, grad_scale: float = 1.0) -> None:
         if self.lazy:
             self.optimizer.step(self.grads, lr, grad_scale, rows=self.bank.touched)
         else:
             self.optimizer.step(self.grads, lr, grad_scale)
+
+    def save_part(self, folder: Path, layer: int) -> dict[str, dict]:
+        """Write this group's experts (params + Adam state) into a checkpoint being assembled."""
+        ids = np.arange(self.n_experts)
+        fname = f"experts-l{layer}.safetensors"
+        rows = state.export_rows(self.params, self.optimizer, ids, ids)
+        return {fname: state.write_part(Path(folder) / fname, rows, layer)}
+
+    def load_part(self, folder: Path, entries: dict[str, dict], layer: int) -> None:
+        """Load every expert of this layer from whatever part files hold them (any sharding)."""
+        ids = np.arange(self.n_experts)
+        state.import_rows(self.params, self.optimizer, ids, state.read_rows(Path(folder), entries, layer, ids))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {**self.params, **self.optimizer.state_dict("adam.")}

@@ -1,0 +1,47 @@
+"""Loading and saving whole models outside the training loop: `moe.load`, `save_model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe import checkpoint as ckpt
+from moe.config import Config
+from moe.model import MultiTaskMoE
+from moe.optim import Adam, AdamConfig
+from moe.tasks.spec import TaskRegistry
+
+
+def load(path: str | Path) -> MultiTaskMoE:
+    """A MultiTaskMoE from a checkpoint folder (or a run folder: its newest checkpoint).
+
+    Experts are loaded in this process whatever sharding wrote them. The manifest is kept
+    on the model as `model.manifest`."""
+    manifest, files, where = ckpt.load_checkpoint(path)
+    try:
+        config = Config.from_dict(manifest["config"])
+        tasks = TaskRegistry.from_dict(manifest["tasks"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {str(where)!r}: bad config or task registry ({e})") from None
+    heads = {n: int(h) for n, h in manifest.get("head_hidden", {}).items()}
+    model = MultiTaskMoE(config.model, tasks, rng=np.random.default_rng(0), head_hidden=heads)  # weights replaced below
+    dense = {n: model.params[n] for n in model.dense_param_names()}
+    ckpt.assign(dense, files["params"], f"checkpoint {str(where)!r} parameters")
+    for i, layer in enumerate(model.layers):
+        layer.experts.load_part(where, manifest["files"], i)
+    model.manifest = manifest
+    return model
+
+
+def save_model(
+    root: str | Path, step: int, model: MultiTaskMoE, config: Config, manifest: dict[str, Any]
+) -> Path:
+    """Write an inference checkpoint (weights, config, tasks; fresh optimizer moments)."""
+    dense = {n: model.params[n] for n in model.dense_param_names()}
+    optim = Adam(dense, AdamConfig()).state_dict("dense.")
+    writers = [lambda folder, i=i, g=layer.experts: g.save_part(folder, i) for i, layer in enumerate(model.layers)]
+    full = {**manifest, "config": config.to_dict(), "tasks": model.tasks.to_dict(), "resumable": False,
+            "head_hidden": dict(model.head_hidden)}
+    return ckpt.save_checkpoint(root, step, {"params": dense, "optim": optim}, full, writers=writers)

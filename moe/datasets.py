@@ -1,0 +1,51 @@
+"""Where a run's tasks come from, recorded in every checkpoint so eval/profile can rebuild them.
+
+A source is JSON: {"builtin": {"seed", "n_family", "family_size"} | None,
+"task_file": absolute path | None, "added": [one record per task added with add-task]}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moe.config import DataConfig
+from moe.tasks.builtin import builtin_tasks, heldout_task
+from moe.tasks.spec import TaskData
+from moe.tasks.userdata import load_table, load_task_file
+
+
+def source_of(cfg: DataConfig) -> dict[str, Any]:
+    return {
+        "builtin": {"seed": cfg.seed, "n_family": cfg.n_family, "family_size": cfg.family_size}
+        if cfg.builtin else None,
+        "task_file": str(Path(cfg.task_file).resolve()) if cfg.task_file else None,
+        "added": [],
+    }
+
+
+def load_source(source: dict[str, Any]) -> list[TaskData]:
+    """Rebuild every task of a source, in registry order (built-in, task file, then added)."""
+    data: list[TaskData] = []
+    if source.get("builtin"):
+        b = source["builtin"]
+        data += builtin_tasks(seed=b["seed"], n_family=b["n_family"], family_size=b["family_size"])
+    if source.get("task_file"):
+        data += load_task_file(source["task_file"])
+    for rec in source.get("added", []):
+        data.append(load_added(rec))
+    names = [d.name for d in data]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate task name(s) {dupes} across the built-in tasks and the task file")
+    return data
+
+
+def load_added(rec: dict[str, Any], shots: int | None = None) -> TaskData:
+    """A task added by add-task: the built-in held-out task, or a user table. `shots` limits train."""
+    if rec.get("heldout"):
+        return heldout_task(seed=rec["seed"], shots_per_class=shots)
+    return load_table(
+        rec["path"], name=rec["name"], target=rec["target"], features=rec.get("features"),
+        kind=rec.get("kind"), seed=rec.get("seed", 0),
+    )
