@@ -74,11 +74,16 @@ def cmd_train(args) -> int:
         if not found:
             raise UserError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r}")
         manifest = ckpt.read_manifest(found[-1])
-        saved = manifest["config"]
-        if args.config is None and not args.overrides:
-            from moe.config import Config
+        if manifest.get("resumable") is False:
+            raise UserError(f"{str(found[-1])!r} was written by add-task; it cannot resume training")
+        from moe.config import Config
 
-            config = Config.from_dict(saved)
+        saved = Config.from_dict(manifest["config"])
+        if args.config is None and not args.overrides:
+            config = saved
+        elif (config.model, config.data) != (saved.model, saved.data):
+            raise UserError("--resume: the [model] and [data] settings must match the checkpoint's "
+                            "(only [train] and [shards] settings may change)")
         source = manifest["data_source"]
     else:
         if ckpt.list_checkpoints(out / "checkpoints"):
