@@ -35,7 +35,7 @@ def test_lazy_adam_updates_only_touched_rows_with_their_own_step_count():
     params = {"w": p0.copy()}
     opt = Adam(params, AdamConfig(), lazy_rows=True)
     g_rows = {0: [], 3: []}
-    for step, rows in enumerate([[0, 3], [3], [0, 3], [3]]):
+    for rows in ([0, 3], [3], [0, 3], [3]):
         g = rng.normal(size=(5, 2, 3))
         for r in rows:
             g_rows[r].append(g[r])
