@@ -19,8 +19,12 @@ install: $(STAMP)
 check-compiled: install
 	$(PY) -c "import os, sys, moe.bindings as b; ok = b.HAVE_COMPILED or os.environ.get('MOE_ALLOW_PURE_PYTHON') == '1'; print('moe.bindings: compiled path', 'live' if b.HAVE_COMPILED else 'MISSING'); sys.exit(0 if ok else 'the compiled kernels are missing (set MOE_ALLOW_PURE_PYTHON=1 to run on the numpy path on purpose)')"
 
+# The main job: train one MoE model on the built-in benchmark (tables, checkpoint, profile),
+# then add the held-out task from 10 examples per class.
 demo: install
-	$(PY) -m moe.demo_layer
+	rm -rf runs/demo
+	$(VENV)/bin/moe train --out runs/demo
+	$(VENV)/bin/moe add-task runs/demo
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.
 test: check-compiled

@@ -68,6 +68,12 @@ def cmd_train(args) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
+    if args.out is None:
+        if args.resume:
+            raise UserError("--resume needs --out (the run folder to continue)")
+        import time
+
+        args.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out)
     if args.resume:
         found = ckpt.list_checkpoints(out / "checkpoints")
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints, a metrics log (metrics.jsonl) and a load-balance profile under --out. Config keys "
         "can be overridden as key=value, e.g. model.n_experts=32 steps=500 gate=top1 k=1."))
     t.add_argument("--config", help="TOML file with [model], [train], [data] tables")
-    t.add_argument("--out", default="runs/default", help="run folder (default: runs/default)")
+    t.add_argument("--out", default=None, help="run folder (default: a new runs/YYYYmmdd-HHMMSS)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop (with a checkpoint) after this step, e.g. to resume later")
