@@ -220,6 +220,25 @@ def cmd_profile(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- plan
+def cmd_plan(args) -> int:
+    from moe.accel.plan_cli import cmd_plan as plan_layout
+
+    out = plan_layout(args)
+    say(args, out["text"])
+    r = out["result"]
+    best = r.best
+    emit_json(args, {
+        "target": args.target,
+        "best": None if best is None else {
+            "ep": best.ep, "dp": best.dp, "tokens_per_device": best.tokens_per_device,
+            "capacity_factor": best.shape.capacity_factor, "step_time_s": best.step_time, "mfu": best.mfu,
+            "memory_per_device_bytes": best.memory_total},
+        "candidates": r.n_candidates, "rejected": r.n_rejected,
+    })
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe", description=(
@@ -280,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the gate noise")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="lay the model out on an accelerator pod (cost model + planner)", description=(
+        "Enumerate expert-parallel x data-parallel layouts, per-device batches and capacity factors on a "
+        "target (e.g. tpu-v2-pod, tpu-v4-slice), reject layouts that do not fit in HBM (saying by how much), "
+        "rank the rest by predicted step time. With --profile (a profile.json from `moe profile`), place "
+        "experts on devices by measured load (LPT) and report max/mean device load before and after."))
+    pl.add_argument("--target", required=True, help="pod or device name (see the error for the list)")
+    pl.add_argument("--config", help="training config TOML (default: the built-in defaults)")
+    pl.add_argument("--profile", help="profile.json from `moe profile`")
+    pl.add_argument("--tokens", type=int, default=1 << 20, help="global examples per step (default 1,048,576)")
+    pl.add_argument("--capacity-factors", default="1.0,1.25,1.5,2.0",
+                    help="comma list to try; 'none' means dropless")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 

@@ -1,0 +1,42 @@
+"""`moe plan`: lay one multitask MoE (from a training config) out on an accelerator pod."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moe.accel.devices import get_pod, list_targets
+from moe.accel.planner import format_plan, plan, read_profile_loads
+from moe.accel.shape import MoEShape
+from moe.config import Config
+
+
+def shape_from_config(config: Config, tokens: int, tasks: list[Any] | None = None) -> MoEShape:
+    """The planner's view of a training config; tasks (TaskSpecs) give the mean adapter and head widths."""
+    m = config.model
+    gates = set(m.gates)
+    d_in = float(np.mean([t.n_inputs for t in tasks])) if tasks else 64.0
+    n_out = float(np.mean([t.n_outputs for t in tasks])) if tasks else 10.0
+    return MoEShape(
+        d_model=m.d_model, d_hidden=m.d_hidden, n_experts=m.n_experts, k=m.k, n_layers=m.n_layers,
+        tokens=tokens, capacity_factor=m.capacity_factor, d_in=d_in, n_out=n_out,
+        n_tasks=len(tasks) if tasks else 1,
+        d_task_emb=m.d_task_emb if m.route_by != "example" else 0,
+        gate="noisy_topk" if "noisy_topk" in gates else sorted(gates)[0],
+    )
+
+
+def cmd_plan(args) -> dict[str, Any]:
+    from moe.config import load_config
+    from moe.datasets import load_source, source_of
+
+    if args.target not in list_targets():
+        raise ValueError(f"unknown target {args.target!r}; known: {', '.join(list_targets())}")
+    config = load_config(args.config, args.overrides)
+    tasks = [d.spec for d in load_source(source_of(config.data))]
+    shape = shape_from_config(config, args.tokens, tasks)
+    loads = read_profile_loads(args.profile) if args.profile else None
+    cfs = tuple(None if c == "none" else float(c) for c in args.capacity_factors.split(","))
+    result = plan(shape, get_pod(args.target), profile_loads=loads, capacity_factors=cfs)
+    return {"text": format_plan(result), "result": result}
