@@ -57,17 +57,18 @@ def balance_lines(b: dict[str, float]) -> str:
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    from moe.baseline import train_baseline
+    import contextlib
+    import dataclasses
+
     from moe.config import load_config
     from moe.datasets import load_source, source_of
-    from moe.profile_model import balance_summary, collect_profile, write_profile
-    from moe.train import Trainer
 
     config = load_config(args.config, args.overrides)
-    if args.progress is False:
-        import dataclasses
-
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
+    shard_changes = {}
+    if args.shards is not None:
+        shard_changes["local"] = args.shards
+    if args.placement is not None:
+        shard_changes["placement"] = args.placement
     if args.out is None:
         if args.resume:
             raise UserError("--resume needs --out (the run folder to continue)")
@@ -95,22 +96,58 @@ def cmd_train(args) -> int:
         if ckpt.list_checkpoints(out / "checkpoints"):
             raise UserError(f"{str(out)!r} already holds checkpoints; pass --resume or choose another --out")
         source = source_of(config.data)
+    if shard_changes:
+        config = dataclasses.replace(config, shards=dataclasses.replace(config.shards, **shard_changes))
+    if args.progress is False:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
     data = load_source(source)
-    say(args, f"moe train: {len(data)} tasks, E={config.model.n_experts} experts, k={config.model.k}, "
+    where = "in this process"
+    if config.shards.enabled:
+        where = f"on {config.shards.local or len(config.shards.endpoints)} shard(s)"
+    say(args, f"moe train: {len(data)} tasks, E={config.model.n_experts} experts ({where}), k={config.model.k}, "
               f"{config.model.n_layers} MoE block(s), {config.train.steps} steps -> {out}")
-    trainer = Trainer(config, data, out, data_source=source, echo=lambda m: say(args, m))
+    if args.backend == "jax":
+        if config.shards.enabled:
+            raise UserError("--backend jax places experts on JAX devices; it does not use shard servers")
+        from moe.accel.jax_train import train_with_jax
+
+        result, model = train_with_jax(config, data, out, source=source, resume=args.resume,
+                                       echo=lambda m: say(args, m))
+        return _report_training(args, config, data, result, model)
+    if not config.shards.enabled:
+        return _train_and_report(args, config, data, source, out, None, None)
+    from moe.sharding.cli import open_expert_groups
+
+    with contextlib.ExitStack() as stack:
+        groups, on_failure = stack.enter_context(open_expert_groups(config, out, echo=lambda m: say(args, m)))
+        return _train_and_report(args, config, data, source, out, groups, on_failure)
+
+
+def _train_and_report(args, config, data, source, out, groups, on_failure) -> int:
+    from moe.train import Trainer
+
+    trainer = Trainer(config, data, out, data_source=source, expert_groups=groups, on_failure=on_failure,
+                      echo=lambda m: say(args, m))
     result = trainer.train(resume=args.resume, stop_at=args.stop_at)
     if result.step < config.train.steps:
         say(args, f"stopped at step {result.step} of {config.train.steps}; checkpoint {result.checkpoint}")
         emit_json(args, {"step": result.step, "checkpoint": str(result.checkpoint)})
         return 0
+    return _report_training(args, config, data, result, trainer.model)
 
+
+def _report_training(args, config, data, result, model) -> int:
+    """Baselines, profile, the table and the JSON summary after a finished run."""
+    from moe.baseline import train_baseline
+    from moe.profile_model import balance_summary, collect_profile, write_profile
+
+    out = Path(args.out)
     baselines: dict[str, float | None] = {d.name: None for d in data}
     if config.train.baseline:
         say(args, "training the per-task dense baselines on the same budget ...")
         for d in data:
             baselines[d.name] = train_baseline(config, d, result.seen[d.name])[d.spec.metric]
-    profile = collect_profile(trainer.model, data, split="train", batch_size=config.train.batch_size)
+    profile = collect_profile(model, data, split="train", batch_size=config.train.batch_size)
     files = write_profile(profile, out / "profile")
     balance = balance_summary(profile)
     rows = [(d.name, d.spec.metric, result.test[d.name][d.spec.metric], baselines[d.name]) for d in data]
@@ -258,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) after this step, e.g. to resume later")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    t.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="run the experts in N local shard processes (ipc; shards.transport=tcp for loopback tcp)")
+    t.add_argument("--placement", help="expert -> shard placement JSON (written by the profiler); default contiguous")
+    t.add_argument("--backend", choices=["numpy", "jax"], default="numpy",
+                   help="numpy (this process, Cython kernels) or jax (XLA on whatever JAX devices exist)")
     t.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=cmd_train)
