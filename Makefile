@@ -31,8 +31,11 @@ test: check-compiled
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Speed is measured here, never in tests. Installs the bench-only peers (torch CPU, mixture-of-experts).
 bench: install
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/layer.py
+	$(PY) bench/hier_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info moe/bindings/*.c moe/bindings/*.so
