@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev
+EXTRAS ?= dev,accel
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: install check-compiled demo test bench clean

@@ -109,11 +109,17 @@ def cmd_train(args) -> int:
     if args.backend == "jax":
         if config.shards.enabled:
             raise UserError("--backend jax places experts on JAX devices; it does not use shard servers")
-        from moe.accel.jax_train import train_with_jax
-
-        result, model = train_with_jax(config, data, out, source=source, resume=args.resume,
-                                       echo=lambda m: say(args, m))
-        return _report_training(args, config, data, result, model)
+        try:
+            from moe.accel.jax_train import train_with_jax
+        except ImportError as e:
+            raise UserError(f"--backend jax needs JAX: pip install 'moe[accel]' ({e})") from None
+        result, trainer = train_with_jax(config, data, out, data_source=source, resume=args.resume,
+                                         stop_at=args.stop_at, echo=lambda m: say(args, m))
+        if result.step < config.train.steps:
+            say(args, f"stopped at step {result.step} of {config.train.steps}; checkpoint {result.checkpoint}")
+            emit_json(args, {"step": result.step, "checkpoint": str(result.checkpoint)})
+            return 0
+        return _report_training(args, config, data, result, trainer.model)
     if not config.shards.enabled:
         return _train_and_report(args, config, data, source, out, None, None)
     from moe.sharding.cli import open_expert_groups

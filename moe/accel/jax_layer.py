@@ -1,0 +1,213 @@
+"""The MoE layer in JAX, expert-parallel over a device mesh (GShard-style), same maths as moe.layer.
+
+Inside `jax.shard_map` over the mesh axis "expert", each device holds B/n examples and E/n
+experts. Per device:
+
+    gate (local rows)            -> expert_index [b, k], gate values [b, k]   (moe.routing.gates)
+    capacity (global priority)   -> keep [b, k]: every example's first choice before any second
+                                    choice, then example order, over the *whole* batch, exactly
+                                    as moe.bindings.reference.capacity_keep (counts all-gathered)
+    dispatch                     -> send buffer [E, S, d]; all_to_all -> [n_src, E/n, S, d]
+    experts (local weights)      -> [E/n, n*S, d]
+    return all_to_all            -> [E, S, d]; combine: y = sum_j gate_kept[b, j] * out[b, j]
+
+S = min(C, b) is the most rows one device can send one expert (an example picks an expert at
+most once, and the expert keeps at most C = ceil(cf * B * k / E) rows in all); dropless
+layers use C = B. Balance statistics (importance, load, Switch fractions, z-loss) are summed
+over devices with psum before the losses, so the aux loss is that of the whole batch.
+Gradients come from jax.grad through all of this, including the all_to_alls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtr
+from jax.sharding import PartitionSpec as P
+
+AXIS = "expert"
+TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static description of one MoE layer (everything that shapes the compiled program)."""
+
+    n_experts: int
+    k: int
+    gate: str  # "noisy_topk" | "softmax_topk" | "top1"
+    capacity_factor: float | None
+    w_importance: float
+    w_load: float
+    w_z: float
+    activation: str  # "relu" | "gelu"
+
+    @property
+    def noisy(self) -> bool:
+        return self.gate == "noisy_topk"
+
+
+def capacity(spec: LayerSpec, batch: int) -> int:
+    """C = ceil(cf * B * k / E) as moe.routing.capacity; dropless layers get C = B (never binds)."""
+    if spec.capacity_factor is None:
+        return batch
+    return int(math.ceil(spec.capacity_factor * batch * spec.k / spec.n_experts))
+
+
+def cv_squared(v: jax.Array) -> jax.Array:
+    """Var(v) / mean(v)^2 with the population variance; 0 for an all-zero or single-entry v."""
+    E = v.shape[0]
+    m = jnp.mean(v)
+    if E < 2:
+        return jnp.zeros((), v.dtype)
+    safe = jnp.where(m == 0, 1.0, m)
+    var = jnp.mean(jnp.square(v - m))
+    return jnp.where(m == 0, 0.0, var / (safe * safe))
+
+
+def _psum(x: jax.Array) -> jax.Array:
+    return jax.lax.psum(x, AXIS)
+
+
+def gate_forward(spec: LayerSpec, xg, w_gate, w_noise, eps, batch: int):
+    """Local rows of the gate. Returns (index [b,k], gates [b,k], importance [E], load [E], aux).
+
+    eps [b, E] is the standard normal noise (noisy top-k while training), else None.
+    `batch` is the global B (for means over the batch)."""
+    E, k = spec.n_experts, spec.k
+    clean = xg @ w_gate  # [b, E]
+    noisy = spec.noisy and eps is not None
+    if noisy:
+        std = jax.nn.softplus(xg @ w_noise)  # [b, E]
+        h = clean + eps * std  # [b, E]
+    else:
+        std, h = None, clean
+    n_top = min(k + 1, E) if noisy else k
+    top_value, top_index = jax.lax.top_k(h, n_top)  # [b, n_top]; ties: lower index first
+    index = top_index[:, :k]  # [b, k]
+    if k > 1:
+        gates = jax.nn.softmax(top_value[:, :k], axis=1)  # [b, k]
+    else:  # Switch: the single expert is scaled by its full-softmax probability
+        gates = jnp.take_along_axis(jax.nn.softmax(h, axis=1), index, axis=1)  # [b, 1]
+    onehot = jax.nn.one_hot(index, E, dtype=clean.dtype)  # [b, k, E]
+    importance = _psum(jnp.einsum("bk,bke->e", gates, onehot))  # [E]
+    counts = _psum(onehot.sum(axis=(0, 1)))  # [E] assignments before capacity
+    aux = jnp.zeros((), clean.dtype)
+    if spec.w_importance > 0:
+        aux = aux + spec.w_importance * cv_squared(importance)
+    if noisy:
+        if k >= E:
+            p_load = jnp.ones_like(clean)  # [b, E]
+        else:
+            in_topk = onehot.sum(axis=1) > 0  # [b, E]
+            thr = jnp.where(in_topk, top_value[:, k, None], top_value[:, k - 1, None])  # [b, E]
+            p_load = ndtr((clean - thr) / jnp.maximum(std, TINY))  # [b, E]
+        load = _psum(p_load.sum(axis=0))  # [E]
+        if spec.w_load > 0:
+            aux = aux + spec.w_load * cv_squared(load)
+    else:
+        load = counts
+        if spec.w_load > 0 and not spec.noisy:  # Switch surrogate E * sum f_i P_i
+            p_mean = _psum(jax.nn.softmax(clean, axis=1).sum(axis=0)) / batch  # [E]
+            f = jax.lax.stop_gradient(counts / counts.sum())  # [E]
+            aux = aux + spec.w_load * E * jnp.dot(f, p_mean)
+    if spec.w_z > 0:
+        lse = jax.nn.logsumexp(clean, axis=1)  # [b]
+        aux = aux + spec.w_z * _psum(jnp.sum(lse * lse)) / batch
+    return index, gates, importance, load, aux
+
+
+def capacity_slots(index, n_experts: int, cap: int):
+    """keep [b, k] under the global GShard priority, and each assignment's local send slot [b, k].
+
+    Rank-major order (all first choices, then all second choices, ...) with example order
+    inside a rank; this device's rows follow those of lower-numbered devices."""
+    b, k = index.shape
+    onehot = jax.nn.one_hot(index.T, n_experts, dtype=jnp.int32)  # [k, b, E] rank-major
+    local_counts = onehot.sum(axis=1)  # [k, E]
+    everyone = jax.lax.all_gather(local_counts, AXIS)  # [n, k, E]
+    me = jax.lax.axis_index(AXIS)
+    n = everyone.shape[0]
+    rank_totals = everyone.sum(axis=0)  # [k, E]
+    before_rank = jnp.cumsum(rank_totals, axis=0) - rank_totals  # [k, E] earlier ranks, all devices
+    lower_dev = (jnp.arange(n) < me).astype(jnp.int32)  # [n]
+    before_dev = jnp.einsum("n,nke->ke", lower_dev, everyone)  # [k, E] same rank, earlier devices
+    within = jnp.cumsum(onehot, axis=1) - onehot  # [k, b, E] earlier rows of this device, same rank
+    pos = ((before_rank + before_dev)[:, None, :] + within) * onehot  # [k, b, E]
+    global_pos = pos.sum(axis=2).T  # [b, k]
+    keep = global_pos < cap  # [b, k]
+    flat = onehot.reshape(k * b, n_experts)  # [k*b, E]
+    local_pos = (jnp.cumsum(flat, axis=0) - flat).reshape(k, b, n_experts)  # [k, b, E]
+    slot = (local_pos * onehot).sum(axis=2).T  # [b, k] rank-major order on this device
+    return keep, slot
+
+
+def experts_forward(activation: str, x, w1, b1, w2, b2):
+    """x [E_l, R, d] through each local expert -> [E_l, R, d]."""
+    pre = jnp.einsum("erd,edh->erh", x, w1) + b1[:, None, :]  # [E_l, R, h]
+    act = jax.nn.relu(pre) if activation == "relu" else pre * ndtr(pre)  # [E_l, R, h]
+    return jnp.einsum("erh,ehd->erd", act, w2) + b2[:, None, :]  # [E_l, R, d]
+
+
+def moe_local(spec: LayerSpec, batch: int, x, xg, eps, w_gate, w_noise, w1, b1, w2, b2):
+    """The body run on each device by shard_map (see the module docstring)."""
+    b, d = x.shape
+    E, k = spec.n_experts, spec.k
+    n = jax.lax.axis_size(AXIS)
+    cap = capacity(spec, batch)
+    S = min(cap, b)
+    index, gates, importance, load, aux = gate_forward(spec, xg, w_gate, w_noise, eps, batch)
+    keep, slot = capacity_slots(index, E, cap)  # [b, k], [b, k]
+    # Send buffer: which local row fills (expert, slot); empty slots read an appended zero row.
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, k))  # [b, k]
+    tgt_e = jnp.where(keep, index, E)  # dropped assignments scatter out of range (dropped)
+    src = jnp.full((E, S), b, dtype=jnp.int32).at[tgt_e, slot].set(rows, mode="drop")  # [E, S]
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)  # [b+1, d]
+    send = x_pad[src]  # [E, S, d]
+    recv = jax.lax.all_to_all(send, AXIS, 0, 0, tiled=True)  # [n*E_l, S, d], source-major
+    E_l = E // n
+    work = recv.reshape(n, E_l, S, d).transpose(1, 0, 2, 3).reshape(E_l, n * S, d)  # [E_l, n*S, d]
+    done = experts_forward(spec.activation, work, w1, b1, w2, b2)  # [E_l, n*S, d]
+    back = done.reshape(E_l, n, S, d).transpose(1, 0, 2, 3).reshape(n * E_l, S, d)  # [E, S, d]
+    ret = jax.lax.all_to_all(back, AXIS, 0, 0, tiled=True)  # [E, S, d] this device's rows
+    kept_gates = jnp.where(keep, gates, 0.0)  # [b, k]
+    y = jnp.zeros_like(x)  # [b, d]
+    for j in range(k):  # j = 0..k-1, the numpy summation order
+        out_j = ret[jnp.where(keep[:, j], index[:, j], 0), jnp.where(keep[:, j], slot[:, j], 0)]  # [b, d]
+        y = y + kept_gates[:, j, None] * jnp.where(keep[:, j, None], out_j, 0.0)
+    counts = _psum(jnp.einsum("bk,bke->e", keep.astype(x.dtype), jax.nn.one_hot(index, E, dtype=x.dtype)))
+    routing = {"expert_index": index, "keep": keep, "gates": kept_gates,
+               "importance": importance, "load": load, "counts": counts}
+    return y, aux, routing
+
+
+def moe_layer(spec: LayerSpec, mesh, x, xg, eps, p: dict):
+    """Global view: x [B, d], xg [B, d_gate] (sharded over the batch), eps [B, E] or None,
+    p: w_gate [d_gate, E] (+ w_noise), w1 [E, d, h], b1, w2, b2 (sharded over experts).
+    Returns (y [B, d], aux scalar, routing dict)."""
+    B = x.shape[0]
+    n = mesh.shape[AXIS]
+    if spec.n_experts % n:
+        raise ValueError(f"n_experts={spec.n_experts} must divide evenly over the {n} devices "
+                         f"of mesh axis {AXIS!r}")
+    if B % n:
+        raise ValueError(f"the batch of {B} rows must divide evenly over the {n} devices of mesh axis {AXIS!r}")
+    w_noise = p.get("w_noise", jnp.zeros_like(p["w_gate"]))
+    rep, row = P(), P(AXIS)
+    routing_specs = {"expert_index": row, "keep": row, "gates": row,
+                     "importance": rep, "load": rep, "counts": rep}
+    weights = (p["w_gate"], w_noise, p["w1"], p["b1"], p["w2"], p["b2"])
+    w_specs = (rep, rep, row, row, row, row)  # gate replicated, experts split over devices
+    if eps is None:
+        def body(x, xg, *w):
+            return moe_local(spec, B, x, xg, None, *w)
+        args, specs = (x, xg, *weights), (row, row, *w_specs)
+    else:
+        def body(x, xg, eps, *w):
+            return moe_local(spec, B, x, xg, eps, *w)
+        args, specs = (x, xg, eps, *weights), (row, row, row, *w_specs)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(row, rep, routing_specs))
+    return fn(*args)
