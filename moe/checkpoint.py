@@ -46,7 +46,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -97,11 +97,11 @@ def save_checkpoint(
             entries.update(write(tmp))
         full = {"format": FORMAT, "step": int(step), **manifest, "files": entries}
         _fsync_write(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a rollback) replaces it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

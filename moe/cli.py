@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     pl.set_defaults(func=cmd_plan)
+
+    from moe.sharding.cli import register as register_sharding
+
+    register_sharding(sub)  # `moe shard serve`, `moe keys generate`
     return p
 
 

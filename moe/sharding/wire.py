@@ -387,6 +387,9 @@ def _check_op_arrays(h: Header, specs: Sequence[tuple[str, tuple[int, ...]]]) ->
     """Each op carries a fixed set of arrays; see the op table in docs/PROTOCOL.md."""
     kind = h.kind
     if kind in ROW_OPS:
+        if kind == "backward" and h.is_reply and len(specs) == 2:
+            _check_sq_norms(h, specs[1])  # optional per-expert squared gradient norms
+            specs = specs[:1]
         _expect_count(h, specs, 1)
         dtype, shape = specs[0]
         if dtype not in FLOAT_DTYPES or len(shape) != 2:
@@ -412,6 +415,16 @@ def _check_op_arrays(h: Header, specs: Sequence[tuple[str, tuple[int, ...]]]) ->
             )
     else:
         _expect_count(h, specs, 0)
+
+
+def _check_sq_norms(h: Header, spec: tuple[str, tuple[int, ...]]) -> None:
+    """A backward reply may add `sq` "<f8" [len(experts)]: each expert's squared grad norm."""
+    dtype, shape = spec
+    if dtype != "<f8" or list(shape) != [len(h.experts)]:
+        raise WireError(
+            f"a backward reply's second array must be '<f8' [{len(h.experts)}] (one squared "
+            f"norm per expert), got {dtype!r} shape {list(shape)}"
+        )
 
 
 def _expect_count(h: Header, specs: Sequence[Any], n: int) -> None:

@@ -1,0 +1,114 @@
+"""The launcher leaves no orphans: coordinator killed with -9, Ctrl-C, a shard that fails to start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moe.sharding.launch import LaunchError, LocalShards
+
+pytestmark = pytest.mark.distributed
+
+ROOT = str(Path(__file__).resolve().parents[2])
+
+COORDINATOR = """
+import json, sys, time
+from moe.config import Config, ModelConfig, ShardConfig
+from moe.sharding.cli import open_expert_groups
+config = Config(model=ModelConfig(d_model=8, n_experts=4, d_hidden=8, k=2),
+                shards=ShardConfig(local=2, heartbeat_s=0.5))
+try:
+    with open_expert_groups(config, sys.argv[1], echo=lambda s: None) as (groups, _):
+        print(json.dumps([groups[0].links.pids, groups[0].links.endpoints]), flush=True)
+        time.sleep(120)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], list[str]]:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline()
+    assert line, p.stderr.read()
+    pids, endpoints = json.loads(line)
+    assert len(pids) == 2 and all(_alive(q) for q in pids)
+    return p, pids, endpoints
+
+
+@pytest.mark.timeout(90)
+def test_no_orphans_when_the_coordinator_is_killed_with_sigkill(tmp_path):
+    p, pids, endpoints = _start_coordinator(tmp_path)
+    try:
+        p.kill()  # SIGKILL: no cleanup code runs in the coordinator
+        p.wait(timeout=10)
+        assert _wait_gone(pids), [q for q in pids if _alive(q)]
+        folder = Path(endpoints[0][len("ipc://"):]).parent
+        assert folder.name.startswith("moe-shards-") and not folder.exists()  # the shards tidied up
+    finally:
+        for q in pids:
+            if _alive(q):
+                os.kill(q, signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
+def test_no_orphans_after_ctrl_c(tmp_path):
+    p, pids, _ = _start_coordinator(tmp_path)
+    try:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=20) == 130
+        assert _wait_gone(pids, timeout_s=2.0)  # stopped by the coordinator itself, not by a watchdog
+    finally:
+        p.kill()
+        for q in pids:
+            if _alive(q):
+                os.kill(q, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_that_cannot_start_is_reported_and_nothing_is_left(tmp_path):
+    shards = LocalShards([[0], [1]], n_layers=1, d_model=4, d_hidden=4, run="r", log_dir=tmp_path,
+                         extra_args=lambda i: ["--bind", "tcp://0.0.0.0:59998"] if i == 1 else [])
+    with pytest.raises(LaunchError, match="refusing to bind") as info:
+        with shards:
+            pass
+    assert "shard 1" in str(info.value)
+    assert shards.pids() and not any(_alive(q) for q in shards.pids())
+
+
+@pytest.mark.timeout(60)
+def test_restart_keeps_the_endpoint_and_starts_the_new_generation(tmp_path):
+    with LocalShards([[0, 1]], n_layers=1, d_model=4, d_hidden=4, run="r", transport="tcp") as shards:
+        before, old_pid = shards.endpoints[0], shards.pids()[0]
+        os.kill(old_pid, signal.SIGKILL)
+        time.sleep(0.1)
+        assert "killed by signal 9" in shards.alive(0)
+        shards.restart(0, gen=3)
+        assert shards.endpoints[0] == before and shards.pids()[0] != old_pid
+        assert shards.alive(0) is None and shards.gens[0] == 3
+    assert not _alive(shards.pids()[0])
