@@ -45,3 +45,29 @@ def save_model(
     full = {**manifest, "config": config.to_dict(), "tasks": model.tasks.to_dict(), "resumable": False,
             "head_hidden": dict(model.head_hidden)}
     return ckpt.save_checkpoint(root, step, {"params": dense, "optim": optim}, full, writers=writers)
+
+
+def profile(
+    model_or_path: MultiTaskMoE | str | Path,
+    data: list | None = None,
+    *,
+    split: str = "train",
+    noise_seed: int | None = 0,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Route data through a model and summarise how evenly the experts are loaded.
+
+    data defaults to the tasks the checkpoint was trained on. With out_dir, also writes the
+    JSON, PNG and HTML report there. Returns {"summary", "files", "profile"}."""
+    from moe.datasets import load_source
+    from moe.profile_model import collect_profile, write_profile
+
+    model = model_or_path if isinstance(model_or_path, MultiTaskMoE) else load(model_or_path)
+    if data is None:
+        manifest = getattr(model, "manifest", None)
+        if manifest is None:
+            raise ValueError("profile needs data for a model that was not loaded from a checkpoint")
+        data = load_source(manifest["data_source"])
+    prof = collect_profile(model, data, split=split, noise_seed=noise_seed)
+    files = write_profile(prof, out_dir) if out_dir is not None else {}
+    return {"summary": prof.summary(), "files": files, "profile": prof}
