@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe import bindings
-from moe.bindings.plan import plan_dispatch
+from moe.bindings.plan import DispatchPlan, plan_dispatch
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup
 from moe.routing.capacity import expert_capacity, validate_capacity_factor
@@ -32,6 +32,68 @@ def check_input(x: np.ndarray, width: int, dtype: np.dtype, name: str = "x") -> 
         raise ValueError(f"{name} must hold at least one example, got 0")
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def gate_input(
+    x: np.ndarray,
+    task_emb: np.ndarray | None,
+    d_model: int,
+    d_gate_extra: int,
+    dtype: np.dtype,
+    route_on_x: bool = True,
+) -> np.ndarray:
+    """Check x (and the task embedding when the gate routes on one); return the gate's input."""
+    check_input(x, d_model, dtype)
+    if d_gate_extra:
+        if task_emb is None:
+            raise ValueError(f"this layer routes on a task embedding of width {d_gate_extra}; got none")
+        check_input(task_emb, d_gate_extra, dtype, "task_emb")
+        if task_emb.shape[0] != x.shape[0]:
+            raise ValueError(f"task_emb must have {x.shape[0]} rows like x, got {task_emb.shape[0]}")
+        return np.concatenate([x, task_emb], axis=1) if route_on_x else task_emb  # [B, d_in]
+    if task_emb is not None:
+        raise ValueError("task_emb given, but the layer was built with d_gate_extra=0")
+    return x
+
+
+class ExpertDispatch:
+    """The flat path after the gate: capacity, counting sort, gather, experts, combine.
+
+    One object with forward/backward, shared by MoELayer and HierarchicalMoELayer.
+    """
+
+    def __init__(self, capacity_factor: float | None, dtype: np.dtype) -> None:
+        validate_capacity_factor(capacity_factor)
+        self.capacity_factor, self.dtype = capacity_factor, np.dtype(dtype)
+        self._cache = None
+
+    def forward(
+        self, x: np.ndarray, expert_index: np.ndarray, gates: np.ndarray, experts: ExpertGroup
+    ) -> tuple[np.ndarray, DispatchPlan, np.ndarray]:
+        """x [B, d], expert_index/gates [B, k] -> (y [B, d], plan, gates after capacity [B, k]).
+
+        The experts are passed per call, so a layer may swap its expert group between steps.
+        """
+        B, k = expert_index.shape
+        E = experts.n_experts
+        plan = plan_dispatch(expert_index, E, expert_capacity(self.capacity_factor, B, k, E))
+        kept = np.where(plan.keep, gates, 0).astype(self.dtype)  # [B, k]
+        packed = bindings.gather_rows(x, plan.src_row)  # [N, d]
+        out = experts.forward(packed, plan.offsets)  # [N, d]
+        y = bindings.combine(out, plan.slot, kept)  # [B, d]
+        self._cache = (plan, kept, out, experts)
+        return y, plan, kept
+
+    def backward(self, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """dy [B, d] -> (dx [B, d] through the experts, d_gates [B, k]; 0 where dropped)."""
+        if self._cache is None:
+            raise ValueError("dispatch backward called before forward")
+        plan, kept, out, experts = self._cache
+        self._cache = None
+        d_out, d_gates = bindings.combine_backward(dy, out, plan.slot, kept)  # [N, d], [B, k]
+        d_packed = experts.backward(d_out)  # [N, d]
+        dx = bindings.combine(d_packed, plan.slot, plan.keep.astype(self.dtype))  # [B, d]
+        return dx, d_gates
 
 
 class MoELayer:
@@ -101,6 +163,7 @@ class MoELayer:
                 f"layer expects {n_experts} of width {d_model}"
             )
         self.experts = experts
+        self.dispatch = ExpertDispatch(capacity_factor, self.dtype)
         self._collect()
         self.grad_task_emb: np.ndarray | None = None
         self._cache = None
@@ -152,27 +215,12 @@ class MoELayer:
         rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, Routing]:
         """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing)."""
-        check_input(x, self.d_model, self.dtype)
-        B = x.shape[0]
-        if self.d_gate_extra:
-            if task_emb is None:
-                raise ValueError(f"this layer routes on a task embedding of width {self.d_gate_extra}; got none")
-            check_input(task_emb, self.d_gate_extra, self.dtype, "task_emb")
-            if task_emb.shape[0] != B:
-                raise ValueError(f"task_emb must have {B} rows like x, got {task_emb.shape[0]}")
-            x_gate = np.concatenate([x, task_emb], axis=1) if self.route_on_x else task_emb  # [B, d + d_t]
-        elif task_emb is not None:
-            raise ValueError("task_emb given, but the layer was built with d_gate_extra=0")
-        else:
-            x_gate = x
+        x_gate = gate_input(
+            x, task_emb, self.d_model, self.d_gate_extra, self.dtype, self.route_on_x
+        )  # [B, d_in]
         g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng)
-        capacity = expert_capacity(self.capacity_factor, B, self.k, self.n_experts)
-        plan = plan_dispatch(g.expert_index, self.n_experts, capacity)
-        gates = np.where(plan.keep, g.gates, 0).astype(self.dtype)  # [B, k] after capacity
-        packed = bindings.gather_rows(x, plan.src_row)  # [N, d]
-        out = self.experts.forward(packed, plan.offsets)  # [N, d]
-        y = bindings.combine(out, plan.slot, gates)  # [B, d]
-        self._cache = (plan, gates, out)
+        y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts)  # [B, d], _, [B, k]
+        self._cache = x.shape[0]
         routing = Routing(
             expert_index=g.expert_index,
             gates=gates,
@@ -191,16 +239,13 @@ class MoELayer:
         """
         if self._cache is None:
             raise ValueError("backward called before forward (or twice for one forward)")
-        plan, gates, out = self._cache
-        if dy.shape != (plan.slot.shape[0], self.d_model) or dy.dtype != self.dtype:
+        B = self._cache
+        if dy.shape != (B, self.d_model) or dy.dtype != self.dtype:
             raise ValueError(
-                f"dy must be {self.dtype} [{plan.slot.shape[0]}, {self.d_model}], "
-                f"got {dy.dtype} {list(dy.shape)}"
+                f"dy must be {self.dtype} [{B}, {self.d_model}], got {dy.dtype} {list(dy.shape)}"
             )
         self._cache = None
-        d_out, d_gates = bindings.combine_backward(dy, out, plan.slot, gates)  # [N, d], [B, k]
-        d_packed = self.experts.backward(d_out)  # [N, d]
-        dx = bindings.combine(d_packed, plan.slot, plan.keep.astype(self.dtype))  # [B, d]
+        dx, d_gates = self.dispatch.backward(dy)  # [B, d], [B, k]
         dx_gate = self.gate.backward(d_gates)  # [B, d + d_t]; dropped gates get 0 via d_gates
         if self.route_on_x:
             dx += dx_gate[:, : self._d_gate_x]

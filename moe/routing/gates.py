@@ -60,6 +60,77 @@ class GateOutput:
     aux_loss: float
 
 
+class TopKRows:
+    """Noisy top-k gating on logit rows that are already computed (no weights of its own).
+
+    TopKGate runs it on x W_g; HierarchicalMoELayer runs it for its primary gate (rows =
+    examples over groups) and for all secondary gates at once (rows = (example, group)
+    pairs over one group's experts). Gate values as in the module doc.
+    """
+
+    def __init__(self, k: int, n: int) -> None:
+        self.k, self.n = k, n
+        self._cache = None
+
+    def forward(
+        self, clean: np.ndarray, raw: np.ndarray | None, eps: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """clean, raw, eps [P, n] (raw/eps None: no noise) -> (index [P, k], gates [P, k], P(x,i) [P, n] or None)."""
+        k, n = self.k, self.n
+        noisy = raw is not None
+        if noisy:
+            std = softplus(raw)  # [P, n]
+            h = clean + eps * std  # [P, n]
+        else:
+            std = None
+            h = clean
+        top_index, top_value = topk_rows(h, min(k + 1, n) if noisy else k)  # [P, k(+1)]
+        index = np.ascontiguousarray(top_index[:, :k])  # [P, k]
+        if k > 1:
+            probs = None
+            gates = softmax(top_value[:, :k].copy())  # [P, k]
+        else:
+            probs = softmax(h.copy())  # [P, n]
+            gates = np.take_along_axis(probs, index, axis=1)  # [P, 1]
+        smooth = p_load = None
+        if noisy:
+            in_topk = np.zeros(h.shape, dtype=bool)
+            np.put_along_axis(in_topk, index, True, axis=1)
+            smooth = SmoothLoad()
+            p_load = smooth.forward(clean, std, in_topk, top_index, top_value, k)  # [P, n]
+        self.probs = probs  # [P, n] full softmax when k == 1, else None
+        self._cache = (raw, eps, index, gates, probs, smooth)
+        return index, gates, p_load
+
+    def backward(
+        self, d_gates: np.ndarray, d_p: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """dL/dgates [P, k] and dL/dP(x,i) [P, n] (or None) -> (d_clean [P, n], d_raw [P, n] or None)."""
+        if self._cache is None:
+            raise ValueError("gate backward called before forward")
+        raw, eps, index, gates, probs, smooth = self._cache
+        self._cache = None
+        P, n = gates.shape[0], self.n
+        with np.errstate(under="ignore"):  # products of tiny probabilities underflow to 0: fine
+            d_h = np.zeros((P, n), dtype=gates.dtype)  # [P, n]
+            if self.k > 1:
+                d_top = gates * (d_gates - (gates * d_gates).sum(axis=1, keepdims=True))  # [P, k]
+                np.put_along_axis(d_h, index, d_top, axis=1)
+            else:  # gate = softmax(H)_i*:  dH = gate * (onehot_i* - probs)
+                gd = gates * d_gates  # [P, 1]
+                d_h -= probs * gd  # [P, n]
+                np.put_along_axis(d_h, index, np.take_along_axis(d_h, index, axis=1) + gd, axis=1)
+            if raw is None:
+                return d_h, None
+            d_clean = d_h.copy()  # [P, n]
+            d_std = d_h * eps  # [P, n]
+            if d_p is not None:
+                dc, ds, dh_thr = smooth.backward(d_p)  # [P, n] each
+                d_clean += dc + dh_thr
+                d_std += ds + dh_thr * eps
+            return d_clean, d_std * sigmoid(raw)  # softplus' = sigmoid
+
+
 class TopKGate:
     """The shared mechanism; use NoisyTopKGate, SoftmaxTopKGate or Top1Gate."""
 
@@ -93,6 +164,7 @@ class TopKGate:
         if self.noisy:
             self.params["w_noise"] = np.zeros((d_in, n_experts), dtype=self.dtype)
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.rows = TopKRows(k, n_experts)
         self._cache = None
 
     def _init_gate_weights(self, rng: np.random.Generator) -> np.ndarray:
@@ -106,28 +178,18 @@ class TopKGate:
         self, x: np.ndarray, *, train: bool, rng: np.random.Generator | None
     ) -> GateOutput:
         """x: [B, d_in] (the example, with the task embedding appended when used)."""
-        B, E, k = x.shape[0], self.n_experts, self.k
+        B, E = x.shape[0], self.n_experts
         clean = x @ self.params["w_gate"]  # [B, E]
         noisy = self.noisy and train
         if noisy:
             if rng is None:
                 raise ValueError("a noisy gate needs an rng for its noise while training")
             raw = x @ self.params["w_noise"]  # [B, E]
-            std = softplus(raw)  # [B, E]
             eps = rng.standard_normal((B, E), dtype=self.dtype)  # [B, E]
-            h = clean + eps * std  # [B, E]
         else:
-            raw = std = eps = None
-            h = clean
-        n_top = min(k + 1, E) if noisy else k
-        top_index, top_value = topk_rows(h, n_top)  # [B, n_top]
-        index = np.ascontiguousarray(top_index[:, :k])  # [B, k]
-        if k > 1:
-            probs = None
-            gates = softmax(top_value[:, :k].copy())  # [B, k]
-        else:
-            probs = softmax(h.copy())  # [B, E]
-            gates = np.take_along_axis(probs, index, axis=1)  # [B, 1]
+            raw = eps = None
+        index, gates, p_load = self.rows.forward(clean, raw, eps)  # [B, k], [B, k], [B, E] or None
+        probs = self.rows.probs
         importance = self._scatter(index, gates)  # [E]
         counts = np.bincount(index.ravel(), minlength=E).astype(self.dtype)  # [E]
 
@@ -136,18 +198,13 @@ class TopKGate:
             cv2, g = cv_squared(importance)
             aux += self.w_importance * cv2
             d_imp = self.w_importance * g
-        smooth = None
-        p_mean = None
+        d_load = p_mean = None
         if noisy:
-            in_topk = np.zeros((B, E), dtype=bool)
-            np.put_along_axis(in_topk, index, True, axis=1)
-            smooth = SmoothLoad()
-            p_load = smooth.forward(clean, std, in_topk, top_index, top_value, k)  # [B, E]
             load = p_load.sum(axis=0, dtype=np.float64).astype(self.dtype)  # [E]
             if self.w_load > 0:
                 cv2, g = cv_squared(load)
                 aux += self.w_load * cv2
-                smooth.d_load = self.w_load * g
+                d_load = self.w_load * g  # [E]
         else:
             load = counts
             if self.w_load > 0 and not self.noisy:
@@ -165,7 +222,7 @@ class TopKGate:
         else:
             lse = None
 
-        self._cache = (x, clean, raw, std, eps, index, gates, probs, d_imp, smooth, p_mean, lse)
+        self._cache = (x, clean, index, d_imp, d_load, p_mean, lse)
         return GateOutput(index, gates, importance, load, float(aux))
 
     def _scatter(self, index: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -185,33 +242,14 @@ class TopKGate:
     def _backward(self, d_gates: np.ndarray) -> np.ndarray:
         if self._cache is None:
             raise ValueError("gate backward called before forward")
-        x, clean, raw, std, eps, index, gates, probs, d_imp, smooth, d_pmean, lse = self._cache
+        x, clean, index, d_imp, d_load, d_pmean, lse = self._cache
         self._cache = None
         B, E = clean.shape
         d_g = d_gates.astype(self.dtype, copy=True)  # [B, k]
         if d_imp is not None:
             d_g += d_imp[index]  # importance sums the gate values
-
-        d_h = np.zeros((B, E), dtype=self.dtype)  # [B, E]
-        if self.k > 1:
-            d_top = gates * (d_g - (gates * d_g).sum(axis=1, keepdims=True))  # [B, k]
-            np.put_along_axis(d_h, index, d_top, axis=1)
-        else:
-            # gate = softmax(H)_i*:  d/dH = gate * (onehot_i* - probs)
-            d_h -= probs * (gates * d_g)  # [B, E]
-            np.put_along_axis(
-                d_h, index, np.take_along_axis(d_h, index, axis=1) + gates * d_g, axis=1
-            )
-
-        d_clean = d_h.copy()  # [B, E]
-        d_std = None
-        if smooth is not None and getattr(smooth, "d_load", None) is not None:
-            d_p = np.broadcast_to(smooth.d_load, (B, E))  # load = sum_x P(x, i)
-            dc, ds, dh_thr = smooth.backward(d_p)
-            d_clean += dc + dh_thr
-            d_std = ds + dh_thr * eps
-        if eps is not None:
-            d_std = d_h * eps if d_std is None else d_std + d_h * eps
+        d_p = None if d_load is None else np.broadcast_to(d_load, (B, E))  # load = sum_x P(x, i)
+        d_clean, d_raw = self.rows.backward(d_g, d_p)  # [B, E], [B, E] or None
         if d_pmean is not None:
             # P_i = mean_x softmax(clean)_i
             p = softmax(clean.copy())  # [B, E]
@@ -224,10 +262,9 @@ class TopKGate:
         self.grads["w_gate"][...] = x.T @ d_clean  # [d_in, E]
         dx = d_clean @ self.params["w_gate"].T  # [B, d_in]
         if self.noisy:
-            if d_std is None:  # eval-mode forward: no noise path
+            if d_raw is None:  # eval-mode forward: no noise path
                 self.grads["w_noise"][...] = 0
             else:
-                d_raw = d_std * sigmoid(raw)  # softplus' = sigmoid
                 self.grads["w_noise"][...] = x.T @ d_raw
                 dx += d_raw @ self.params["w_noise"].T
         return dx
