@@ -8,6 +8,7 @@ from moe.api import load, profile, save_model
 from moe.config import Config, DataConfig, ModelConfig, ShardConfig, TrainConfig, load_config
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup, ExpertGroupFailure
+from moe.hierarchical import HierarchicalMoELayer
 from moe.layer import MoELayer
 from moe.model import Chunk, MultiTaskMoE
 from moe.routing import Routing
@@ -20,6 +21,7 @@ __all__ = [
     "DataConfig",
     "ExpertGroup",
     "ExpertGroupFailure",
+    "HierarchicalMoELayer",
     "LocalExperts",
     "ModelConfig",
     "MoELayer",
