@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import signal
 import threading
 import time
@@ -653,22 +654,29 @@ def run_server(options: ServerOptions, *, ready=print) -> int:
     finally:
         server.close()
         if options.parent_pid is not None:
-            _remove_launch_folder(server.endpoint)
+            _remove_launch_folder(server.endpoint, orphaned=os.getppid() != options.parent_pid)
     return 0
 
 
-def _remove_launch_folder(endpoint: str) -> None:
-    """A launched ipc shard removes its socket file, and the launcher's folder once it is empty
-    (the coordinator cannot when it was killed with -9)."""
+def _remove_launch_folder(endpoint: str, orphaned: bool) -> None:
+    """A launched ipc shard removes its socket file, and the launcher's folder once it is empty.
+
+    When the coordinator is gone (killed with -9, so it cannot tidy up) every shard of the
+    folder is exiting too, so the first one out removes the whole folder: a sibling that
+    died without running its own cleanup must not leave its socket file behind."""
     if not endpoint.startswith("ipc://"):
         return
     path = Path(endpoint[len("ipc://"):])
     path.unlink(missing_ok=True)
-    if path.parent.name.startswith("moe-shards-"):
-        try:
-            path.parent.rmdir()
-        except OSError:
-            pass  # not empty yet: logs, or another shard's socket
+    if not path.parent.name.startswith("moe-shards-"):
+        return
+    if orphaned:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        return
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # not empty yet: another shard's socket; the launcher removes the folder
 
 
 if __name__ == "__main__":
