@@ -1,0 +1,607 @@
+"""Compiled grouped FFN: every expert's two-layer MLP on its own slice of the packed rows.
+
+Twins of `ffn_forward` / `ffn_backward` in `moe.bindings.reference` (same arguments, same
+outputs, same "write only the experts that got rows" rule for the weight gradients). The loop
+over experts is a C loop; each expert calls BLAS (sgemm/dgemm, sgemv/dgemv from
+scipy.linalg.cython_blas) directly, and the bias add and activation are fused C loops.
+
+Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
+- Experts run in parallel, one per thread (`prange`, dynamic schedule), and BLAS is switched to
+  one thread for that phase: OpenBLAS's own pool and OpenMP fighting over the same cores was
+  up to 10x slower, and a single-threaded call per expert wastes no synchronisation.
+- An expert too big to share (it holds more than 1/T of the remaining rows, T = OpenMP threads)
+  runs first, alone, with multi-threaded BLAS and row-parallel elementwise loops.
+- Without a way to set the BLAS thread count (a BLAS other than OpenBLAS), every expert runs in
+  a serial loop with BLAS's own threading, which never oversubscribes the cores.
+- An expert with at most GEMV_MAX_ROWS rows multiplies by its weights with one matrix-vector
+  product per row: OpenBLAS's gemm packs the whole weight matrix on every call (~60 us for
+  256 x 512 floats), which dominates at a few rows, while gemv streams it. The weight
+  gradients (small operands, big output) always use gemm, which beat a C rank-n loop 2-3x.
+The BLAS thread count is found through the library that holds sgemm (dladdr + dlsym of
+`openblas_set_num_threads` under its scipy-openblas names) and is restored after each call.
+"""
+
+import numpy as np
+
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.math cimport M_SQRT1_2, erfc, exp, expf, fabs
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+
+from moe.bindings._dispatch import _claim_threads, _describe, _float_array
+
+cdef enum:
+    RELU = 0
+    GELU = 1
+    # Below this many elements an elementwise pass of a big expert stays on one thread.
+    PARALLEL_MIN_WORK = 65536
+    SCHEDULE_AUTO = 0
+    SCHEDULE_EXPERTS = 1
+    SCHEDULE_SERIAL = 2
+
+cdef double INV_SQRT_2PI = 0.39894228040143267794
+cdef int GEMV_MAX_ROWS = 8
+cdef int _schedule = SCHEDULE_AUTO
+_SCHEDULES = {"auto": SCHEDULE_AUTO, "experts": SCHEDULE_EXPERTS, "serial": SCHEDULE_SERIAL}
+_ACTIVATIONS = {"relu": RELU, "gelu": GELU}
+_INT_MAX = np.iinfo(np.int32).max
+
+
+# ----------------------------------------------------------------------------- BLAS threads
+cdef extern from "<dlfcn.h>" nogil:
+    ctypedef struct Dl_info:
+        const char* dli_fname
+    int dladdr(const void* addr, Dl_info* info)
+    void* dlopen(const char* filename, int flags)
+    void* dlsym(void* handle, const char* symbol)
+    int dlclose(void* handle)
+    int RTLD_LAZY
+    int RTLD_NOLOAD
+
+ctypedef void (*set_threads_fn)(int) noexcept nogil
+ctypedef int (*get_threads_fn)() noexcept nogil
+
+cdef set_threads_fn _blas_set = NULL
+cdef get_threads_fn _blas_get = NULL
+cdef int _blas_depth = 0
+cdef int _blas_saved = 1
+_blas_symbol = None
+
+_THREAD_SYMBOLS = [
+    (b"scipy_openblas_set_num_threads", b"scipy_openblas_get_num_threads"),
+    (b"scipy_openblas_set_num_threads64_", b"scipy_openblas_get_num_threads64_"),
+    (b"openblas_set_num_threads", b"openblas_get_num_threads"),
+    (b"openblas_set_num_threads64_", b"openblas_get_num_threads64_"),
+]
+
+
+cdef void _find_blas_threads():
+    """Look up the thread-count setter of the BLAS that scipy's cython_blas calls into."""
+    global _blas_set, _blas_get, _blas_symbol
+    cdef Dl_info info
+    cdef void* handle
+    cdef void* s
+    cdef void* g
+    if dladdr(<const void*>sgemm, &info) == 0 or info.dli_fname == NULL:
+        return
+    handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)  # already loaded: no new load
+    if handle == NULL:
+        return
+    for set_name, get_name in _THREAD_SYMBOLS:
+        s = dlsym(handle, <const char*>set_name)
+        g = dlsym(handle, <const char*>get_name)
+        if s != NULL and g != NULL:
+            _blas_set = <set_threads_fn>s
+            _blas_get = <get_threads_fn>g
+            _blas_symbol = set_name.decode()
+            break
+    dlclose(handle)
+
+
+_find_blas_threads()
+
+
+cdef bint _blas_single_enter():
+    """BLAS to one thread for a parallel-over-experts phase. Runs with the GIL held, so the
+    depth count is safe across Python threads; the outermost caller restores the count."""
+    global _blas_depth, _blas_saved
+    if _blas_set == NULL:
+        return False
+    if _blas_depth == 0:
+        _blas_saved = _blas_get()
+        if _blas_saved != 1:
+            _blas_set(1)
+    _blas_depth += 1
+    return True
+
+
+cdef void _blas_single_exit():
+    global _blas_depth
+    _blas_depth -= 1
+    if _blas_depth == 0 and _blas_saved != 1:
+        _blas_set(_blas_saved)
+
+
+def schedule_info() -> dict:
+    """How the expert loop is scheduled here: for benchmarks and bug reports."""
+    name = {v: k for k, v in _SCHEDULES.items()}[_schedule]
+    return {
+        "schedule": name,
+        "threads": openmp.omp_get_max_threads(),
+        "blas_thread_control": _blas_symbol,
+        "blas_threads": _blas_get() if _blas_get != NULL else None,
+        "gemv_max_rows": GEMV_MAX_ROWS,
+    }
+
+
+def _configure(schedule=None, gemv_max_rows=None) -> dict:
+    """Override the schedule ("auto" | "experts" | "serial") or the matrix-vector cut-off.
+
+    For benchmarks and tests only; returns the previous settings so callers can restore them.
+    """
+    global _schedule, GEMV_MAX_ROWS
+    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS}
+    if schedule is not None:
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
+        _schedule = _SCHEDULES[schedule]
+    if gemv_max_rows is not None:
+        if int(gemv_max_rows) < 0:
+            raise ValueError(f"gemv_max_rows must be >= 0, got {gemv_max_rows}")
+        GEMV_MAX_ROWS = int(gemv_max_rows)
+    return old
+
+
+# ----------------------------------------------------------------------------- BLAS calls
+cdef inline void _gemm(
+    char ta, char tb, int m, int n, int k,
+    const floating* a, int lda, const floating* b, int ldb, floating* c, int ldc,
+) noexcept nogil:
+    """Column-major C[m, n] = op(A)[m, k] op(B)[k, n] (row-major callers pass transposes)."""
+    cdef floating one = 1, zero = 0
+    if floating is float:
+        sgemm(&ta, &tb, &m, &n, &k, &one, <float*>a, &lda, <float*>b, &ldb, &zero, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &m, &n, &k, &one, <double*>a, &lda, <double*>b, &ldb, &zero, c, &ldc)
+
+
+cdef inline void _gemv(
+    char ta, int m, int n, const floating* a, int lda, const floating* x, floating* y
+) noexcept nogil:
+    """Column-major y = op(A) x with A [m, n]."""
+    cdef floating one = 1, zero = 0
+    cdef int inc = 1
+    if floating is float:
+        sgemv(&ta, &m, &n, &one, <float*>a, &lda, <float*>x, &inc, &zero, y, &inc)
+    else:
+        dgemv(&ta, &m, &n, &one, <double*>a, &lda, <double*>x, &inc, &zero, y, &inc)
+
+
+# ----------------------------------------------------------------------------- C loops
+cdef inline void _bias_act_row(
+    floating* p, floating* a, const floating* b, Py_ssize_t h, int kind
+) noexcept nogil:
+    """pre += b1; act = f(pre) on one row."""
+    cdef Py_ssize_t j
+    cdef floating v
+    if kind == RELU:
+        for j in range(h):
+            v = p[j] + b[j]
+            p[j] = v
+            a[j] = v if not (v < 0) else 0  # np.maximum(v, 0): NaN and -0.0 pass through
+    else:
+        for j in range(h):
+            v = p[j] + b[j]
+            p[j] = v
+            a[j] = v * <floating>(0.5 * erfc(-<double>v * M_SQRT1_2))  # x * Phi(x)
+
+
+cdef inline void _act_grad_row(
+    floating* g, const floating* p, const floating* a, Py_ssize_t h, int kind
+) noexcept nogil:
+    """d_pre = d_act * f'(pre) on one row; f'(x) = Phi(x) + x phi(x) for GELU.
+
+    Phi(x) is read back from the forward's act = x * Phi(x) instead of a second erfc (erfc
+    costs ~30 ns, four times the exp). The error stays at the rounding of act (one ulp of
+    Phi), the same size as the reference's float32 Phi; |x| < 1e-20 uses Phi = 1/2.
+    """
+    cdef Py_ssize_t j
+    cdef floating v
+    cdef double phi_cdf, pdf
+    if kind == RELU:
+        for j in range(h):
+            g[j] = g[j] * (<floating>1 if p[j] > 0 else <floating>0)
+    else:
+        for j in range(h):
+            v = p[j]
+            phi_cdf = <double>a[j] / v if fabs(v) >= 1e-20 else 0.5
+            if floating is float:
+                pdf = expf(<float>-0.5 * v * v) * INV_SQRT_2PI  # float32 exp, like the reference
+            else:
+                pdf = exp(-0.5 * v * v) * INV_SQRT_2PI
+            g[j] = g[j] * <floating>(phi_cdf + v * pdf)
+
+
+cdef inline void _add_row(floating* o, const floating* b, Py_ssize_t d) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(d):
+        o[j] = o[j] + b[j]
+
+
+cdef void _bias_act_rows(
+    floating* p, floating* a, const floating* b, Py_ssize_t n, Py_ssize_t h, int kind, bint par
+) noexcept nogil:
+    cdef Py_ssize_t r
+    if par and n > 1 and n * h >= PARALLEL_MIN_WORK:
+        for r in prange(n, schedule="static"):
+            _bias_act_row(p + r * h, a + r * h, b, h, kind)
+    else:
+        for r in range(n):
+            _bias_act_row(p + r * h, a + r * h, b, h, kind)
+
+
+cdef void _act_grad_rows(
+    floating* g, const floating* p, const floating* a, Py_ssize_t n, Py_ssize_t h, int kind,
+    bint par,
+) noexcept nogil:
+    cdef Py_ssize_t r
+    if par and n > 1 and n * h >= PARALLEL_MIN_WORK:
+        for r in prange(n, schedule="static"):
+            _act_grad_row(g + r * h, p + r * h, a + r * h, h, kind)
+    else:
+        for r in range(n):
+            _act_grad_row(g + r * h, p + r * h, a + r * h, h, kind)
+
+
+cdef void _bias_rows(floating* o, const floating* b, Py_ssize_t n, Py_ssize_t d, bint par) noexcept nogil:
+    cdef Py_ssize_t r
+    if par and n > 1 and n * d >= PARALLEL_MIN_WORK:
+        for r in prange(n, schedule="static"):
+            _add_row(o + r * d, b, d)
+    else:
+        for r in range(n):
+            _add_row(o + r * d, b, d)
+
+
+cdef inline void _colsum(const floating* g, Py_ssize_t n, Py_ssize_t q, floating* out) noexcept nogil:
+    """out[q] = g[0] + g[1] + ... + g[n-1], rows in order (numpy's axis-0 sum order)."""
+    cdef Py_ssize_t r
+    memcpy(out, g, q * sizeof(floating))
+    for r in range(1, n):
+        _add_row(out, g + r * q, q)
+
+
+# ----------------------------------------------------------------------------- one expert
+cdef void _forward_expert(
+    Py_ssize_t e, const int64_t* offsets, const floating* x,
+    const floating* w1, const floating* b1, const floating* w2, const floating* b2,
+    floating* pre, floating* act, floating* out, int d, int h, int kind, bint par,
+) noexcept nogil:
+    """Rows s..t of expert e: pre = x W1 + b1, act = f(pre), out = act W2 + b2."""
+    cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
+    cdef Py_ssize_t dh = <Py_ssize_t>d * h
+    cdef const floating* w1e = w1 + e * dh
+    cdef const floating* w2e = w2 + e * dh
+    x += s * d
+    pre += s * h
+    act += s * h
+    out += s * d
+    if n <= GEMV_MAX_ROWS:
+        for r in range(n):
+            _gemv(c"N", h, d, w1e, h, x + r * d, pre + r * h)  # pre[r] = x[r] @ w1   [h]
+    else:
+        _gemm(c"N", c"N", h, <int>n, d, w1e, h, x, d, pre, h)  # [n, h]
+    _bias_act_rows(pre, act, b1 + e * h, n, h, kind, par)  # [n, h]
+    if n <= GEMV_MAX_ROWS:
+        for r in range(n):
+            _gemv(c"N", d, h, w2e, d, act + r * h, out + r * d)  # out[r] = act[r] @ w2   [d]
+    else:
+        _gemm(c"N", c"N", d, <int>n, h, w2e, d, act, h, out, d)  # [n, d]
+    _bias_rows(out, b2 + e * d, n, d, par)  # [n, d]
+
+
+cdef void _backward_expert(
+    Py_ssize_t e, const int64_t* offsets, const floating* g, const floating* x,
+    const floating* w1, const floating* w2, const floating* pre, const floating* act,
+    floating* d_pre, floating* d_x, floating* dw1, floating* db1, floating* dw2, floating* db2,
+    int d, int h, int kind, bint par,
+) noexcept nogil:
+    """Gradients of expert e from its rows s..t; writes dw1/db1/dw2/db2[e] and d_x rows.
+
+    d_pre is scratch for this expert's [n, h] block (a per-thread buffer, reused across the
+    experts a thread runs, so it stays in cache and costs no fresh pages)."""
+    cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
+    cdef Py_ssize_t dh = <Py_ssize_t>d * h
+    cdef bint few = n <= GEMV_MAX_ROWS
+    cdef const floating* w1e = w1 + e * dh
+    cdef const floating* w2e = w2 + e * dh
+    cdef floating* dw1e = dw1 + e * dh
+    cdef floating* dw2e = dw2 + e * dh
+    g += s * d
+    x += s * d
+    pre += s * h
+    act += s * h
+    d_x += s * d
+    _gemm(c"N", c"T", d, h, <int>n, g, d, act, h, dw2e, d)  # dw2 [h, d] = act^T g
+    _colsum(g, n, d, db2 + e * d)  # [d]
+    if few:  # d_pre [n, h] = g w2^T
+        for r in range(n):
+            _gemv(c"T", d, h, w2e, d, g + r * d, d_pre + r * h)  # [h]
+    else:
+        _gemm(c"T", c"N", h, <int>n, d, w2e, d, g, d, d_pre, h)
+    _act_grad_rows(d_pre, pre, act, n, h, kind, par)  # [n, h]
+    _gemm(c"N", c"T", h, d, <int>n, d_pre, h, x, d, dw1e, h)  # dw1 [d, h] = x^T d_pre
+    _colsum(d_pre, n, h, db1 + e * h)  # [h]
+    if few:  # d_x [n, d] = d_pre w1^T
+        for r in range(n):
+            _gemv(c"T", h, d, w1e, h, d_pre + r * h, d_x + r * d)  # [d]
+    else:
+        _gemm(c"T", c"N", d, <int>n, h, w1e, h, d_pre, h, d_x, d)
+
+
+# ----------------------------------------------------------------------------- schedule
+cdef tuple _plan(const int64_t[::1] offsets):
+    """Split the experts that got rows into (alone, shared): see the module docstring."""
+    cdef Py_ssize_t E = offsets.shape[0] - 1, e, i, n_alone = 0, n_shared = 0, n_front = 0
+    cdef int T = openmp.omp_get_max_threads()
+    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and (
+        _blas_set != NULL or _schedule == SCHEDULE_EXPERTS
+    ) and _claim_threads()
+    cdef int64_t rows, remaining = offsets[E] - offsets[0], best_rows
+    cdef Py_ssize_t best
+    alone_arr = np.empty(E, dtype=np.int64)
+    shared_arr = np.empty(E, dtype=np.int64)
+    cdef int64_t[::1] alone = alone_arr
+    cdef int64_t[::1] shared = shared_arr
+    with nogil:
+        for e in range(E):
+            if offsets[e + 1] > offsets[e]:
+                shared[n_shared] = e
+                n_shared += 1
+        if not share:
+            for i in range(n_shared):
+                alone[i] = shared[i]
+            n_alone, n_shared = n_shared, 0
+        elif _schedule == SCHEDULE_AUTO:
+            while n_shared > 0:  # peel off experts bigger than a thread's fair share
+                best, best_rows = 0, -1
+                for i in range(n_shared):
+                    rows = offsets[shared[i] + 1] - offsets[shared[i]]
+                    if rows > best_rows:
+                        best, best_rows = i, rows
+                if best_rows * T <= remaining or best_rows <= GEMV_MAX_ROWS:
+                    break
+                alone[n_alone] = shared[best]
+                n_alone += 1
+                remaining -= best_rows
+                for i in range(best, n_shared - 1):
+                    shared[i] = shared[i + 1]
+                n_shared -= 1
+            for i in range(n_shared):  # large experts first, so the dynamic schedule ends even
+                rows = offsets[shared[i] + 1] - offsets[shared[i]]
+                if rows * 4 * T >= remaining:
+                    e = shared[i]
+                    shared[i] = shared[n_front]
+                    shared[n_front] = e
+                    n_front += 1
+    return alone_arr[:n_alone], shared_arr[:n_shared]
+
+
+def _forward_impl(
+    const floating[:, ::1] x, const int64_t[::1] offsets,
+    const floating[:, :, ::1] w1, const floating[:, ::1] b1,
+    const floating[:, :, ::1] w2, const floating[:, ::1] b2, int kind,
+    floating[:, ::1] pre, floating[:, ::1] act, floating[:, ::1] out,
+) -> None:
+    cdef int d = w1.shape[1], h = w1.shape[2]
+    cdef Py_ssize_t i
+    alone_arr, shared_arr = _plan(offsets)
+    cdef const int64_t[::1] alone = alone_arr
+    cdef const int64_t[::1] shared = shared_arr
+    cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
+    if x.shape[0] == 0:
+        return
+    cdef const int64_t* off = &offsets[0]
+    cdef const floating* xp = &x[0, 0]
+    cdef const floating* w1p = &w1[0, 0, 0]
+    cdef const floating* b1p = &b1[0, 0]
+    cdef const floating* w2p = &w2[0, 0, 0]
+    cdef const floating* b2p = &b2[0, 0]
+    cdef floating* prep = &pre[0, 0]
+    cdef floating* actp = &act[0, 0]
+    cdef floating* outp = &out[0, 0]
+    cdef bint rows_par = n_alone > 0 and openmp.omp_get_max_threads() > 1 and _claim_threads()
+    with nogil:
+        for i in range(n_alone):
+            _forward_expert(
+                alone[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, rows_par
+            )
+    if n_shared == 0:
+        return
+    cdef bint single = _blas_single_enter()
+    try:
+        with nogil:
+            for i in prange(n_shared, schedule="dynamic", chunksize=1):
+                _forward_expert(
+                    shared[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, False
+                )
+    finally:
+        if single:
+            _blas_single_exit()
+
+
+def _backward_impl(
+    const floating[:, ::1] g, const floating[:, ::1] x, const int64_t[::1] offsets,
+    const floating[:, :, ::1] w1, const floating[:, :, ::1] w2,
+    const floating[:, ::1] pre, const floating[:, ::1] act, int kind,
+    floating[:, :, ::1] dw1, floating[:, ::1] db1, floating[:, :, ::1] dw2, floating[:, ::1] db2,
+    floating[:, ::1] d_x,
+) -> None:
+    cdef int d = w1.shape[1], h = w1.shape[2]
+    cdef Py_ssize_t i, e, most = 0
+    alone_arr, shared_arr = _plan(offsets)
+    cdef const int64_t[::1] alone = alone_arr
+    cdef const int64_t[::1] shared = shared_arr
+    cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
+    if x.shape[0] == 0:
+        return
+    cdef int T = openmp.omp_get_max_threads()
+    for e in range(offsets.shape[0] - 1):
+        most = max(most, offsets[e + 1] - offsets[e])
+    # d_pre scratch: one [most, h] block per thread  # [T, most, h]
+    scratch = np.empty((T, most, h), dtype=np.float32 if floating is float else np.float64)
+    cdef floating[:, :, ::1] d_pre = scratch
+    cdef const int64_t* off = &offsets[0]
+    cdef const floating* gp = &g[0, 0]
+    cdef const floating* xp = &x[0, 0]
+    cdef const floating* w1p = &w1[0, 0, 0]
+    cdef const floating* w2p = &w2[0, 0, 0]
+    cdef const floating* prep = &pre[0, 0]
+    cdef const floating* actp = &act[0, 0]
+    cdef floating* dw1p = &dw1[0, 0, 0]
+    cdef floating* db1p = &db1[0, 0]
+    cdef floating* dw2p = &dw2[0, 0, 0]
+    cdef floating* db2p = &db2[0, 0]
+    cdef floating* dpp = &d_pre[0, 0, 0]
+    cdef floating* dxp = &d_x[0, 0]
+    cdef Py_ssize_t block = most * h
+    cdef bint rows_par = n_alone > 0 and T > 1 and _claim_threads()
+    with nogil:
+        for i in range(n_alone):
+            _backward_expert(
+                alone[i], off, gp, xp, w1p, w2p, prep, actp, dpp, dxp,
+                dw1p, db1p, dw2p, db2p, d, h, kind, rows_par,
+            )
+    if n_shared == 0:
+        return
+    cdef bint single = _blas_single_enter()
+    try:
+        with nogil:
+            for i in prange(n_shared, schedule="dynamic", chunksize=1):
+                _backward_expert(
+                    shared[i], off, gp, xp, w1p, w2p, prep, actp, dpp + threadid() * block, dxp,
+                    dw1p, db1p, dw2p, db2p, d, h, kind, False,
+                )
+    finally:
+        if single:
+            _blas_single_exit()
+
+
+# ----------------------------------------------------------------------------- checks
+def _activation_kind(activation) -> int:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+    return _ACTIVATIONS[activation]
+
+
+def _check_offsets(offsets, Py_ssize_t E, Py_ssize_t N):
+    """int64 [E+1] from 0 to N, never decreasing."""
+    o = np.asarray(offsets)
+    if o.ndim != 1 or o.shape[0] != E + 1 or o.dtype.kind not in "iu":
+        raise ValueError(f"offsets must be an integer array [E+1] = [{E + 1}], got {_describe(o)}")
+    o = np.ascontiguousarray(o, dtype=np.int64)
+    cdef const int64_t[::1] ov = o
+    cdef Py_ssize_t e, bad = -1
+    with nogil:
+        for e in range(E):
+            if ov[e + 1] < ov[e]:
+                bad = e
+                break
+    if ov[0] != 0 or ov[E] != N:
+        raise ValueError(f"offsets must run from 0 to N = {N} packed rows, got {ov[0]} .. {ov[E]}")
+    if bad >= 0:
+        raise ValueError(f"offsets must not decrease, got offsets[{bad}] = {ov[bad]} > offsets[{bad + 1}] = {ov[bad + 1]}")
+    return o
+
+
+def _check_bank(x, offsets, w1, w2, name_x="packed"):
+    """Shared checks: x [N, d], w1 [E, d, h], w2 [E, h, d], offsets [E+1]; all one dtype."""
+    x = _float_array(x, name_x, 2, "[N, d]")
+    w1 = _float_array(w1, "w1", 3, "[E, d, h]")
+    w2 = _float_array(w2, "w2", 3, "[E, h, d]")
+    E, d, h = w1.shape
+    for a, name in ((w1, "w1"), (w2, "w2")):
+        if a.dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of {name_x} ({x.dtype}), got {a.dtype}")
+    if d < 1 or h < 1 or E < 1:
+        raise ValueError(f"w1 must be [E, d, h] with E, d, h >= 1, got {_describe(w1)}")
+    if x.shape[1] != d:
+        raise ValueError(f"{name_x} rows have {x.shape[1]} features, but w1 expects d = {d}")
+    if w2.shape != (E, h, d):
+        raise ValueError(f"w2 must be [E, h, d] = {[E, h, d]}, got {_describe(w2)}")
+    if x.shape[0] > _INT_MAX or d * h > _INT_MAX:
+        raise ValueError(f"BLAS takes 32-bit sizes: N = {x.shape[0]} and d*h = {d * h} must fit")
+    return x, _check_offsets(offsets, E, x.shape[0]), w1, w2
+
+
+def _check_vector_bank(b, str name, int E, int width, str shape_text, dtype):
+    b = _float_array(b, name, 2, shape_text)
+    if b.shape != (E, width) or b.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} {shape_text} = {[E, width]}, got {_describe(b)}")
+    return b
+
+
+def _check_rows(a, str name, Py_ssize_t N, Py_ssize_t width, dtype):
+    a = _float_array(a, name, 2, f"[N, {width}]")
+    if a.shape != (N, width) or a.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} [N, {width}] = {[N, width]}, got {_describe(a)}")
+    return a
+
+
+def _grad_buffer(a, str name, tuple shape, dtype):
+    """A writable output; a non-contiguous one is computed in a copy and written back."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape:
+        got = _describe(a) if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name} must be a {dtype} array {list(shape)}, got {got}")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} must be writable, got a read-only array")
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+# ----------------------------------------------------------------------------- public
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation):
+    """Every expert on its own slice of packed rows: out = act(x W1 + b1) W2 + b2.
+
+    Returns (out [N, d], pre [N, h], act [N, h]); pre and act are kept for the backward.
+    """
+    kind = _activation_kind(activation)
+    x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
+    E, d, h = w1.shape
+    b1 = _check_vector_bank(b1, "b1", E, h, "[E, h]", x.dtype)
+    b2 = _check_vector_bank(b2, "b2", E, d, "[E, d]", x.dtype)
+    N = x.shape[0]
+    pre = np.empty((N, h), dtype=x.dtype)
+    act = np.empty((N, h), dtype=x.dtype)
+    out = np.empty((N, d), dtype=x.dtype)
+    _forward_impl(x, off, w1, b1, w2, b2, kind, pre, act, out)
+    return out, pre, act
+
+
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2):
+    """Backward of `ffn_forward`. Returns d_packed [N, d].
+
+    Weight gradients are written (not accumulated) for the experts that received rows; the
+    other experts' slices of dw1/db1/dw2/db2 are left untouched.
+    """
+    kind = _activation_kind(activation)
+    x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
+    E, d, h = w1.shape
+    N, dt = x.shape[0], x.dtype
+    g = _check_rows(d_out, "d_out", N, d, dt)
+    pre = _check_rows(pre, "pre", N, h, dt)
+    act = _check_rows(act, "act", N, h, dt)
+    grads = [
+        _grad_buffer(dw1, "dw1", (E, d, h), dt),
+        _grad_buffer(db1, "db1", (E, h), dt),
+        _grad_buffer(dw2, "dw2", (E, h, d), dt),
+        _grad_buffer(db2, "db2", (E, d), dt),
+    ]
+    d_x = np.empty((N, d), dtype=dt)
+    _backward_impl(g, x, off, w1, w2, pre, act, kind, *grads, d_x)
+    for given, used in zip((dw1, db1, dw2, db2), grads, strict=True):
+        if used is not given:
+            given[...] = used
+    return d_x
