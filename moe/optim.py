@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe.bindings import compiled_adam_rows
+
 
 def clip_scale(sq_norm: float, max_norm: float | None) -> float:
     """The factor that brings a gradient of squared global norm `sq_norm` to `max_norm`."""
@@ -89,12 +91,26 @@ class Adam:
         if rows.size == 0:
             return
         self.t[rows] += 1
-        t = self.t[rows].astype(np.float64)  # [r]
+        kernel = compiled_adam_rows()
+        if kernel is not None:  # one fused pass per row instead of gather, update, scatter
+            for n, p in self.params.items():
+                if p.flags.c_contiguous and p.dtype in (np.float32, np.float64):
+                    kernel(p, self.m[n], self.v[n], grads[n], rows, self.t, lr, scale,
+                           c.beta1, c.beta2, c.eps, c.weight_decay)
+                else:
+                    self._update_rows(n, p, grads[n], rows, lr, scale)
+            return
         for n, p in self.params.items():
-            pr, mr, vr = p[rows], self.m[n][rows], self.v[n][rows]  # [r, ...]
-            tt = t.reshape((-1,) + (1,) * (p.ndim - 1))
-            self._update(pr, mr, vr, grads[n][rows], lr, scale, tt, c)
-            p[rows], self.m[n][rows], self.v[n][rows] = pr, mr, vr
+            self._update_rows(n, p, grads[n], rows, lr, scale)
+
+    def _update_rows(self, n: str, p: np.ndarray, g: np.ndarray, rows: np.ndarray, lr: float, scale: float) -> None:
+        """The numpy path of a lazy update: gather the rows, update them, scatter them back."""
+        c = self.config
+        t = self.t[rows].astype(np.float64)  # [r]
+        pr, mr, vr = p[rows], self.m[n][rows], self.v[n][rows]  # [r, ...]
+        tt = t.reshape((-1,) + (1,) * (p.ndim - 1))
+        self._update(pr, mr, vr, g[rows], lr, scale, tt, c)
+        p[rows], self.m[n][rows], self.v[n][rows] = pr, mr, vr
 
     @staticmethod
     def _update(p, m, v, g, lr, scale, t, c: AdamConfig) -> None:

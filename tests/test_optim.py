@@ -83,3 +83,33 @@ def test_schedule_and_clipping():
 def test_bad_config():
     with pytest.raises(ValueError, match="beta1 must be in"):
         AdamConfig(beta1=1.0)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_lazy_adam_kernel_equals_the_numpy_path(dtype):
+    from moe import bindings
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(3)
+    p0 = {"w": rng.normal(size=(9, 3, 4)).astype(dtype), "b": rng.normal(size=(9, 4)).astype(dtype)}
+    runs = {}
+    for backend in ("numpy", "compiled"):
+        params = {n: a.copy() for n, a in p0.items()}
+        opt = Adam(params, AdamConfig(weight_decay=0.01), lazy_rows=True)
+        steps = np.random.default_rng(4)
+        with bindings.use_backend(backend):
+            for _ in range(6):
+                rows = np.sort(steps.choice(9, size=4, replace=False))
+                grads = {n: steps.normal(size=a.shape).astype(dtype) for n, a in p0.items()}
+                opt.step(grads, lr=0.01, scale=0.7, rows=rows)
+        runs[backend] = (params, opt)
+    (pn, on), (pc, oc) = runs["numpy"], runs["compiled"]
+    np.testing.assert_array_equal(on.t, oc.t)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    for n in p0:
+        np.testing.assert_allclose(pc[n], pn[n], rtol=tol, atol=tol)
+        np.testing.assert_allclose(oc.m[n], on.m[n], rtol=tol, atol=tol)
+        np.testing.assert_allclose(oc.v[n], on.v[n], rtol=tol, atol=tol)
+    assert not np.array_equal(pc["w"], p0["w"])

@@ -15,11 +15,11 @@ import numpy as np
 from moe.bindings import reference
 
 try:  # the compiled path is optional at import time; `make test` insists on it
-    from moe.bindings import _dispatch, _grouped  # type: ignore[attr-defined]
+    from moe.bindings import _dispatch, _grouped, _optim  # type: ignore[attr-defined]
 
     HAVE_COMPILED = True
 except ImportError:  # pragma: no cover - exercised only on a machine without the build
-    _dispatch = _grouped = None
+    _dispatch = _grouped = _optim = None
     HAVE_COMPILED = False
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -86,7 +86,13 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1,
     )
 
 
+def compiled_adam_rows():
+    """The fused lazy-Adam kernel when the compiled path is live, else None (numpy path)."""
+    return _optim.adam_rows if _backend == "compiled" else None
+
+
 __all__ = [
+    "compiled_adam_rows",
     "HAVE_COMPILED",
     "backend",
     "use_backend",
