@@ -6,19 +6,25 @@ over experts is a C loop; each expert calls BLAS (sgemm/dgemm, sgemv/dgemv from
 scipy.linalg.cython_blas) directly, and the bias add and activation are fused C loops.
 
 Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
-- Experts run in parallel, one per thread (`prange`, dynamic schedule), and BLAS is switched to
-  one thread for that phase: OpenBLAS's own pool and OpenMP fighting over the same cores was
-  up to 10x slower, and a single-threaded call per expert wastes no synchronisation.
+- Experts run in parallel, one per thread (`prange`, dynamic schedule, biggest experts first),
+  and BLAS is switched to one thread for that phase. A serial loop over experts with OpenBLAS's
+  own threads was 2x slower at E = 8 and up to 30x slower at E = 64 on a busy machine (its
+  spinning pool and the other work fight over the two cores); one single-threaded call per
+  expert needs no synchronisation at all.
 - An expert too big to share (it holds more than 1/T of the remaining rows, T = OpenMP threads)
   runs first, alone, with multi-threaded BLAS and row-parallel elementwise loops.
-- Without a way to set the BLAS thread count (a BLAS other than OpenBLAS), every expert runs in
-  a serial loop with BLAS's own threading, which never oversubscribes the cores.
+- Without a way to set the BLAS thread count (a BLAS other than OpenBLAS), with one OpenMP
+  thread, or in a child forked after this process ran OpenMP (GNU OpenMP would hang there),
+  every expert runs in a serial loop with BLAS's own threading.
 - An expert with at most GEMV_MAX_ROWS rows multiplies by its weights with one matrix-vector
   product per row: OpenBLAS's gemm packs the whole weight matrix on every call (~60 us for
   256 x 512 floats), which dominates at a few rows, while gemv streams it. The weight
   gradients (small operands, big output) always use gemm, which beat a C rank-n loop 2-3x.
 The BLAS thread count is found through the library that holds sgemm (dladdr + dlsym of
 `openblas_set_num_threads` under its scipy-openblas names) and is restored after each call.
+GELU: act = x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 from libm; the backward reads Phi back
+from act (see `_act_grad_row`). `schedule_info()` reports the live choices; `_configure()`
+overrides them for benchmarks and tests.
 """
 
 import numpy as np

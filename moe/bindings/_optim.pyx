@@ -7,10 +7,13 @@ with the same float operations in the same order as moe.optim.Adam._update, so t
 paths give the same bits.
 """
 
+cimport openmp
 from cython.parallel import prange
 from libc.math cimport pow, sqrt
 
 import numpy as np
+
+from moe.bindings._dispatch import _claim_threads
 
 ctypedef fused floating:
     float
@@ -20,14 +23,14 @@ ctypedef fused floating:
 cdef void _adam_rows(
     floating[:, ::1] p, floating[:, ::1] m, floating[:, ::1] v, const floating[:, ::1] g,
     const long long[::1] rows, const long long[::1] t,
-    double lr, double scale, double b1, double b2, double eps, double wd, bint scaled,
+    double lr, double scale, double b1, double b2, double eps, double wd, bint scaled, int threads,
 ) noexcept nogil:
     cdef Py_ssize_t i, j, r, n = p.shape[1]
     cdef floating gj, bc1, bc2, upd
     cdef floating fb1 = <floating>b1, fb2 = <floating>b2
     cdef floating c1 = <floating>(1.0 - b1), c2 = <floating>(1.0 - b2)
     cdef floating fscale = <floating>scale, flr = <floating>lr, feps = <floating>eps, fwd = <floating>wd
-    for i in prange(rows.shape[0], schedule="static"):
+    for i in prange(rows.shape[0], schedule="static", num_threads=threads):
         r = rows[i]
         bc1 = <floating>(1.0 - pow(b1, <double>t[r]))
         bc2 = <floating>(1.0 - pow(b2, <double>t[r]))
@@ -62,7 +65,10 @@ def adam_rows(p, m, v, g, rows, t, double lr, double scale, double b1, double b2
     shape2 = (E, p.size // E if E else 0)
     p2, m2, v2 = p.reshape(shape2), m.reshape(shape2), v.reshape(shape2)
     g2 = np.ascontiguousarray(g).reshape(shape2)
+    # OpenMP in a child forked after the parent used it can hang (GNU libgomp): the guard in
+    # _dispatch says whether this process may start a team; otherwise run on one thread.
+    cdef int threads = openmp.omp_get_max_threads() if _claim_threads() else 1
     if p.dtype == np.float32:
-        _adam_rows[float](p2, m2, v2, g2, rows, t, lr, scale, b1, b2, eps, wd, scale != 1.0)
+        _adam_rows[float](p2, m2, v2, g2, rows, t, lr, scale, b1, b2, eps, wd, scale != 1.0, threads)
     else:
-        _adam_rows[double](p2, m2, v2, g2, rows, t, lr, scale, b1, b2, eps, wd, scale != 1.0)
+        _adam_rows[double](p2, m2, v2, g2, rows, t, lr, scale, b1, b2, eps, wd, scale != 1.0, threads)

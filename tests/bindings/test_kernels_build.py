@@ -45,6 +45,11 @@ def _child_runs_parallel_sized_kernels() -> None:
     ours = _grouped.ffn_forward(packed, offsets, w1, b1, w2, b2, "gelu")[0]
     want = reference.ffn_forward(packed, offsets, w1, b1, w2, b2, "gelu")[0]
     assert np.abs(ours - want).max() <= 1e-5 * np.abs(want).max()
+    from moe.bindings import _optim  # the fused lazy Adam uses prange too
+
+    p, m, v = np.ones((64, 300), np.float32), np.zeros((64, 300), np.float32), np.zeros((64, 300), np.float32)
+    _optim.adam_rows(p, m, v, np.ones_like(p), np.arange(64), np.ones(64, np.int64), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0)
+    assert np.allclose(p, 0.9)
 
 
 def test_kernels_work_in_a_child_forked_after_parallel_work():
