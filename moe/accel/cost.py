@@ -38,7 +38,7 @@ all_to_all, grad_all_reduce, optimizer (update + gradient accumulation).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import special
@@ -396,12 +396,19 @@ def predict_layer_step(shape: MoEShape, device: DeviceSpec) -> dict:
     weight_bytes = float(E * shape.expert_params_each * w)
     fits = 0 < weight_bytes <= device.cache_bytes
     passes = 1.0 if fits else FWD_BWD
+    gate_elem = _elementwise("gate softmax+top-k", "router", gm * T * E, 10.0, 2.0, a, device)
+    dispatch = _roofline("dispatch+combine", "dispatch", FWD_BWD * 2.0 * N * d, FWD_BWD * a * d * (3 * N + T),
+                         device.peak_flops, device.hbm_bw)  # gather N rows, combine N rows into [T, d]
+    # Where the device carries measured rates for these (the calibrated "cpu"), they replace
+    # the roofline: elementwise numpy work runs far below both limits.
+    if device.router_elem_s > 0:
+        gate_elem = replace(gate_elem, seconds=max(gate_elem.seconds, device.router_elem_s * T * E), bound="measured")
+    if device.dispatch_elem_s > 0:
+        dispatch = replace(dispatch, seconds=max(dispatch.seconds, device.dispatch_elem_s * N * d), bound="measured")
     ops = [
         _matmul("gate matmul", "router", T, shape.gate_in, gm * E, w * gm * shape.gate_in * E, a, device),
-        _elementwise("gate softmax+top-k", "router", gm * T * E, 10.0, 2.0, a, device),
-        # gather N rows (read + write), combine reads N rows and writes [T, d]
-        _roofline("dispatch+combine", "dispatch", FWD_BWD * 2.0 * N * d, FWD_BWD * a * d * (3 * N + T),
-                  device.peak_flops, device.hbm_bw),
+        gate_elem,
+        dispatch,
         _matmul("expert W1", "experts", N, d, h, w * E * (d * h + h), a, device, weight_passes=passes),
         _elementwise("expert activation", "experts", N * h, 1.0, 2.0, a, device),
         _matmul("expert W2", "experts", N, h, d, w * E * (h * d + d), a, device, weight_passes=passes),

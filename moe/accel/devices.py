@@ -56,6 +56,12 @@ class DeviceSpec:
     flops_kind: str = "bf16 matrix peak (dense)"
     cache_bytes: float = 0.0
     source: str = ""
+    # Measured only for "cpu" (0 = unknown, roofline only): seconds per (example x expert)
+    # element of a noisy top-k gate's elementwise work (noise draws, softplus, top-k, the
+    # normal CDF/PDF of the smooth load, fwd + bwd, GEMMs excluded), and seconds per
+    # (dispatched row x d) element of dispatch + combine, fwd + bwd.
+    router_elem_s: float = 0.0
+    dispatch_elem_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "hbm_bytes", "hbm_bw"):
@@ -277,6 +283,8 @@ def calibrate_cpu(seconds: float = 1.0, *, refresh: bool = False) -> DeviceSpec:
     dst = np.empty_like(src)
     dt = _median_seconds(lambda: np.copyto(dst, src), budget)
     copy_bw = 2.0 * src.nbytes / dt
+    router_elem_s = _router_elem_seconds(best_flops, budget)
+    dispatch_elem_s = _dispatch_elem_seconds(budget)
     spec = DeviceSpec(
         "cpu",
         peak_flops=best_flops,
@@ -287,9 +295,52 @@ def calibrate_cpu(seconds: float = 1.0, *, refresh: bool = False) -> DeviceSpec:
         flops_kind="float32 sgemm (measured)",
         cache_bytes=_last_level_cache_bytes(),
         source=f"measured by calibrate_cpu({seconds:g}) on this machine",
+        router_elem_s=router_elem_s,
+        dispatch_elem_s=dispatch_elem_s,
     )
     _CPU_CACHE["cpu"] = spec
     return spec
+
+
+def _router_elem_seconds(peak_flops: float, budget: float) -> float:
+    """Time this project's noisy top-k gate (fwd + bwd) on a small problem, less its GEMMs at
+    peak, per (example x expert) element. Elementwise numpy work with transcendentals (normal
+    draws, softplus, erf) is far from both the FLOP and the bandwidth roofline on a CPU."""
+    from moe.routing.gates import NoisyTopKGate
+
+    T, d, E = 2048, 64, 256
+    rng = np.random.default_rng(0)
+    gate = NoisyTopKGate(d, E, 2, rng=rng)
+    gate.params["w_noise"][...] = rng.standard_normal((d, E), dtype=np.float32) * 0.1
+    x = rng.standard_normal((T, d), dtype=np.float32)
+
+    def step() -> None:
+        out = gate.forward(x, train=True, rng=rng)
+        gate.backward(np.ones_like(out.gates))
+
+    gemm_s = 3 * 2 * (2.0 * T * d * E) / peak_flops  # two gate matrices, fwd + 2 bwd GEMMs each
+    return max(_median_seconds(step, budget) - gemm_s, 0.0) / (T * E)
+
+
+def _dispatch_elem_seconds(budget: float) -> float:
+    """Time the dispatch plan, gather, combine and their backward per (row x d) element."""
+    from moe import bindings
+    from moe.bindings.plan import plan_dispatch
+
+    T, d, k, E = 4096, 128, 2, 64
+    rng = np.random.default_rng(0)
+    index = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
+    x = rng.standard_normal((T, d), dtype=np.float32)
+    w = np.full((T, k), 0.5, dtype=np.float32)
+
+    def step() -> None:
+        plan = plan_dispatch(index, E, -1)
+        packed = bindings.gather_rows(x, plan.src_row)  # [N, d]
+        y = bindings.combine(packed, plan.slot, w)  # [T, d]
+        d_out, _ = bindings.combine_backward(y, packed, plan.slot, w)
+        bindings.combine(d_out, plan.slot, plan.keep.astype(np.float32))
+
+    return _median_seconds(step, budget) / (T * k * d)
 
 
 # ============================================================================ collectives
