@@ -69,8 +69,10 @@ class LocalExperts:
         t = self.bank.touched
         sq = np.zeros(t.shape[0], dtype=np.float64)
         for n in state.PARAM_NAMES:
-            g = self.grads[n][t].astype(np.float64).reshape(t.shape[0], -1)  # [n_touched, size]
-            sq += (g * g).sum(axis=1)
+            g = self.grads[n][t].reshape(t.shape[0], -1)  # [n_touched, size]
+            # float64 accumulation without a float64 copy; numpy's own loop, so the bits do
+            # not depend on BLAS threads (shards and coordinator must agree)
+            sq += np.einsum("ij,ij->i", g, g, dtype=np.float64)
         return t, sq
 
     def grad_sq_norm(self) -> float:
