@@ -33,7 +33,7 @@ from moe import bindings
 from moe.bindings.plan import DispatchPlan, plan_dispatch
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup
-from moe.layer import ExpertDispatch, gate_input
+from moe.layer import ExpertDispatch, check_expert_group, expert_entries, gate_input
 from moe.routing.balance import cv_squared
 from moe.routing.capacity import validate_capacity_factor
 from moe.routing.gates import TopKRows
@@ -168,18 +168,14 @@ class HierarchicalMoELayer:
 
     def set_experts(self, experts: ExpertGroup) -> None:
         """Use this expert group (local bank or remote shards) of a*b experts of width d_model."""
-        if experts.n_experts != self.n_experts or experts.d_model != self.d_model:
-            raise ValueError(
-                f"expert group has {experts.n_experts} experts of width {experts.d_model}, "
-                f"layer expects {self.n_experts} of width {self.d_model}"
-            )
+        check_expert_group(experts, self.n_experts, self.d_model)
         self.experts = experts
         for store in (self.params, self.grads):
             for n in [n for n in store if n.startswith("experts.")]:
                 del store[n]
-        if hasattr(experts, "params"):  # local experts expose their weights
-            self.params.update({f"experts.{n}": p for n, p in experts.params.items()})
-            self.grads.update({f"experts.{n}": g for n, g in experts.grads.items()})
+        params, grads = expert_entries(experts)
+        self.params.update(params)
+        self.grads.update(grads)
 
     @property
     def gate_param_names(self) -> list[str]:

@@ -34,6 +34,22 @@ def check_input(x: np.ndarray, width: int, dtype: np.dtype, name: str = "x") -> 
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_expert_group(experts: ExpertGroup, n_experts: int, d_model: int) -> None:
+    if experts.n_experts != n_experts or experts.d_model != d_model:
+        raise ValueError(
+            f"expert group has {experts.n_experts} experts of width {experts.d_model}, "
+            f"layer expects {n_experts} of width {d_model}"
+        )
+
+
+def expert_entries(experts: ExpertGroup) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A layer's "experts.*" params and grads: local experts expose their arrays, remote ones none."""
+    if not hasattr(experts, "params"):
+        return {}, {}
+    return ({f"experts.{n}": p for n, p in experts.params.items()},
+            {f"experts.{n}": g for n, g in experts.grads.items()})
+
+
 def gate_input(
     x: np.ndarray,
     task_emb: np.ndarray | None,
@@ -157,11 +173,8 @@ class MoELayer:
             experts = LocalExperts(
                 n_experts, d_model, d_hidden, activation=activation, rng=rng, dtype=self.dtype
             )
-        elif experts.n_experts != n_experts or experts.d_model != d_model:
-            raise ValueError(
-                f"expert group has {experts.n_experts} experts of width {experts.d_model}, "
-                f"layer expects {n_experts} of width {d_model}"
-            )
+        else:
+            check_expert_group(experts, n_experts, d_model)
         self.experts = experts
         self.dispatch = ExpertDispatch(capacity_factor, self.dtype)
         self._collect()
@@ -169,19 +182,13 @@ class MoELayer:
         self._cache = None
 
     def _collect(self) -> None:
-        self.params: dict[str, np.ndarray] = {f"gate.{n}": p for n, p in self.gate.params.items()}
-        self.grads: dict[str, np.ndarray] = {f"gate.{n}": g for n, g in self.gate.grads.items()}
-        if hasattr(self.experts, "params"):  # local experts expose their weights
-            self.params.update({f"experts.{n}": p for n, p in self.experts.params.items()})
-            self.grads.update({f"experts.{n}": g for n, g in self.experts.grads.items()})
+        params, grads = expert_entries(self.experts)
+        self.params: dict[str, np.ndarray] = {**{f"gate.{n}": p for n, p in self.gate.params.items()}, **params}
+        self.grads: dict[str, np.ndarray] = {**{f"gate.{n}": g for n, g in self.gate.grads.items()}, **grads}
 
     def set_experts(self, experts: ExpertGroup) -> None:
         """Swap in another expert group of the same shape (e.g. remote shards holding the same weights)."""
-        if experts.n_experts != self.n_experts or experts.d_model != self.d_model:
-            raise ValueError(
-                f"expert group has {experts.n_experts} experts of width {experts.d_model}, "
-                f"layer expects {self.n_experts} of width {self.d_model}"
-            )
+        check_expert_group(experts, self.n_experts, self.d_model)
         self.experts = experts
         self._collect()
 
