@@ -199,6 +199,11 @@ class TopKGate:
             aux += self.w_importance * cv2
             d_imp = self.w_importance * g
         d_load = p_mean = None
+        # softmax of the clean logits, shared by the Switch surrogate and the z-loss (forward
+        # and backward); without noise it is the gate's own full softmax when k == 1
+        p_clean = None
+        if (self.w_load > 0 and not self.noisy) or self.w_z > 0:
+            p_clean = probs if (probs is not None and not noisy) else softmax(clean.copy())  # [B, E]
         if noisy:
             load = p_load.sum(axis=0, dtype=np.float64).astype(self.dtype)  # [E]
             if self.w_load > 0:
@@ -209,9 +214,7 @@ class TopKGate:
             load = counts
             if self.w_load > 0 and not self.noisy:
                 # Switch surrogate on the full softmax of the clean logits.
-                if probs is None:
-                    probs = softmax(clean.copy())
-                p_mean = probs.mean(axis=0)  # [E]
+                p_mean = p_clean.mean(axis=0)  # [E]
                 f = counts / counts.sum()
                 val, d_pmean = switch_balance(f, p_mean)
                 aux += self.w_load * val
@@ -222,7 +225,7 @@ class TopKGate:
         else:
             lse = None
 
-        self._cache = (x, clean, index, d_imp, d_load, p_mean, lse)
+        self._cache = (x, clean, index, d_imp, d_load, p_mean, lse, p_clean)
         return GateOutput(index, gates, importance, load, float(aux))
 
     def _scatter(self, index: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -242,7 +245,7 @@ class TopKGate:
     def _backward(self, d_gates: np.ndarray) -> np.ndarray:
         if self._cache is None:
             raise ValueError("gate backward called before forward")
-        x, clean, index, d_imp, d_load, d_pmean, lse = self._cache
+        x, clean, index, d_imp, d_load, d_pmean, lse, p = self._cache
         self._cache = None
         B, E = clean.shape
         d_g = d_gates.astype(self.dtype, copy=True)  # [B, k]
@@ -250,13 +253,10 @@ class TopKGate:
             d_g += d_imp[index]  # importance sums the gate values
         d_p = None if d_load is None else np.broadcast_to(d_load, (B, E))  # load = sum_x P(x, i)
         d_clean, d_raw = self.rows.backward(d_g, d_p)  # [B, E], [B, E] or None
-        if d_pmean is not None:
-            # P_i = mean_x softmax(clean)_i
-            p = softmax(clean.copy())  # [B, E]
-            g = np.broadcast_to(d_pmean / B, (B, E))
-            d_clean += p * (g - (p * g).sum(axis=1, keepdims=True))
+        if d_pmean is not None:  # P_i = mean_x softmax(clean)_i; p is that softmax
+            g = d_pmean / B  # [E], the same for every row
+            d_clean += p * (g - (p @ g)[:, None])  # [B, E]
         if lse is not None:
-            p = softmax(clean.copy())
             d_clean += (self.w_z * 2.0 / B) * lse[:, None] * p
 
         self.grads["w_gate"][...] = x.T @ d_clean  # [d_in, E]
