@@ -16,15 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from moe.profiling.stats import check_count
+
 PLACEMENT_FORMAT = "moe.placement/1"
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_loads(loads: np.ndarray, name: str = "loads") -> np.ndarray:
@@ -70,10 +64,10 @@ def lpt_placement(loads: np.ndarray, n_bins: int, capacity: int | None = None) -
     """
     w = _check_loads(loads)  # [E]
     n_experts = w.size
-    n_bins = _check_count("n_bins", n_bins, 1)
+    n_bins = check_count("n_bins", n_bins, 1)
     _check_bins_vs_experts(n_experts, n_bins)
     if capacity is not None:
-        capacity = _check_count("capacity", capacity, 1)
+        capacity = check_count("capacity", capacity, 1)
         if capacity * n_bins < n_experts:
             raise ValueError(
                 f"capacity {capacity} per bin over {n_bins} bins holds {capacity * n_bins} experts, need {n_experts}"
@@ -94,8 +88,8 @@ def lpt_placement(loads: np.ndarray, n_bins: int, capacity: int | None = None) -
 
 def contiguous_placement(n_experts: int, n_bins: int) -> np.ndarray:
     """Balanced contiguous ranges of expert ids, int32[E]; the first E % n_bins bins get one more."""
-    n_experts = _check_count("n_experts", n_experts, 1)
-    n_bins = _check_count("n_bins", n_bins, 1)
+    n_experts = check_count("n_experts", n_experts, 1)
+    n_bins = check_count("n_bins", n_bins, 1)
     _check_bins_vs_experts(n_experts, n_bins)
     sizes = np.full(n_bins, n_experts // n_bins, dtype=np.int64)  # [n_bins]
     sizes[: n_experts % n_bins] += 1
@@ -105,7 +99,7 @@ def contiguous_placement(n_experts: int, n_bins: int) -> np.ndarray:
 def placement_stats(loads: np.ndarray, assignment: np.ndarray, n_bins: int) -> dict[str, Any]:
     """Per-bin load and expert count, max/mean bin load (0.0 when all loads are 0), empty bins."""
     w = _check_loads(loads)  # [E]
-    n_bins = _check_count("n_bins", n_bins, 1)
+    n_bins = check_count("n_bins", n_bins, 1)
     a = _check_assignment(assignment, n_bins, w.size)  # [E]
     bin_load = np.bincount(a, weights=w, minlength=n_bins)  # [n_bins]
     bin_experts = np.bincount(a, minlength=n_bins)  # [n_bins]

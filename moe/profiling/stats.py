@@ -116,7 +116,7 @@ def decode_matrix(
     raise ValueError(f"matrix layout must be 'dense' or 'csr', got {layout!r}")
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
+def check_count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -162,9 +162,9 @@ class LoadProfile:
         *,
         sparse_threshold: int = SPARSE_THRESHOLD,
     ) -> None:
-        self.n_experts = _check_count("n_experts", n_experts, 1)
-        self.n_tasks = _check_count("n_tasks", n_tasks, 1)
-        self.sparse_threshold = _check_count("sparse_threshold", sparse_threshold, 0)
+        self.n_experts = check_count("n_experts", n_experts, 1)
+        self.n_tasks = check_count("n_tasks", n_tasks, 1)
+        self.sparse_threshold = check_count("sparse_threshold", sparse_threshold, 0)
         self.task_names = _check_names(task_names, self.n_tasks)
         self.sparse = self.n_experts > self.sparse_threshold
         E, T = self.n_experts, self.n_tasks
@@ -401,7 +401,7 @@ class LoadProfile:
         p.load = _vector(doc, "load", E, np.float64)
         p.task_examples = _vector(doc, "task_examples", T, np.int64)
         for key in ("examples", "assignments", "dropped"):
-            setattr(p, key, _check_count(key, doc[key], 0))
+            setattr(p, key, check_count(key, doc[key], 0))
         mats = doc["task_expert"]
         if not isinstance(mats, Mapping) or "gates" not in mats or "counts" not in mats:
             raise ValueError("load profile 'task_expert' must hold 'gates' and 'counts' matrices")
@@ -462,9 +462,9 @@ class ModelProfile:
         *,
         sparse_threshold: int = SPARSE_THRESHOLD,
     ) -> None:
-        self.n_tasks = _check_count("n_tasks", n_tasks, 1)
+        self.n_tasks = check_count("n_tasks", n_tasks, 1)
         self.task_names = _check_names(task_names, self.n_tasks)
-        self.sparse_threshold = _check_count("sparse_threshold", sparse_threshold, 0)
+        self.sparse_threshold = check_count("sparse_threshold", sparse_threshold, 0)
         self.layers: dict[str, LoadProfile] = {}
 
     def _new_layer(self, n_experts: int) -> LoadProfile:
