@@ -34,15 +34,14 @@ EVAL_BATCH = 2048
 def task_loss(model: MultiTaskMoE, chunks: list[Chunk], outputs: list[np.ndarray]):
     """Weighted mean of per-task losses over the batch, and d loss / d outputs."""
     B = sum(ch.x.shape[0] for ch in chunks)
-    total, grads, per_task = 0.0, [], {}
+    total, grads = 0.0, []
     for ch, out in zip(chunks, outputs, strict=True):
         spec = model.tasks.spec(ch.task)
         loss, g = loss_and_grad(spec.kind, out, ch.y)
         w = spec.loss_weight * ch.x.shape[0] / B
         total += w * loss
         grads.append(g * out.dtype.type(w))
-        per_task[ch.task] = loss
-    return total, grads, per_task
+    return total, grads
 
 
 def predict_split(model: MultiTaskMoE, data: TaskData, split: str) -> np.ndarray:
@@ -128,7 +127,7 @@ class Trainer:
         t = self.config.train
         chunks = self.sampler.next_batch()
         out = self.model.forward(chunks, train=True, rng=self.rng_noise)
-        loss, d_outs, _ = task_loss(self.model, chunks, out.outputs)
+        loss, d_outs = task_loss(self.model, chunks, out.outputs)
         self.model.backward(d_outs)
         grads = self.model.grads
         sq = sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in self.dense_names)

@@ -84,7 +84,7 @@ def _worker(out_dir: str) -> dict:
         eps = [twin.standard_normal((sum(sizes), mc.n_experts), dtype=np.float32)
                if (train and g == "noisy_topk") else None for g in mc.gates]
         ref = model.forward(chunks, train=train, rng=noise)
-        loss, d_outs, _ = task_loss(model, chunks, ref.outputs)
+        loss, d_outs = task_loss(model, chunks, ref.outputs)
         model.backward(d_outs)
         jm = JaxMoE(model, mesh)
         got, grads = jm.loss_and_grads(chunks, train=train, eps=eps)
