@@ -149,7 +149,7 @@ def _report_training(args, config, data, result, model) -> int:
 
     out = Path(args.out)
     baselines: dict[str, float | None] = {d.name: None for d in data}
-    if config.train.baseline:
+    if config.train.baseline != "none":
         say(args, "training the per-task dense baselines on the same budget ...")
         for d in data:
             baselines[d.name] = train_baseline(config, d, result.seen[d.name])[d.spec.metric]
