@@ -20,8 +20,7 @@ Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
   product per row: OpenBLAS's gemm packs the whole weight matrix on every call (~60 us for
   256 x 512 floats), which dominates at a few rows, while gemv streams it. The weight
   gradients (small operands, big output) always use gemm, which beat a C rank-n loop 2-3x.
-The BLAS thread count is found through the library that holds sgemm (dladdr + dlsym of
-`openblas_set_num_threads` under its scipy-openblas names) and is restored after each call.
+The BLAS thread count is set through moe.bindings._blas and restored after each call.
 GELU: act = x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 from libm; the backward reads Phi back
 from act (see `_act_grad_row`). `schedule_info()` reports the live choices; `_configure()`
 overrides them for benchmarks and tests.
@@ -35,8 +34,9 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport M_SQRT1_2, erfc, exp, expf, fabs
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+from moe.bindings._blas cimport _gemm, _gemv, blas_single_enter, blas_single_exit, blas_threads_controllable
 
+from moe.bindings._blas import blas_thread_info
 from moe.bindings._dispatch import _claim_threads, _describe, _float_array
 
 cdef enum:
@@ -56,89 +56,13 @@ _ACTIVATIONS = {"relu": RELU, "gelu": GELU}
 _INT_MAX = np.iinfo(np.int32).max
 
 
-# ----------------------------------------------------------------------------- BLAS threads
-cdef extern from "<dlfcn.h>" nogil:
-    ctypedef struct Dl_info:
-        const char* dli_fname
-    int dladdr(const void* addr, Dl_info* info)
-    void* dlopen(const char* filename, int flags)
-    void* dlsym(void* handle, const char* symbol)
-    int dlclose(void* handle)
-    int RTLD_LAZY
-    int RTLD_NOLOAD
-
-ctypedef void (*set_threads_fn)(int) noexcept nogil
-ctypedef int (*get_threads_fn)() noexcept nogil
-
-cdef set_threads_fn _blas_set = NULL
-cdef get_threads_fn _blas_get = NULL
-cdef int _blas_depth = 0
-cdef int _blas_saved = 1
-_blas_symbol = None
-
-_THREAD_SYMBOLS = [
-    (b"scipy_openblas_set_num_threads", b"scipy_openblas_get_num_threads"),
-    (b"scipy_openblas_set_num_threads64_", b"scipy_openblas_get_num_threads64_"),
-    (b"openblas_set_num_threads", b"openblas_get_num_threads"),
-    (b"openblas_set_num_threads64_", b"openblas_get_num_threads64_"),
-]
-
-
-cdef void _find_blas_threads():
-    """Look up the thread-count setter of the BLAS that scipy's cython_blas calls into."""
-    global _blas_set, _blas_get, _blas_symbol
-    cdef Dl_info info
-    cdef void* handle
-    cdef void* s
-    cdef void* g
-    if dladdr(<const void*>sgemm, &info) == 0 or info.dli_fname == NULL:
-        return
-    handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)  # already loaded: no new load
-    if handle == NULL:
-        return
-    for set_name, get_name in _THREAD_SYMBOLS:
-        s = dlsym(handle, <const char*>set_name)
-        g = dlsym(handle, <const char*>get_name)
-        if s != NULL and g != NULL:
-            _blas_set = <set_threads_fn>s
-            _blas_get = <get_threads_fn>g
-            _blas_symbol = set_name.decode()
-            break
-    dlclose(handle)
-
-
-_find_blas_threads()
-
-
-cdef bint _blas_single_enter():
-    """BLAS to one thread for a parallel-over-experts phase. Runs with the GIL held, so the
-    depth count is safe across Python threads; the outermost caller restores the count."""
-    global _blas_depth, _blas_saved
-    if _blas_set == NULL:
-        return False
-    if _blas_depth == 0:
-        _blas_saved = _blas_get()
-        if _blas_saved != 1:
-            _blas_set(1)
-    _blas_depth += 1
-    return True
-
-
-cdef void _blas_single_exit():
-    global _blas_depth
-    _blas_depth -= 1
-    if _blas_depth == 0 and _blas_saved != 1:
-        _blas_set(_blas_saved)
-
-
 def schedule_info() -> dict:
     """How the expert loop is scheduled here: for benchmarks and bug reports."""
     name = {v: k for k, v in _SCHEDULES.items()}[_schedule]
     return {
         "schedule": name,
         "threads": openmp.omp_get_max_threads(),
-        "blas_thread_control": _blas_symbol,
-        "blas_threads": _blas_get() if _blas_get != NULL else None,
+        **blas_thread_info(),
         "gemv_max_rows": GEMV_MAX_ROWS,
     }
 
@@ -159,31 +83,6 @@ def _configure(schedule=None, gemv_max_rows=None) -> dict:
             raise ValueError(f"gemv_max_rows must be >= 0, got {gemv_max_rows}")
         GEMV_MAX_ROWS = int(gemv_max_rows)
     return old
-
-
-# ----------------------------------------------------------------------------- BLAS calls
-cdef inline void _gemm(
-    char ta, char tb, int m, int n, int k,
-    const floating* a, int lda, const floating* b, int ldb, floating* c, int ldc,
-) noexcept nogil:
-    """Column-major C[m, n] = op(A)[m, k] op(B)[k, n] (row-major callers pass transposes)."""
-    cdef floating one = 1, zero = 0
-    if floating is float:
-        sgemm(&ta, &tb, &m, &n, &k, &one, <float*>a, &lda, <float*>b, &ldb, &zero, c, &ldc)
-    else:
-        dgemm(&ta, &tb, &m, &n, &k, &one, <double*>a, &lda, <double*>b, &ldb, &zero, c, &ldc)
-
-
-cdef inline void _gemv(
-    char ta, int m, int n, const floating* a, int lda, const floating* x, floating* y
-) noexcept nogil:
-    """Column-major y = op(A) x with A [m, n]."""
-    cdef floating one = 1, zero = 0
-    cdef int inc = 1
-    if floating is float:
-        sgemv(&ta, &m, &n, &one, <float*>a, &lda, <float*>x, &inc, &zero, y, &inc)
-    else:
-        dgemv(&ta, &m, &n, &one, <double*>a, &lda, <double*>x, &inc, &zero, y, &inc)
 
 
 # ----------------------------------------------------------------------------- C loops
@@ -354,7 +253,7 @@ cdef tuple _plan(const int64_t[::1] offsets):
     cdef Py_ssize_t E = offsets.shape[0] - 1, e, i, n_alone = 0, n_shared = 0, n_front = 0
     cdef int T = openmp.omp_get_max_threads()
     cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and (
-        _blas_set != NULL or _schedule == SCHEDULE_EXPERTS
+        blas_threads_controllable() or _schedule == SCHEDULE_EXPERTS
     ) and _claim_threads()
     cdef int64_t rows, remaining = offsets[E] - offsets[0], best_rows
     cdef Py_ssize_t best
@@ -427,7 +326,7 @@ def _forward_impl(
             )
     if n_shared == 0:
         return
-    cdef bint single = _blas_single_enter()
+    cdef bint single = blas_single_enter()
     try:
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
@@ -436,7 +335,7 @@ def _forward_impl(
                 )
     finally:
         if single:
-            _blas_single_exit()
+            blas_single_exit()
 
 
 def _backward_impl(
@@ -483,7 +382,7 @@ def _backward_impl(
             )
     if n_shared == 0:
         return
-    cdef bint single = _blas_single_enter()
+    cdef bint single = blas_single_enter()
     try:
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
@@ -493,7 +392,7 @@ def _backward_impl(
                 )
     finally:
         if single:
-            _blas_single_exit()
+            blas_single_exit()
 
 
 # ----------------------------------------------------------------------------- checks
