@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_smooth_load_matches_monte_carlo(k):
+def test_smooth_load_matches_monte_carlo(k, gate_backend):
     E, d, draws = 7, 5, 20_000
     rng = np.random.default_rng(100 + k)
     worst = 0.0
