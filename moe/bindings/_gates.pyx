@@ -573,7 +573,7 @@ cdef class GateForward:
     cdef public object blocks, dw_tasks, offsets, x, w_gate, w_noise
     cdef public object idx_full, gates, a, b, es, c, probs, pc, lse, load_part, psum_part
     cdef public object index, importance, counts, load, p_sum
-    cdef public bint done
+    cdef public bint done, blas_one  # blas_one: this call's GEMMs run BLAS on one thread
 
     @property
     def noisy(self) -> bool:
@@ -715,7 +715,10 @@ def forward(x, w_gate, w_noise, offsets, eps, k, *, noise_scale=1.0, softmax_cle
     T = st.nthreads
     scratch = np.empty((T, 2 * R * n + 3 * n + kk), dtype=dt)
     masks = np.zeros((T, n), dtype=np.uint8)
-    single = T > 1 and blas_single_enter()
+    # BLAS on one thread: in parallel blocks (the team is the parallelism), and for small calls,
+    # whose GEMMs are too short to pay for waking BLAS's own threads on a busy machine
+    st.blas_one = T > 1 or P * n < _parallel_min_logits
+    single = st.blas_one and blas_single_enter()
     if T > 1 and not single:  # BLAS threads cannot be limited: keep its calls serial
         st.nthreads = T = 1
     try:
@@ -783,7 +786,7 @@ def backward(GateForward st, d_gates, *, d_importance=None, d_load=None, d_psum=
     d_raw = np.empty((P, n), dtype=dt) if st.spec.noisy else None
     dx = np.empty((P, d), dtype=dt)
     dh = np.empty((st.nthreads, st.spec.kk), dtype=dt)
-    single = st.nthreads > 1 and blas_single_enter()
+    single = st.blas_one and blas_single_enter()
     try:
         _backward_impl(
             st, x, st.w_gate, st.w_noise, d_gates, d_importance, d_load, d_psum, d_lse,

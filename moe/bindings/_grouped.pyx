@@ -13,6 +13,9 @@ Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
   expert needs no synchronisation at all.
 - An expert too big to share (it holds more than 1/T of the remaining rows, T = OpenMP threads)
   runs first, alone, with multi-threaded BLAS and row-parallel elementwise loops.
+- A call below `_parallel_min_flops` (forward FLOPs, ~1 ms on one core) runs every expert in a
+  serial loop on one thread: on a busy machine each parallel region can wait milliseconds
+  for a thread to be scheduled (measured in bench/RESULTS.md, the busy-machine section).
 - Without a way to set the BLAS thread count (a BLAS other than OpenBLAS), with one OpenMP
   thread, or in a child forked after this process ran OpenMP (GNU OpenMP would hang there),
   every expert runs in a serial loop with BLAS's own threading.
@@ -50,6 +53,12 @@ cdef enum:
 
 cdef double INV_SQRT_2PI = 0.39894228040143267794
 cdef int GEMV_MAX_ROWS = 8
+# Below this many forward FLOPs (rows x 4 d h, about 1 ms on one core) the "auto" schedule runs
+# the experts in a serial loop: a parallel region waits for every thread of the team, and on
+# a machine shared with other work a thread can wait a scheduler time slice (milliseconds)
+# to run, which small calls (the default job's: 16 MFLOP) cannot amortise. See
+# bench/RESULTS.md, "The whole step on a busy machine".
+cdef double _parallel_min_flops = 1 << 26
 cdef int _schedule = SCHEDULE_AUTO
 _SCHEDULES = {"auto": SCHEDULE_AUTO, "experts": SCHEDULE_EXPERTS, "serial": SCHEDULE_SERIAL}
 _ACTIVATIONS = {"relu": RELU, "gelu": GELU}
@@ -64,16 +73,19 @@ def schedule_info() -> dict:
         "threads": openmp.omp_get_max_threads(),
         **blas_thread_info(),
         "gemv_max_rows": GEMV_MAX_ROWS,
+        "parallel_min_flops": _parallel_min_flops,
     }
 
 
-def _configure(schedule=None, gemv_max_rows=None) -> dict:
-    """Override the schedule ("auto" | "experts" | "serial") or the matrix-vector cut-off.
+def _configure(schedule=None, gemv_max_rows=None, parallel_min_flops=None) -> dict:
+    """Override the schedule ("auto" | "experts" | "serial"), the matrix-vector cut-off or the
+    size below which "auto" runs serially (tests use 0 to reach the parallel paths).
 
     For benchmarks and tests only; returns the previous settings so callers can restore them.
     """
-    global _schedule, GEMV_MAX_ROWS
-    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS}
+    global _schedule, GEMV_MAX_ROWS, _parallel_min_flops
+    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS,
+           "parallel_min_flops": _parallel_min_flops}
     if schedule is not None:
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
@@ -82,6 +94,10 @@ def _configure(schedule=None, gemv_max_rows=None) -> dict:
         if int(gemv_max_rows) < 0:
             raise ValueError(f"gemv_max_rows must be >= 0, got {gemv_max_rows}")
         GEMV_MAX_ROWS = int(gemv_max_rows)
+    if parallel_min_flops is not None:
+        if not parallel_min_flops >= 0:
+            raise ValueError(f"parallel_min_flops must be >= 0, got {parallel_min_flops}")
+        _parallel_min_flops = float(parallel_min_flops)
     return old
 
 
@@ -248,14 +264,22 @@ cdef void _backward_expert(
 
 
 # ----------------------------------------------------------------------------- schedule
-cdef tuple _plan(const int64_t[::1] offsets):
+cdef inline bint _worth_threads(const int64_t[::1] offsets, int d, int h):
+    """Whether this call is big enough for the OpenMP team (always, when forced to "experts")."""
+    cdef Py_ssize_t E = offsets.shape[0] - 1
+    if _schedule == SCHEDULE_EXPERTS:
+        return True
+    return <double>(offsets[E] - offsets[0]) * 4.0 * d * h >= _parallel_min_flops
+
+
+cdef tuple _plan(const int64_t[::1] offsets, int d, int h):
     """Split the experts that got rows into (alone, shared): see the module docstring."""
     cdef Py_ssize_t E = offsets.shape[0] - 1, e, i, n_alone = 0, n_shared = 0, n_front = 0
     cdef int T = openmp.omp_get_max_threads()
-    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and (
+    cdef int64_t rows, remaining = offsets[E] - offsets[0], best_rows
+    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and _worth_threads(offsets, d, h) and (
         blas_threads_controllable() or _schedule == SCHEDULE_EXPERTS
     ) and _claim_threads()
-    cdef int64_t rows, remaining = offsets[E] - offsets[0], best_rows
     cdef Py_ssize_t best
     alone_arr = np.empty(E, dtype=np.int64)
     shared_arr = np.empty(E, dtype=np.int64)
@@ -303,7 +327,7 @@ def _forward_impl(
 ) -> None:
     cdef int d = w1.shape[1], h = w1.shape[2]
     cdef Py_ssize_t i
-    alone_arr, shared_arr = _plan(offsets)
+    alone_arr, shared_arr = _plan(offsets, d, h)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
@@ -318,7 +342,9 @@ def _forward_impl(
     cdef floating* prep = &pre[0, 0]
     cdef floating* actp = &act[0, 0]
     cdef floating* outp = &out[0, 0]
-    cdef bint rows_par = n_alone > 0 and openmp.omp_get_max_threads() > 1 and _claim_threads()
+    cdef bint rows_par = (
+        n_alone > 0 and openmp.omp_get_max_threads() > 1 and _worth_threads(offsets, d, h) and _claim_threads()
+    )
     with nogil:
         for i in range(n_alone):
             _forward_expert(
@@ -347,7 +373,7 @@ def _backward_impl(
 ) -> None:
     cdef int d = w1.shape[1], h = w1.shape[2]
     cdef Py_ssize_t i, e, most = 0
-    alone_arr, shared_arr = _plan(offsets)
+    alone_arr, shared_arr = _plan(offsets, d, h)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
@@ -373,7 +399,7 @@ def _backward_impl(
     cdef floating* dpp = &d_pre[0, 0, 0]
     cdef floating* dxp = &d_x[0, 0]
     cdef Py_ssize_t block = most * h
-    cdef bint rows_par = n_alone > 0 and T > 1 and _claim_threads()
+    cdef bint rows_par = n_alone > 0 and T > 1 and _worth_threads(offsets, d, h) and _claim_threads()
     with nogil:
         for i in range(n_alone):
             _backward_expert(
