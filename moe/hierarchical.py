@@ -36,7 +36,7 @@ from moe.experts.protocol import ExpertGroup
 from moe.layer import ExpertDispatch, check_expert_group, expert_entries, gate_input
 from moe.routing.balance import cv_squared
 from moe.routing.capacity import validate_capacity_factor
-from moe.routing.gates import GroupedTopK, GroupSums
+from moe.routing.gates import GroupedTopK, GroupSums, sums_as
 from moe.routing.types import Routing
 
 
@@ -239,8 +239,8 @@ class HierarchicalMoELayer:
         a, b = self.n_groups, self.experts_per_group
         sizes = st.groups.counts  # [a]
         if train:
-            st.load_p = st.sums_p.load[0].astype(self.dtype)  # [a]
-            st.load_s = st.sums_s.load.astype(self.dtype)  # [a, b]; 0 for an empty group
+            st.load_p = sums_as(st.sums_p.load[0], self.dtype)  # [a]
+            st.load_s = sums_as(st.sums_s.load, self.dtype)  # [a, b]; 0 for an empty group
         else:
             st.load_p = sizes.astype(self.dtype)  # [a]
             st.load_s = st.sums_s.counts.astype(self.dtype)  # [a, b]

@@ -150,6 +150,13 @@ class GroupSums:
     lse: np.ndarray | None  # [P]  logsumexp(clean) per row, the gate's dtype (when asked)
 
 
+def sums_as(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float64 sum in the layer's dtype: an expert's smooth load can be far below float32's
+    range (P(x, i) = Phi(-30) is 1e-198 in double), and becomes 0 there instead of an error."""
+    with np.errstate(under="ignore"):
+        return v.astype(dtype)
+
+
 class GroupedTopK:
     """Top-k gating of P rows sorted into G groups, each group with its own gate weights.
 
@@ -371,7 +378,7 @@ class TopKGate:
             x, w_gate, w_noise, np.array([0, B]), eps, noise_scale=self.noise_scale,
             softmax_clean=switch, logsumexp=self.w_z > 0,
         )  # [B, k], [B, k], sums over the batch
-        importance = sums.importance[0].astype(self.dtype)  # [E]
+        importance = sums_as(sums.importance[0], self.dtype)  # [E]
         counts = sums.counts[0].astype(self.dtype)  # [E]
 
         aux, d_imp = 0.0, None
@@ -381,7 +388,7 @@ class TopKGate:
             d_imp = self.w_importance * g
         d_load = d_psum = d_lse = None
         if noisy:
-            load = sums.load[0].astype(self.dtype)  # [E]
+            load = sums_as(sums.load[0], self.dtype)  # [E]
             if self.w_load > 0:
                 cv2, g = cv_squared(load)
                 aux += self.w_load * cv2
@@ -389,7 +396,7 @@ class TopKGate:
         else:
             load = counts
             if switch:  # E * sum_i f_i P_i with P_i the batch mean of softmax(clean)_i
-                p_mean = (sums.p_sum[0] / B).astype(self.dtype)  # [E]
+                p_mean = sums_as(sums.p_sum[0] / B, self.dtype)  # [E]
                 val, d_pmean = switch_balance(counts / counts.sum(), p_mean)
                 aux += self.w_load * val
                 d_psum = (self.w_load * d_pmean) / B  # [E]
