@@ -60,6 +60,21 @@ def select_shots(task: TaskData, shots: int | None, rng: np.random.Generator) ->
     return np.sort(rng.choice(n, size=min(shots, n), replace=False))
 
 
+def shots_short(task: TaskData, shots: int | None) -> dict[str, int]:
+    """What select_shots cannot give: {class label: examples it has} for each class (or
+    {"in total": n} for a task without classes) whose train split holds fewer than `shots`."""
+    if shots is None:
+        return {}
+    kind = task.spec.kind
+    if kind in ("multiclass", "binary"):
+        labels = task.y_train if kind == "multiclass" else task.y_train[:, 0]
+        ids, have = np.unique(labels.astype(np.int64), return_counts=True)
+        names = task.decode_labels(ids) if task.classes is not None else ids
+        return {str(n): int(h) for n, h in zip(names.tolist(), have.tolist(), strict=True) if h < shots}
+    n = task.x_train.shape[0]
+    return {"in total": n} if n < shots else {}
+
+
 def split_fit_stop(task: TaskData, idx: np.ndarray, rng: np.random.Generator, frac: float = 0.3):
     """Hold out ~frac of the few examples (at least one per class when possible) for early stopping."""
     kind = task.spec.kind
