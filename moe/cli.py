@@ -316,6 +316,7 @@ def cmd_add_task(args) -> int:
     from moe.api import load, save_model
     from moe.config import Config
     from moe.datasets import load_added
+    from moe.progress import Progress
     from moe.transfer import add_task, shots_short, with_added_record
 
     model = load(args.checkpoint)
@@ -330,8 +331,10 @@ def cmd_add_task(args) -> int:
                   f"holds ({held}); all of those are used")
     config = Config.from_dict(manifest["config"])
     rng = np.random.default_rng(args.seed)
-    res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=args.grow_experts,
-                   init_from=args.init_from, head_hidden=args.head_hidden)
+    with Progress(2, f"add-task {task.name} (frozen trunk, then from scratch)", unit="fits",
+                  enabled=args.progress) as bar:
+        res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=args.grow_experts,
+                       init_from=args.init_from, head_hidden=args.head_hidden, progress=bar)
     new_config = dataclasses.replace(config, model=model.config)
     out = Path(args.out) if args.out else ckpt.resolve(args.checkpoint).parent.parent / f"add-{task.name}"
     source = with_added_record(manifest["data_source"], record)
@@ -481,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden width of the new task's MLP head (0: a linear head); default 64")
     a.add_argument("--seed", type=int, default=0, help="seed for shot selection, new weights and a table's split")
     a.add_argument("--out", help="run folder for the new checkpoint (default: add-NAME next to the source run)")
+    a.add_argument("--no-progress", dest="progress", action="store_false", help="no progress display")
     _json_flag(a)
     a.set_defaults(func=cmd_add_task)
 

@@ -42,8 +42,9 @@ def collect_profile(
 ) -> ModelProfile:
     """Route every example of `split` through the model and accumulate each block's decisions.
 
-    Batches mix the tasks in proportion to their sizes, as training batches mix them, so
-    drops at a capacity factor are what a training batch of this size would see. With
+    Batches mix the tasks in proportion to their sizes, close to how training batches mix
+    them (those are drawn by temperature sampling), so drops at a capacity factor are near
+    what a training batch of this size would see; batches of one task would overstate them. With
     noise_seed set, the gates run as in training (noise on, Routing.load is the smooth
     estimator the balance loss sees) without updating anything; with None they run as at
     inference (no noise, load is the hard assignment count). The profile's context records

@@ -25,6 +25,7 @@ from moe.baseline import baseline_config
 from moe.config import Config
 from moe.model import Chunk, MultiTaskMoE
 from moe.optim import Adam, AdamConfig
+from moe.progress import Progress
 from moe.tasks.losses import loss_and_grad
 from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
@@ -176,8 +177,11 @@ def add_task(
     lr: float = 3e-3,
     max_epochs: int = 400,
     patience: int = 40,
+    progress: Progress | None = None,
 ) -> AddTaskResult:
-    """Add `task` to `model` in place (frozen trunk); return its test score next to from-scratch."""
+    """Add `task` to `model` in place (frozen trunk); return its test score next to from-scratch.
+
+    `progress` (2 units) advances after the new task's fit and after the scratch model's."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
     if init_from is None:
@@ -189,6 +193,8 @@ def add_task(
     model.add_task(task.spec, rng=rng, init_from=init_from, grow_experts=grow_experts, head_hidden=head_hidden)
     views = trainable_views(model, task.name, old_e if grow_experts else None, copied=init_from is not None)
     epochs = fit_few_shot(model, views, task, fit, stop, lr=lr, max_epochs=max_epochs, patience=patience)
+    if progress is not None:
+        progress.update(1)
     metric = task.spec.metric
     score = evaluate(task.spec.kind, predict_split(model, task, "test"), task.y_test)[metric]
 
@@ -196,6 +202,8 @@ def add_task(
     scratch = MultiTaskMoE(scratch_cfg.model, TaskRegistry([task.spec]), rng=np.random.default_rng(rng.integers(2**32)))
     everything = {n: (p, scratch.grads[n]) for n, p in scratch.params.items()}
     fit_few_shot(scratch, everything, task, fit, stop, lr=lr, max_epochs=max_epochs, patience=patience)
+    if progress is not None:
+        progress.update(1)
     scratch_score = evaluate(task.spec.kind, predict_split(scratch, task, "test"), task.y_test)[metric]
     return AddTaskResult(task.name, metric, float(score), float(scratch_score), int(idx.size), init_from, epochs)
 

@@ -39,8 +39,9 @@ def moe(*args: str, cwd=None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    r = moe("train", "--out", str(out), "--no-progress", "--json", *SMALL)
+    r = moe("train", "--out", str(out), "--json", *SMALL)  # progress on, into a pipe
     assert r.returncode == 0, r.stderr
+    (out.parent / "train.stderr").write_text(r.stderr)
     return out, json.loads(r.stdout)
 
 
@@ -93,6 +94,17 @@ def assert_page_complete(html_path: Path) -> Images:
         if src.endswith(".png"):
             assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
     return page
+
+
+def test_progress_into_a_pipe_is_plain_lines_for_every_long_phase(run):
+    """stderr is not a terminal here: no carriage returns, and each phase ends with one line."""
+    err = (run[0].parent / "train.stderr").read_text()
+    assert "\r" not in err
+    lines = err.splitlines()
+    for phase in ("train: 80/80 steps (100%), took", "dense baselines: 9/9 tasks (100%), took",
+                  "profile (train split): "):
+        assert sum(line.startswith(phase) for line in lines) == 1, (phase, err)
+    assert len(err) < 3000  # a handful of lines, not a stream of redraws
 
 
 def test_train_json_and_files(run):
@@ -363,3 +375,4 @@ def test_ctrl_c_keeps_a_checkpoint_and_prints_how_to_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"resumed from {kept} at step {step}" in r.stdout
     assert f"stopped at step {step + 5}" in r.stdout
+    assert "train:" not in r.stderr  # --no-progress
