@@ -23,7 +23,7 @@ METRIC_BY_KIND = {
     "regression": "r2",
 }
 
-_SPEC_FIELDS = ("name", "kind", "n_inputs", "n_outputs", "loss_weight", "classes")
+_SPEC_FIELDS = ("name", "kind", "n_inputs", "n_outputs", "loss_weight", "domain", "classes")
 
 
 def check_kind(kind: object) -> str:
@@ -48,6 +48,9 @@ class TaskSpec:
 
     n_outputs is the head width: classes for multiclass (>= 2), 1 for binary, labels for
     multilabel, targets for regression. loss_weight scales the task's loss in the total.
+    domain names the input space the task reads (the same images, the same feature table):
+    tasks of one domain share one input encoder, so such a task owns only its embedding and
+    head. None means the task has an input space of its own.
     classes (optional, classification only): the original label of each class id, e.g.
     ("barbera", "barolo", "grignolino"); for binary, y = 1 means classes[1]. Kept in the spec
     so a checkpoint carries the mapping from its outputs back to the user's labels.
@@ -58,6 +61,7 @@ class TaskSpec:
     n_inputs: int
     n_outputs: int
     loss_weight: float = 1.0
+    domain: str | None = None
     classes: tuple[str | int | float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -88,6 +92,12 @@ class TaskSpec:
         object.__setattr__(self, "loss_weight", float(w))
         if self.classes is not None:
             object.__setattr__(self, "classes", self._checked_classes(self.classes))
+        d = self.domain
+        if d is not None and (not isinstance(d, str) or not d or any(c.isspace() or c in "/:" for c in d)):
+            raise ValueError(
+                f"task '{self.name}' domain must be a non-empty string with no whitespace, '/' or ':', "
+                f"got {d!r}"
+            )
 
     def _checked_classes(self, classes: object) -> tuple[str | int | float, ...]:
         if self.kind not in ("multiclass", "binary"):
@@ -103,13 +113,18 @@ class TaskSpec:
         return out
 
     @property
+    def input_space(self) -> str:
+        """The key of the encoder this task reads through: its domain, or its own ("task:<name>")."""
+        return self.domain if self.domain is not None else f"task:{self.name}"
+
+    @property
     def metric(self) -> str:
         """Name of the primary metric for this task's kind (see metrics.evaluate)."""
         return METRIC_BY_KIND[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe plain dict (str, int, float and a list of labels), for checkpoint manifests;
-        "classes" only when the spec has them."""
+        "domain" and "classes" only when the spec has them."""
         d: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
@@ -117,6 +132,8 @@ class TaskSpec:
             "n_outputs": self.n_outputs,
             "loss_weight": self.loss_weight,
         }
+        if self.domain is not None:
+            d["domain"] = self.domain
         if self.classes is not None:
             d["classes"] = list(self.classes)
         return d
@@ -141,6 +158,7 @@ class TaskRegistry:
     def __init__(self, specs: list[TaskSpec] | tuple[TaskSpec, ...] = ()) -> None:
         self._specs: list[TaskSpec] = []
         self._ids: dict[str, int] = {}
+        self._domain_width: dict[str, int] = {}  # input space -> its width
         for s in specs:
             self.add(s)
 
@@ -152,6 +170,13 @@ class TaskRegistry:
             raise ValueError(
                 f"task '{spec.name}' is already registered (id {self._ids[spec.name]})"
             )
+        width = self._domain_width.get(spec.input_space)
+        if width is not None and width != spec.n_inputs:
+            raise ValueError(
+                f"task '{spec.name}' has {spec.n_inputs} inputs, but domain {spec.domain!r} "
+                f"has {width}"
+            )
+        self._domain_width[spec.input_space] = spec.n_inputs
         self._ids[spec.name] = len(self._specs)
         self._specs.append(spec)
         return self._ids[spec.name]
