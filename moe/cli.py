@@ -238,12 +238,17 @@ def _model_and_data(args):
     return model, data
 
 
-def load_user_data(args, seed: int = 0):
-    """The tasks `--data` names, with the table options (--target, --name, --features, --kind)."""
+def table_options(args) -> dict[str, Any]:
+    """The options that describe a --data table (--target, --name, --features, --kind)."""
+    return {"target": args.target, "name": args.name, "kind": args.kind,
+            "features": args.features.split(",") if args.features else None}
+
+
+def load_user_data(args):
+    """The tasks `--data` names (rows of a table split with seed 0, as `moe train` does)."""
     from moe.tasks.userdata import load_data
 
-    return load_data(args.data, target=args.target, name=args.name, kind=args.kind, seed=seed,
-                     features=args.features.split(",") if args.features else None)
+    return load_data(args.data, **table_options(args))
 
 
 def check_same_task(got, want, where: str) -> None:
@@ -301,8 +306,7 @@ def _added_record(args, manifest) -> dict[str, Any]:
                             "give --data for your own task")
         builtin = manifest["data_source"].get("builtin")
         return {"heldout": True, "name": "digits_ge5", "seed": builtin.get("seed", 0) if builtin else 0}
-    entries = data_entries(args.data, target=args.target, name=args.name, kind=args.kind, seed=args.seed,
-                           features=args.features.split(",") if args.features else None)
+    entries = data_entries(args.data, seed=args.seed, **table_options(args))
     if len(entries) > 1:
         raise UserError(f"{args.data!r} lists {len(entries)} tasks {[e['name'] for e in entries]}; "
                         "add-task adds one: pick it with --name")

@@ -55,8 +55,9 @@ def collect_profile(
     splits = [d.split(split) for d in data]
     sizes = [x.shape[0] for x, _ in splits]
     c = model.config
+    noisy = noise_seed is not None and "noisy_topk" in c.gates  # softmax top-k and top-1 have no noise
     context = {
-        "split": split, "noise": noise_seed is not None, "noise_seed": noise_seed,
+        "split": split, "noise": noisy, "noise_seed": noise_seed if noisy else None,
         "tasks": len(data), "examples": int(sum(sizes)), "batch_size": batch_size, "batching": "mixed",
         "gates": list(c.gates), "k": c.k, "capacity_factor": c.capacity_factor, **(about or {}),
     }

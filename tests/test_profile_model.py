@@ -52,6 +52,10 @@ def test_noise_free_profile_equals_routing_each_task_alone():
                    "capacity_factor": None}
     b = balance_summary(profile)
     assert (b["split"], b["noise"], b["examples"]) == ("val", False, s["examples"])
+    # a gate without noise routes the same with a noise seed, and the context says no noise
+    again = collect_profile(model, data, split="val", noise_seed=0, batch_size=7).summary()
+    assert again["context"]["noise"] is False and again["context"]["noise_seed"] is None
+    assert again["layers"]["block0"]["counts"] == s["counts"]
 
 
 def test_drops_in_the_profile_equal_the_models_own_at_its_capacity_factor():

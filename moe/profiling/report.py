@@ -234,8 +234,7 @@ def hot_text(h: Mapping[str, Any]) -> str:
 
 def extra_scalars(mapping: Mapping[str, Any], known: frozenset[str] | Sequence[str]) -> dict[str, Any]:
     """The scalar (number, str, bool) entries of a summary that no fixed place shows."""
-    return {k: v for k, v in mapping.items()
-            if k not in known and isinstance(v, int | float | str | bool) and v is not None}
+    return {k: v for k, v in mapping.items() if k not in known and isinstance(v, int | float | str | bool)}
 
 
 def task_columns(layers: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -402,11 +402,12 @@ class LoadProfile:
         ]
 
     def summary(self) -> dict[str, Any]:
-        """JSON-safe statistics. max_mean_load (and hot_experts) use counts when load is all 0;
-        drop_rate and max_mean_load are 0.0 before anything was routed; a task's entropy (nats)
-        is 0.0 when it has no gate mass; top_experts lists up to 5 experts with positive gate
-        mass. drops_by_capacity is what the same decisions would drop at each capacity factor
-        (None when the profile was read from a file that did not record it)."""
+        """JSON-safe statistics. max_mean_load (and hot_experts) use counts when load is all 0
+        (balance_basis says which); drop_rate and max_mean_load are 0.0 before anything was
+        routed; a task's entropy (nats) is 0.0 when it has no gate mass; top_experts lists up
+        to 5 experts with positive gate mass. drops_by_capacity is what the same decisions
+        would drop at each capacity factor (None when the profile was read from a file that
+        did not record it)."""
         self._flush()
         basis = self.load if np.any(self.load) else self.counts
         return {
