@@ -232,7 +232,9 @@ class Trainer:
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
                   "lr": m["lr"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
-                  "tasks": val}
+                  "tasks": val,
+                  # cv_load is block 0 on this step's training batch, not the val split the scores are on
+                  "cv_load_split": "train", "cv_load_noise": self.model.config.gates[0] == "noisy_topk"}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.config.train.tensorboard:

@@ -117,7 +117,10 @@ def test_train_json_and_files(run):
     for t in summary["tasks"].values():
         assert set(t) == {"metric", "score", "baseline"} and t["baseline"] is not None
     assert Path(summary["checkpoint"]).is_dir()
-    assert (out / "metrics.jsonl").read_text().count("\n") == 2
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for record in log:  # the scores are on val; the balance figure is the training batch's, and says so
+        assert (record["split"], record["cv_load_split"], record["cv_load_noise"]) == ("val", "train", True)
     assert (out / "profile" / "profile.json").is_file()
     assert summary["active_expert_fraction"] == 2 / 8
     context = json.loads((out / "profile" / "profile.json").read_text())["context"]
