@@ -88,8 +88,8 @@ class Progress:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.enabled and self.clock() - self._last >= self.interval_s:
-            self._line()
+        elif self.enabled and self.n < self.total and self.clock() - self._last >= self.interval_s:
+            self._line()  # the last unit's line is close()'s, which says how long the phase took
 
     def set_position(self, n: int) -> None:
         """Jump to n (e.g. after a rollback) without counting the difference as work."""

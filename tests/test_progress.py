@@ -23,13 +23,13 @@ def test_plain_lines_come_at_the_interval_and_once_at_the_end():
     stream, clock = io.StringIO(), Clock()
     with Progress(100, "train", stream=stream, interval_s=10.0, clock=clock) as bar:
         for _ in range(100):
-            clock.t += 0.5  # 100 steps over 50 s -> a line at 10, 20, 30, 40, 50 s
+            clock.t += 0.5  # 100 steps over 50 s -> a line at 10, 20, 30, 40 s; at 50 s the phase is done
             bar.update(1)
             bar.set_postfix(loss="0.5")
     text = stream.getvalue()
     lines = text.splitlines()
     assert "\r" not in text
-    assert len(lines) == 6  # 5 on the interval + the closing line
+    assert len(lines) == 5  # 4 on the interval + the closing line (none for 100/100 before it)
     assert lines[0] == "train: 20/100 steps (20%), 2 steps/s, 40s left, loss=0.5"
     assert lines[-1] == "train: 100/100 steps (100%), took 50s, loss=0.5"
 

@@ -153,7 +153,7 @@ def plot_load_sorted(plt: Any, title: str, s: Mapping[str, Any], path: Path) -> 
         ax.set_ylabel("share relative to the mean")
         ax.set_title(f"{title}: load sorted — the busiest {tenth} of {E} experts carry {100 * share:.0f}% "
                      f"of it (an even spread: {100 * tenth / E:.0f}%)")
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, ncol=2, frameon=False)
         _save(plt, fig, path)
 
 
