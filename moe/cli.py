@@ -260,6 +260,11 @@ def check_same_task(got, want, where: str) -> None:
     if want.classes is not None and got.classes != want.classes:
         raise UserError(f"task {got.name!r} from {where!r} has class labels {list(got.classes or [])!r:.200}, "
                         f"the checkpoint's {list(want.classes)!r:.200}")
+    if want.classes is None and any(isinstance(c, str) for c in got.classes or ()):
+        # numbers map to class ids in sorted order as in training; text labels could mean any id
+        raise UserError(f"task {got.name!r} from {where!r} has text class labels {list(got.classes)!r:.200}; "
+                        "the checkpoint's task learned class ids without labels, so which label is which "
+                        "class is unknown (give the class ids, 0 to n-1, as numbers)")
 
 
 def class_lines(model, data) -> list[str]:

@@ -234,6 +234,23 @@ def test_eval_refuses_a_table_that_is_not_the_checkpoints_task(added, tmp_path):
     assert "task 'grapes' from" in r.stderr and "has class labels ['barbera', 'barolo', 'nebbiolo']" in r.stderr
 
 
+def test_text_labels_for_a_task_that_learned_bare_class_ids_are_refused(run, tmp_path, capsys):
+    out, _ = run
+    def table(labels):  # the built-in wine's width (13 features), three classes
+        path = tmp_path / "wine.csv"
+        rows = [",".join(f"{(i * (j + 3)) % 7}" for j in range(13)) + f",{labels[i % 3]}" for i in range(60)]
+        path.write_text(",".join(f"f{j}" for j in range(13)) + ",grape\n" + "\n".join(rows) + "\n")
+        return str(path)
+
+    rc, err = moe_here(capsys, "eval", str(out), "--data", table(["barbera", "barolo", "nebbiolo"]),
+                       "--target", "grape")
+    assert rc == 2
+    assert ("task 'wine' from '" in err and "has text class labels ['barbera', 'barolo', 'nebbiolo']; the "
+            "checkpoint's task learned class ids without labels" in err)
+    rc, err = moe_here(capsys, "eval", str(out), "--data", table(["0", "1", "2"]), "--target", "grape")
+    assert rc == 0, err  # class ids as numbers map as in training
+
+
 def test_shots_beyond_the_data_say_so(run, tmp_path):
     out, _ = run
     csv = wine_table(tmp_path / "few.csv", rows=30)  # 6 training rows per class
