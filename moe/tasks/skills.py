@@ -16,6 +16,7 @@ per task (what a user would fit with scikit-learn) must learn each skill from sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from moe.tasks.spec import TaskData, TaskSpec
 from moe.tasks.splits import make_task_data, split_indices
 
 SKILLS = "skills"  # the domain every skill task reads
+DIM, BANK, UNITS, PER_TASK = 8, 128, 4, 2  # inputs, skills in the bank, ReLU units per skill, skills per task
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,13 @@ class SkillBank:
         return len(set(self.subsets[t1].tolist()) & set(self.subsets[t2].tolist()))
 
 
-def make_bank(n_tasks: int, seed: int, d: int = 16, *, n_skills: int = 128, units: int = 8,
-              per_task: int = 2) -> SkillBank:
+def make_bank(n_tasks: int, seed: int, d: int | None = None, *, n_skills: int | None = None,
+              units: int | None = None, per_task: int | None = None) -> SkillBank:
     """Draw the bank and every task's skills from default_rng([seed, 7]); task t's choice comes
-    from its own spawned generator, so the first tasks do not depend on n_tasks."""
+    from its own spawned generator, so the first tasks do not depend on n_tasks. Unset sizes
+    take the module's DIM, BANK, UNITS and PER_TASK."""
+    d, n_skills = d or DIM, n_skills or BANK
+    units, per_task = units or UNITS, per_task or PER_TASK
     for what, v, lo in (("n_tasks", n_tasks, 0), ("d", d, 1), ("n_skills", n_skills, 1),
                         ("units", units, 1), ("per_task", per_task, 1)):
         check_int(what, v, lo)
@@ -94,14 +99,14 @@ def make_bank(n_tasks: int, seed: int, d: int = 16, *, n_skills: int = 128, unit
                      np.array(weights).reshape(n_tasks, per_task))
 
 
-def make_skill_tasks(n_tasks: int, n_per_task: int, seed: int, d: int = 16,
-                     target_noise: float = 0.1) -> list[TaskData]:
+def make_skill_tasks(n_tasks: int, n_per_task: int, seed: int, target_noise: float = 0.1) -> list[TaskData]:
     """n_tasks tasks named skill_000, ... over the "skills" domain (kinds cycle as the family's).
 
     Inputs are N(0, I) and scaled by the identity, so one encoder sees every task's rows alike.
     """
     check_int("n_per_task", n_per_task, 10)
-    bank = make_bank(n_tasks, seed, d)
+    bank = make_bank(n_tasks, seed)
+    d = bank.A.shape[2]
     ident = (np.zeros(d, np.float32), np.ones(d, np.float32))
     out = []
     for t, rng in enumerate(np.random.default_rng([seed, 8]).spawn(n_tasks)):
@@ -115,3 +120,20 @@ def make_skill_tasks(n_tasks: int, n_per_task: int, seed: int, d: int = 16,
         spec = TaskSpec(f"skill_{t:03d}", kind, d, 3 if kind == "multiclass" else 1, domain=SKILLS)
         out.append(make_task_data(spec, x, y, splits, classes=classes, x_stats=ident))
     return out
+
+
+def skill_relatedness(n_tasks: int, seed: int) -> Callable[[str, str], bool]:
+    """related(a, b): both are skill tasks of this bank and read at least one common skill."""
+    bank = make_bank(n_tasks, seed)
+
+    def index(name: str) -> int | None:
+        if not name.startswith("skill_"):
+            return None
+        t = int(name[len("skill_"):])
+        return t if t < n_tasks else None
+
+    def related(a: str, b: str) -> bool:
+        i, j = index(a), index(b)
+        return i is not None and j is not None and bank.shared_skills(i, j) > 0
+
+    return related
