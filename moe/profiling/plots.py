@@ -108,14 +108,17 @@ def plot_load_by_id(plt: Any, title: str, s: Mapping[str, Any], path: Path) -> N
             ax.step(x, imp, where="post", color=IMPORTANCE, linewidth=0.7, alpha=0.6, label="importance / mean")
         ax.axhline(1.0, color=EVEN, linestyle="--", linewidth=1, label="even share (1.0)")
         top = float(max(load.max(initial=0.0), imp.max(initial=0.0), 1.0))
-        for e in hot:
-            ax.annotate(str(e), (e, max(load[e], imp[e])), xytext=(0, 4), textcoords="offset points", ha="center",
-                        fontsize=9, color=HOT, fontweight="bold")
+        level, prev = 0, None
+        for e in sorted(hot):  # neighbouring ids get their labels stacked, not run together
+            level = level + 1 if prev is not None and e - prev <= max(1, E // 40) and level < 2 else 0
+            ax.annotate(str(e), (e, max(load[e], imp[e])), xytext=(0, 4 + 10 * level), textcoords="offset points",
+                        ha="center", fontsize=9, color=HOT, fontweight="bold")
+            prev = e
         dead = s["dead_experts"]
         if dead:
             ax.scatter(dead, np.zeros(len(dead)), marker="x", color=DEAD, s=40, zorder=4,
                        label=f"dead ({len(dead)})", clip_on=False)
-        ax.set_ylim(0, top * 1.15)
+        ax.set_ylim(0, top * 1.22)
         ax.set_xlim(-0.6, E - 0.4)
         if E <= ID_TICK_LIMIT:
             ax.set_xticks(x)
