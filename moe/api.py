@@ -10,7 +10,7 @@ import numpy as np
 from moe import checkpoint as ckpt
 from moe.config import Config
 from moe.model import MultiTaskMoE
-from moe.optim import Adam, AdamConfig
+from moe.optim import Adam, AdamConfig, noise_scale_at
 from moe.tasks.spec import TaskRegistry
 
 
@@ -32,6 +32,8 @@ def load(path: str | Path) -> MultiTaskMoE:
     for i, layer in enumerate(model.layers):
         layer.experts.load_part(where, manifest["files"], i)
     model.manifest = manifest
+    t = config.train  # training-time routing as at the checkpoint's step
+    model.set_noise_scale(noise_scale_at(int(manifest.get("step", 0)), final=t.noise_final, total=t.steps))
     return model
 
 

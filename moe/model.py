@@ -163,6 +163,11 @@ class MultiTaskMoE:
     def layers(self) -> list[MoELayer]:
         return [layer for _, layer in self.blocks]
 
+    def set_noise_scale(self, scale: float) -> None:
+        """Scale every gate's training noise std (moe.optim.noise_scale_at gives the schedule)."""
+        for layer in self.layers:
+            layer.gate.noise_scale = float(scale)
+
     def dense_param_names(self) -> list[str]:
         """Everything the coordinator holds (not the experts, which live where they run)."""
         return [n for n in self.params if ".moe.experts." not in n]

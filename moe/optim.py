@@ -39,6 +39,13 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def noise_scale_at(step: int, *, final: float, total: int) -> float:
+    """Gate noise std scale: 1 at step 0, falling linearly to `final` at the last step."""
+    if final == 1.0:
+        return 1.0
+    return 1.0 + (final - 1.0) * min(step / max(total - 1, 1), 1.0)
+
+
 @dataclass(frozen=True)
 class AdamConfig:
     beta1: float = 0.9

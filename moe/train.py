@@ -21,7 +21,7 @@ from moe import checkpoint as ckpt
 from moe.config import Config
 from moe.experts.protocol import ExpertGroup, ExpertGroupFailure
 from moe.model import Chunk, MultiTaskMoE
-from moe.optim import Adam, AdamConfig, clip_scale, lr_at
+from moe.optim import Adam, AdamConfig, clip_scale, lr_at, noise_scale_at
 from moe.profiling.stats import cv
 from moe.progress import Progress
 from moe.sampler import TaskSampler
@@ -143,6 +143,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.config.train
         chunks = self.sampler.next_batch()
+        noise = noise_scale_at(self.step, final=t.noise_final, total=t.steps)
+        self.model.set_noise_scale(noise)
         out = self.model.forward(chunks, train=True, rng=self.rng_noise)
         loss, d_outs = task_loss(self.model, chunks, out.outputs)
         self.model.backward(d_outs)
@@ -162,7 +164,8 @@ class Trainer:
         self.step += 1
         r = out.routings[0]
         return {"loss": loss + out.aux_loss, "task_loss": loss, "aux_loss": out.aux_loss,
-                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq))}
+                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq)),
+                "noise_scale": noise}
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
@@ -231,7 +234,7 @@ class Trainer:
         val = evaluate_tasks(self.model, self.data, "val")
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
-                  "lr": m["lr"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
+                  "lr": m["lr"], "noise_scale": m["noise_scale"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
                   "tasks": val,
                   # cv_load is block 0 on this step's training batch, not the val split the scores are on
                   "cv_load_split": "train", "cv_load_noise": self.model.config.gates[0] == "noisy_topk"}
