@@ -37,6 +37,7 @@ def emit_json(args, obj: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- tables
+MAX_TASK_ROWS = 40  # more tasks than this: the group table on screen, every task in summary.json
 def score_table(rows: list[tuple[str, str, float, float | None]], right: str = "dense baseline") -> str:
     """Per-task scores; the `right` column (and the delta) only when some row has a value."""
     with_right = any(r[3] is not None for r in rows)
@@ -174,7 +175,8 @@ def _finish_training(args, config, data, result, model) -> int:
 
 
 def _report_training(args, config, data, result, model) -> int:
-    """Baselines, profiles, the table and the JSON summary after a finished run."""
+    """Baselines, comparisons, profiles, the tables and the JSON summary after a finished run."""
+    from moe import compare
     from moe.baseline import train_baseline
     from moe.profile_model import balance_summary, collect_profile, shard_placement, write_profile
     from moe.progress import Progress
@@ -188,6 +190,9 @@ def _report_training(args, config, data, result, model) -> int:
                 bar.set_postfix(task=d.name)
                 baselines[d.name] = train_baseline(config, d, result.seen[d.name])[d.spec.metric]
                 bar.update(1)
+    compared = compare.after_training(config, data, model, result.test,
+                                      baselines if config.train.baseline != "none" else None,
+                                      echo=lambda m: say(args, m))
     about = {"checkpoint": str(result.checkpoint), "step": result.step}
     profile = collect_profile(model, data, split="train", batch_size=config.train.batch_size,
                               progress=config.train.progress, about=about)
@@ -198,19 +203,33 @@ def _report_training(args, config, data, result, model) -> int:
                                                 batch_size=config.train.batch_size))
     rows = [(d.name, d.spec.metric, result.test[d.name][d.spec.metric], baselines[d.name]) for d in data]
     c = config.model
-    say(args, "", "test metrics (one MoE model for all tasks vs one dense model per task):", score_table(rows), "",
+    summary = {
+        "tasks": {n: {"metric": m, "score": s, "baseline": b} for n, m, s, b in rows},
+        "compared": compared["columns"], "groups": {m: compare.by_group(v) for m, v in compared["columns"].items()},
+        "specialisation": compared["specialisation"], "inference_routing": compared["inference"],
+        "balance": balance, "balance_inference": inference, "checkpoint": str(result.checkpoint),
+        "active_expert_fraction": c.k / c.n_experts, "profile": files["json"],
+    }
+    summary_path = out / "summary.json"
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, sort_keys=True))
+    tmp.replace(summary_path)
+    if len(rows) <= MAX_TASK_ROWS:
+        table = ["test metrics (one MoE model for all tasks vs one dense model per task):", score_table(rows)]
+    else:
+        table = [f"{len(rows)} tasks: every task's figures are in {summary_path}"]
+    say(args, "", *table, "",
+        "mean test score by task group (primary metric of each task):", compare.group_table(compared["columns"]), "",
+        *compare.specialisation_lines(compared["specialisation"]),
+        *compare.inference_lines(compared["inference"]), "",
         balance_lines(balance, "load balance while training"),
         balance_lines(inference, "load balance at inference"),
         *([note] if note else []),
         f"active expert parameters per example: {c.k}/{c.n_experts} = {100 * c.k / c.n_experts:.1f}% "
         f"(per block)",
-        f"checkpoint: {result.checkpoint}", f"profile: {files['html']}",
+        f"checkpoint: {result.checkpoint}", f"profile: {files['html']}", f"summary: {summary_path}",
         f"train time {result.seconds:.1f}s")
-    emit_json(args, {
-        "tasks": {n: {"metric": m, "score": s, "baseline": b} for n, m, s, b in rows},
-        "balance": balance, "balance_inference": inference, "checkpoint": str(result.checkpoint),
-        "active_expert_fraction": c.k / c.n_experts, "profile": files["json"],
-    })
+    emit_json(args, summary)
     return 0
 
 
@@ -280,21 +299,32 @@ def class_lines(model, data) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    from moe.inference import drop_rates, predict_mixed
     from moe.profile_model import balance_summary, collect_profile
     from moe.train import evaluate_tasks
 
     model, data = _model_and_data(args)
-    scores = evaluate_tasks(model, data, "test")
+    extra: list[str] = []
+    if args.routing == "balanced":  # balanced assignment depends on the batch: mixed test batches of 256
+        res = predict_mixed(model, data, "test", batch_size=256, routing="balanced", rng=np.random.default_rng(0))
+        scores = res.metrics
+        drops = drop_rates(res, model.config.n_experts)
+        extra = [f"balanced routing in mixed test batches of 256: busiest expert {res.median_max_mean:.2f}x the "
+                 f"mean (worst full batch {res.worst_max_mean:.2f}x); share over capacity "
+                 + ", ".join(f"cf {cf}: {r:.3f}" for cf, r in drops.items())]
+    else:
+        scores = evaluate_tasks(model, data, "test")
     rows = [(d.name, d.spec.metric, scores[d.name][d.spec.metric], None) for d in data]
-    balance = balance_summary(collect_profile(model, data, split="test", noise_seed=None))
+    balance = balance_summary(collect_profile(model, data, split="test", noise_seed=None, routing=args.routing))
     labels = class_lines(model, data)
-    say(args, score_table(rows), "", balance_lines(balance), *([""] + labels if labels else []))
+    say(args, score_table(rows), "", balance_lines(balance), *extra, *([""] + labels if labels else []))
     tasks = {}
     for n, m, s, _ in rows:
         tasks[n] = {"metric": m, "score": s}
         if model.tasks.spec(n).classes is not None:
             tasks[n]["classes"] = list(model.tasks.spec(n).classes)
-    emit_json(args, {"tasks": tasks, "balance": balance, "checkpoint": str(ckpt.resolve(args.checkpoint))})
+    emit_json(args, {"tasks": tasks, "balance": balance, "routing": args.routing,
+                     "checkpoint": str(ckpt.resolve(args.checkpoint))})
     return 0
 
 
@@ -369,6 +399,8 @@ def cmd_profile(args) -> int:
 
     model, data = _model_and_data(args)
     noise = None if args.no_noise else args.seed
+    if args.routing == "balanced" and not args.no_noise:
+        raise UserError("--routing balanced routes as at inference; add --no-noise")
     shards = Config.from_dict(model.manifest["config"]).shards
     if args.shards is not None or args.placement is not None:  # what-if: another layout
         shards = ShardConfig(local=args.shards or 0, placement=args.placement)
@@ -376,7 +408,8 @@ def cmd_profile(args) -> int:
     if note and args.placement is not None:
         raise UserError(note.removeprefix("no load-per-shard view: "))
     about = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "step": int(model.manifest["step"])}
-    profile = collect_profile(model, data, split=args.split, noise_seed=noise, progress=args.progress, about=about)
+    profile = collect_profile(model, data, split=args.split, noise_seed=noise, progress=args.progress, about=about,
+                              routing=args.routing)
     files = write_profile(profile, Path(args.out), placement=placement)
     summary = profile.summary()
     h = summary["headline"]
@@ -437,6 +470,12 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
                    help="print the final summary as one JSON object on stdout (the rest goes to stderr)")
 
 
+def _routing_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routing", default="topk", choices=["topk", "balanced"],
+                   help="topk: each example's k best experts (default); balanced: capacity-bounded balanced "
+                        "assignment (busiest expert <= 1.25x the mean in each batch), scored on mixed batches of 256")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moe import __version__
 
@@ -475,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         "noise) and the class labels of tasks that have them."))
     e.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
     add_data_arguments(e, "tasks to evaluate instead of the checkpoint's own")
+    _routing_flag(e)
     _json_flag(e)
     e.set_defaults(func=cmd_eval)
 
@@ -509,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split to route (default train)")
     pr.add_argument("--no-noise", action="store_true", help="route without gate noise, as at inference (hard counts)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the gate noise")
+    _routing_flag(pr)
     pr.add_argument("--shards", type=int, default=None, metavar="N",
                     help="show load per shard for N shards of contiguous expert ids (default: the run's own shards)")
     pr.add_argument("--placement", metavar="FILE", help="show load per shard for this placement JSON")

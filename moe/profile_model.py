@@ -39,6 +39,7 @@ def collect_profile(
     noise_seed: int | None = 0,
     progress: bool = False,
     about: dict[str, Any] | None = None,
+    routing: str = "topk",
 ) -> ModelProfile:
     """Route every example of `split` through the model and accumulate each block's decisions.
 
@@ -49,8 +50,11 @@ def collect_profile(
     estimator the balance loss sees) without updating anything; with None they run as at
     inference (no noise, load is the hard assignment count). The profile's context records
     all of this (plus `about`, e.g. the checkpoint and step), so every figure drawn from it
-    can say what it measured.
+    can say what it measured. routing="balanced" routes with the capacity-bounded balanced
+    assignment (moe.routing.balanced), an inference routing: it needs noise_seed=None.
     """
+    if routing == "balanced" and noise_seed is not None and "noisy_topk" in model.config.gates:
+        raise ValueError("balanced routing is an inference routing: profile it without gate noise (noise_seed=None)")
     names = list(model.tasks.names)
     splits = [d.split(split) for d in data]
     sizes = [x.shape[0] for x, _ in splits]
@@ -59,7 +63,8 @@ def collect_profile(
     context = {
         "split": split, "noise": noisy, "noise_seed": noise_seed if noisy else None,
         "tasks": len(data), "examples": int(sum(sizes)), "batch_size": batch_size, "batching": "mixed",
-        "gates": list(c.gates), "k": c.k, "capacity_factor": c.capacity_factor, **(about or {}),
+        "gates": list(c.gates), "k": c.k, "capacity_factor": c.capacity_factor, "routing": routing,
+        **(about or {}),
     }
     profile = ModelProfile(len(names), names, context=context)
     rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
@@ -72,7 +77,7 @@ def collect_profile(
                 x = splits[t][0][index[task == t]]  # [n_t, d_in_t]
                 chunks.append(Chunk(data[t].name, x))
                 rows.append(np.full(x.shape[0], ids[t], dtype=np.int64))
-            out = model.forward(chunks, train=rng is not None, rng=rng)
+            out = model.forward(chunks, train=rng is not None, rng=rng, routing=routing)
             task_ids = np.concatenate(rows)  # [b], in the model's row order (chunk by chunk)
             for layer, r in enumerate(out.routings):
                 profile.add(f"block{layer}", r, task_ids)

@@ -12,6 +12,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
@@ -109,7 +110,14 @@ def test_progress_into_a_pipe_is_plain_lines_for_every_long_phase(run):
 
 def test_train_json_and_files(run):
     out, summary = run
-    assert set(summary) >= {"tasks", "balance", "balance_inference", "checkpoint"}
+    assert set(summary) >= {"tasks", "balance", "balance_inference", "checkpoint", "compared", "groups",
+                            "specialisation", "inference_routing"}
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary["compared"]) == {"moe", "moe without MoE outputs", "dense net per task", "sklearn linear per task"}
+    for name, t in summary["tasks"].items():  # the table's columns are the per-task figures
+        assert summary["compared"]["moe"][name] == t["score"] and summary["compared"]["dense net per task"][name] == t["baseline"]
+    assert summary["groups"]["moe"]["all"] == pytest.approx(np.mean([t["score"] for t in summary["tasks"].values()]))
+    assert set(summary["specialisation"]) == {"train", "noise_free"}
     assert set(summary["balance"]) == BALANCE_KEYS
     assert (summary["balance"]["split"], summary["balance"]["noise"]) == ("train", True)
     assert (summary["balance_inference"]["split"], summary["balance_inference"]["noise"]) == ("test", False)
@@ -139,6 +147,21 @@ def test_eval_reproduces_the_train_scores_and_inference_balance(run):
     for key in ("cv_importance", "cv_load", "max_mean_load", "drop_rate"):  # same routing, other batching
         assert ev["balance"][key] == pytest.approx(summary["balance_inference"][key], rel=1e-5, abs=1e-9), key
     assert "test split, no gate noise" in r.stderr
+
+
+def test_balanced_routing_in_eval_and_profile(run, tmp_path):
+    out, summary = run
+    r = moe("eval", str(out), "--json", "--routing", "balanced")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["routing"] == "balanced" and "balanced routing in mixed test batches of 256" in r.stderr
+    assert ev["balance"]["max_mean_load"] < summary["balance_inference"]["max_mean_load"]
+    r = moe("profile", str(out), "--out", str(tmp_path / "p"), "--routing", "balanced")
+    assert r.returncode == 2 and "--routing balanced routes as at inference; add --no-noise" in r.stderr
+    r = moe("profile", str(out), "--out", str(tmp_path / "p"), "--routing", "balanced", "--no-noise", "--split", "test")
+    assert r.returncode == 0, r.stderr
+    context = json.loads((tmp_path / "p" / "profile.json").read_text())["context"]
+    assert (context["routing"], context["noise"]) == ("balanced", False)
 
 
 def test_eval_prints_no_empty_baseline_column(run):
