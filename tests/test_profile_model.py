@@ -49,7 +49,7 @@ def test_noise_free_profile_equals_routing_each_task_alone():
     ctx = profile.summary()["context"]
     assert ctx == {"split": "val", "noise": False, "noise_seed": None, "tasks": 3, "examples": s["examples"],
                    "batch_size": 7, "batching": "mixed", "gates": ["softmax_topk"], "k": 2,
-                   "capacity_factor": None}
+                   "capacity_factor": None, "routing": "topk"}
     b = balance_summary(profile)
     assert (b["split"], b["noise"], b["examples"]) == ("val", False, s["examples"])
     # a gate without noise routes the same with a noise seed, and the context says no noise
