@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from moe.profiling.specialisation import mutual_information
 from moe.routing.capacity import expert_capacity
 from moe.routing.types import Routing
 
@@ -352,9 +353,10 @@ class LoadProfile:
         cols = np.flatnonzero(row > 0)  # [nnz_t]
         return cols, row[cols]
 
-    def _per_task(self) -> dict[str, dict[str, Any]]:
+    def _per_task(self, mi_terms: np.ndarray) -> dict[str, dict[str, Any]]:
         """Per task: examples, routing entropy, top experts with their share of the task's
-        gate mass, and the task's share of the layer's gate mass."""
+        gate mass, the task's share of the layer's gate mass, and its term of the task-expert
+        mutual information (KL of its expert distribution from the layer's, by assignments)."""
         out = {}
         total = float(self._gates.sum())
         for t, name in enumerate(self.task_names):
@@ -370,6 +372,7 @@ class LoadProfile:
                 "top_experts": cols[order].tolist(),
                 "top_shares": (vals[order] / mass).tolist() if vals.size else [],
                 "share": mass / total if total > 0 else 0.0,
+                "mutual_information": float(mi_terms[t]),
             }
         return out
 
@@ -404,12 +407,14 @@ class LoadProfile:
     def summary(self) -> dict[str, Any]:
         """JSON-safe statistics. max_mean_load (and hot_experts) use counts when load is all 0
         (balance_basis says which); drop_rate and max_mean_load are 0.0 before anything was
-        routed; a task's entropy (nats) is 0.0 when it has no gate mass; top_experts lists up
+        routed; mutual_information (nats) is the task-expert MI of the assignment counts;
+        a task's entropy (nats) is 0.0 when it has no gate mass; top_experts lists up
         to 5 experts with positive gate mass. drops_by_capacity is what the same decisions
         would drop at each capacity factor (None when the profile was read from a file that
         did not record it)."""
         self._flush()
         basis = self.load if np.any(self.load) else self.counts
+        mi, mi_terms = mutual_information(self._hits)
         return {
             "n_experts": self.n_experts,
             "n_tasks": self.n_tasks,
@@ -427,7 +432,8 @@ class LoadProfile:
             "dead_experts": np.flatnonzero((self.counts == 0) & (self.importance == 0)).tolist(),
             "hot_experts": self._hot_experts(basis),
             "drops_by_capacity": self._drops_by_capacity(),
-            "per_task": self._per_task(),
+            "mutual_information": mi,
+            "per_task": self._per_task(mi_terms),
         }
 
     # ---- JSON ---------------------------------------------------------------------------

@@ -230,10 +230,14 @@ def test_entropy_and_top_experts_hand_example():
     assert per["a"]["top_experts"] == [1, 3, 5, 7]  # equal mass: lower id first
     assert per["a"]["top_shares"] == pytest.approx([0.25] * 4, rel=1e-12)
     assert per["a"]["share"] == pytest.approx(2 / 3, rel=1e-12)  # gate mass 2 of 3
-    # expert 0 had gate 0
-    assert per["b"] == {"examples": 1, "entropy": 0.0, "top_experts": [2], "top_shares": [1.0], "share": 1 / 3}
-    assert per["c"] == {"examples": 0, "entropy": 0.0, "top_experts": [], "top_shares": [], "share": 0.0}
+    # expert 0 had gate 0; MI is over assignments: p(e) = 1/6 on experts 0,1,2,3,5,7
+    assert per["b"] == {"examples": 1, "entropy": 0.0, "top_experts": [2], "top_shares": [1.0], "share": 1 / 3,
+                        "mutual_information": pytest.approx(math.log(3), rel=1e-12)}
+    assert per["c"] == {"examples": 0, "entropy": 0.0, "top_experts": [], "top_shares": [], "share": 0.0,
+                        "mutual_information": 0.0}
+    assert per["a"]["mutual_information"] == pytest.approx(math.log(1.5), rel=1e-12)
     s = p.summary()
+    assert s["mutual_information"] == pytest.approx(4 / 6 * math.log(1.5) + 2 / 6 * math.log(3), rel=1e-12)
     # hot experts from counts (load is all 0): six experts at 1 / 0.75, lowest ids first; expert 0
     # was chosen (gate 0) only by task b
     assert [h["expert"] for h in s["hot_experts"]] == [0, 1, 2, 3, 5]
