@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import _timing  # noqa: F401  (first: thread settings before numpy loads)
 import numpy as np
-from _timing import alternate, load_average, machine_line
+from _timing import Limits, alternate, load_average, machine_line, probe_limits
 
 from moe import bindings
 from moe.accel.cost import predict_layer_step
@@ -65,14 +65,19 @@ def main() -> None:
     print(f"cpu spec measured now: sgemm {device.peak_flops / 1e9:.1f} GFLOP/s, copy {device.hbm_bw / 1e9:.1f} GB/s "
           f"(read + written), LLC {device.cache_bytes / 2**20:.0f} MiB, gate {device.router_elem_s * 1e9:.1f} ns "
           f"per (example x expert), dispatch {device.dispatch_elem_s * 1e9:.2f} ns per (row x d)")
-    print(f"T=8192 d=256 h=512 k=2 noisy top-k dropless, forward+backward, median of {args.reps} alternated\n")
-    print(f"{'E':>5s} {'predicted ms':>13s} {'measured ms':>12s} {'measured/pred':>14s} {'roofline ms':>12s} "
-          f"{'measured/roofline':>18s}   {'router':>7s} {'dispatch':>9s} {'experts':>8s}  (predicted ms)")
+    end = probe_limits()
+    start = Limits(device.peak_flops, device.hbm_bw)
+    print(f"T=8192 d=256 h=512 k=2 noisy top-k dropless, forward+backward, median of {args.reps} alternated; "
+          f"limits probed again at the end: sgemm {end.sgemm / 1e9:.1f} GFLOP/s, copy {end.copy / 1e9:.1f} GB/s"
+          f"{' NOISY (a limit moved > 10%)' if start.disagree(end) else ''}\n")
+    print("| E | predicted ms | measured ms | measured/predicted | roofline ms | measured/roofline | "
+          "router ms | dispatch ms | experts ms |\n|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for E, pred_s, meas_s, detail in rows:
-        print(f"{E:5d} {pred_s * 1e3:13.0f} {meas_s * 1e3:12.0f} {meas_s / pred_s:14.2f} "
-              f"{detail['roofline_s'] * 1e3:12.0f} {meas_s / detail['roofline_s']:18.2f}   "
-              f"{detail['router_s'] * 1e3:7.0f} {detail['dispatch_s'] * 1e3:9.0f} {detail['experts_s'] * 1e3:8.0f}")
-    print(f"\nload average before {load_before:.2f}, after {load_average():.2f}")
+        print(f"| {E} | {pred_s * 1e3:.0f} | {meas_s * 1e3:.0f} | {meas_s / pred_s:.2f} | "
+              f"{detail['roofline_s'] * 1e3:.0f} | {meas_s / detail['roofline_s']:.2f} | "
+              f"{detail['router_s'] * 1e3:.0f} | {detail['dispatch_s'] * 1e3:.0f} | {detail['experts_s'] * 1e3:.0f} |")
+    print(f"\n(router, dispatch, experts: the prediction's parts) load average before {load_before:.2f}, "
+          f"after {load_average():.2f}")
 
 
 if __name__ == "__main__":

@@ -129,17 +129,17 @@ def ffn_row(p: Problem, activation: str, reps: int, numpy_too: bool) -> str:
     err = check_ffn(p, activation)
     flag = "" if err < 1e-4 else f"  WRONG (rel err {err:.1e})"
     return (
-        f"{p.E:6d} {p.d:4d} {p.h:4d} {activation:5s} {p.N:6d} {p.active:6d} "
-        f"{ours.median * 1e3:8.1f} {ours.best * 1e3:8.1f} {numpy_ms:8.1f} "
-        f"{gemm_s * 1e3:8.1f} {traffic_s * 1e3:8.1f} {floor * 1e3:8.1f} "
-        f"{ours.median / floor:9.2f}x {ours.best / floor:9.2f}x  "
-        f"{limits_text(row)}; load {row.load_before:.2f}/{row.load_after:.2f}{flag}"
+        f"| {p.E} | {p.d} | {p.h} | {activation} | {p.N} | {p.active} | {ours.median * 1e3:.1f} | "
+        f"{ours.best * 1e3:.1f} | {numpy_ms:.1f} | {gemm_s * 1e3:.1f} | {traffic_s * 1e3:.1f} | "
+        f"{floor * 1e3:.1f} | {ours.median / floor:.2f} | {ours.best / floor:.2f} | {limits_text(row)} | "
+        f"{row.load_before:.2f} / {row.load_after:.2f} |{flag}"
     )
 
 
 FFN_HEADER = (
-    f"{'E':>6} {'d':>4} {'h':>4} {'act':5s} {'N':>6} {'active':>6} {'median':>8} {'best':>8} "
-    f"{'numpy':>8} {'gemm':>8} {'traffic':>8} {'floor':>8} {'ours/floor':>10} {'best/floor':>10}  limits"
+    "| E | d | h | act | N | active | ours ms | best ms | numpy ms | gemm ms | traffic ms | floor ms | "
+    "ours/floor | best/floor | limits (start -> end) | load before/after |\n"
+    "|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"
 )
 
 
@@ -167,15 +167,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     if not args.ffn_only:
         print(f"\ndispatch kernels, d={D}")
-        print(f"{'E':>6} {'kernel':18s} {'compiled ms':>12} {'numpy ms':>10} {'speedup':>8}")
+        print("| E | kernel | compiled ms | numpy ms | numpy/compiled |\n|--:|---|--:|--:|--:|")
         for E in experts:
             p = Problem(E, D, H, rng)
             ours_fns, numpy_fns = p.kernels(_dispatch), p.kernels(reference)
             for name in ours_fns:
                 t = alternate({"ours": ours_fns[name], "numpy": numpy_fns[name]}, reps)
                 ours, theirs = t["ours"].median, t["numpy"].median
-                print(f"{E:6d} {name:18s} {ours * 1e3:12.3f} {theirs * 1e3:10.3f} {theirs / ours:7.1f}x",
-                      flush=True)
+                print(f"| {E} | {name} | {ours * 1e3:.3f} | {theirs * 1e3:.3f} | {theirs / ours:.1f} |", flush=True)
             del p
 
     print("\ngrouped FFN, forward + backward, ms")

@@ -123,20 +123,18 @@ def main() -> None:
     print(f"MoE layer step (fwd + bwd + grad norm + lazy Adam), T={T} d={D} h={H} k={K} E={E}; every process "
           f"on CPUs {CPUS}; in-process and sharded steps alternate; medians of {args.steps} steps after "
           f"{args.warmup} warm-up")
-    header = (f"{'configuration':<18}{'in-process':>12}{'sharded':>12}{'ratio':>8}{'ratio range':>16}"
-              f"{'wire MiB/step':>15}{'vs minimum':>12}")
-    print(header)
-    print("-" * len(header))
+    print("| configuration | in-process ms | sharded ms | sharded / in-process | range over the steps | "
+          "wire MiB/step | vs minimum | load before/after |\n|---|--:|--:|--:|--:|--:|--:|---|")
     for item in args.only.split(","):
         transport, n = item.split(":")
         r = run_config(int(n), transport, args.steps, args.warmup)
         minimum = 4 * r["rows"] * D * 4
         wire_bytes = r["sent"] + r["received"]
         lo, hi = min(r["ratios"]), max(r["ratios"])
-        print(f"{f'{n} shard(s), {transport}':<18}{r['local_s'] * 1e3:>9.0f} ms{r['remote_s'] * 1e3:>9.0f} ms"
-              f"{r['remote_s'] / r['local_s']:>7.3f}x{f'{lo:.2f}-{hi:.2f}x':>16}{wire_bytes / 2**20:>15.1f}"
-              f"{wire_bytes / minimum:>11.4f}x   load {r['load'][0]:.2f}/{r['load'][1]:.2f}"
-              f"{'  NOISY' if r['noisy'] else ''}", flush=True)
+        print(f"| {n} shard(s), {transport} | {r['local_s'] * 1e3:,.0f} | {r['remote_s'] * 1e3:,.0f} | "
+              f"{r['remote_s'] / r['local_s']:.2f} | {lo:.2f}-{hi:.2f} | {wire_bytes / 2**20:.1f} | "
+              f"{wire_bytes / minimum:.4f} | {r['load'][0]:.2f} / {r['load'][1]:.2f}"
+              f"{' NOISY' if r['noisy'] else ''} |", flush=True)
     print(f"\nminimum wire bytes = 4 x N x d x 4 (rows out and back in forward, gradients out and back in "
           f"backward), N = T x k = {T * K} rows here: {4 * T * K * D * 4 / 2**20:.0f} MiB per step")
     print("target: 2 shards over ipc <= 1.15x the in-process step time")
