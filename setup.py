@@ -23,7 +23,7 @@ def kernel(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [kernel("_dispatch"), kernel("_grouped"), kernel("_optim")],
+        [kernel(m) for m in ("_blas", "_dispatch", "_grouped", "_optim", "_gates")],
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,

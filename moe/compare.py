@@ -105,3 +105,21 @@ def balanced_inference(model: MultiTaskMoE, data: list[TaskData], *, seed: int, 
 
 def per_task_sklearn(data: list[TaskData], which: str = "linear", seed: int = 0) -> dict[str, float]:
     return {d.name: float(sklearn_baseline(d, which, seed)[d.spec.metric]) for d in data}
+
+
+def group_table(columns: dict[str, dict[str, float]]) -> str:
+    """Mean primary test score per task group for each compared model (a column per model,
+    given as task -> score; a model missing a group's tasks shows '-')."""
+    first = next(iter(columns.values()))
+    counts: dict[str, int] = {}
+    for name in first:
+        counts[group_of(name)] = counts.get(group_of(name), 0) + 1
+    groups = [g for g in ("original", *(g for _, g in GROUPS)) if g in counts] + ["all"]
+    counts["all"] = len(first)
+    means = {m: by_group(s) if s else {} for m, s in columns.items()}
+    width = max(12, *(len(m) for m in columns))
+    lines = [f"{'group':12s} {'tasks':>6s} " + " ".join(f"{m:>{width}s}" for m in columns)]
+    for g in groups:
+        cells = [f"{means[m][g]:{width}.3f}" if g in means[m] else f"{'-':>{width}s}" for m in columns]
+        lines.append(f"{g:12s} {counts[g]:6d} " + " ".join(cells))
+    return "\n".join(lines)

@@ -16,6 +16,9 @@ from moe.routing.gates import GATE_TYPES
 
 ROUTE_BY = ("example+task", "example", "task")
 SAMPLING = ("proportional", "uniform", "temperature")
+# what a finished `moe train` is compared with: nothing; a dense net per task; that and a
+# scikit-learn logistic/ridge model per task; those and a dense model of the MoE's active size
+BASELINES = ("none", "per_task", "sklearn", "all")
 
 
 def _need(cond: bool, what: str, value: Any) -> None:
@@ -80,7 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     seed: int = 0
-    baseline: bool = True
+    baseline: str = "sklearn"
     progress: bool = True
     tensorboard: bool = False
 
@@ -94,6 +97,9 @@ class TrainConfig:
         _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]", self.min_lr_ratio)
         _need(self.clip_norm >= 0, "train.clip_norm must be >= 0 (0 = no clipping)", self.clip_norm)
         _need(self.weight_decay >= 0, "train.weight_decay must be >= 0", self.weight_decay)
+        if isinstance(self.baseline, bool) or self.baseline is None:  # older configs: true = the per-task nets
+            object.__setattr__(self, "baseline", "per_task" if self.baseline else "none")
+        _need(self.baseline in BASELINES, f"train.baseline must be one of {BASELINES}", self.baseline)
         _need(self.sampling in SAMPLING, f"train.sampling must be one of {SAMPLING}", self.sampling)
         _need(self.temperature > 0, "train.temperature must be > 0", self.temperature)
 

@@ -9,3 +9,14 @@ def _raise_on_float_errors():
     old = np.seterr(all="raise")
     yield
     np.seterr(**old)
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def gate_backend(request):
+    """Run the test on the numpy path (the oracle) and on the compiled kernels."""
+    from moe import bindings
+
+    if request.param == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("the compiled kernels are not built")
+    with bindings.use_backend(request.param):
+        yield request.param

@@ -98,3 +98,12 @@ def _predict(model, d):
     from moe.train import predict_split
 
     return predict_split(model, d, "test"), d.y_test
+
+
+def test_group_table_has_a_row_per_group_and_a_column_per_model():
+    moe = {"digits": 0.9, "digitset_000": 0.7, "skill_000": 0.6, "skill_001": 0.4}
+    table = compare.group_table({"moe": moe, "no experts": {k: v - 0.1 for k, v in moe.items()}, "sklearn": {}})
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0] == ["group", "tasks", "moe", "no", "experts", "sklearn"]
+    assert rows[1:] == [["original", "1", "0.900", "0.800", "-"], ["digit", "sets", "1", "0.700", "0.600", "-"],
+                        ["skills", "2", "0.500", "0.400", "-"], ["all", "4", "0.650", "0.550", "-"]]

@@ -87,11 +87,24 @@ def test_bad_config():
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_lazy_adam_kernel_equals_the_numpy_path(dtype):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "team"])
+def test_fused_lazy_adam_kernel_equals_the_numpy_path(dtype, parallel):
     from moe import bindings
 
     if not bindings.HAVE_COMPILED:
         pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    from moe.bindings import _optim
+
+    saved = _optim._configure(parallel_min_elements=0 if parallel else None)
+    try:
+        _check_fused_lazy_adam(dtype)
+    finally:
+        _optim._configure(**saved)
+
+
+def _check_fused_lazy_adam(dtype):
+    from moe import bindings
+
     rng = np.random.default_rng(3)
     p0 = {"w": rng.normal(size=(9, 3, 4)).astype(dtype), "b": rng.normal(size=(9, 4)).astype(dtype)}
     runs = {}

@@ -195,7 +195,7 @@ class JaxTrainer:
         while tr.step < end:
             m = self.train_step()
             if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", cv_load=f"{m['cv_load']:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", cv_load=f"{m['cv_load']:.3f}")
                 bar.update(1)
             if tr.save_checkpoints and (tr.step % t.eval_every == 0 or tr.step == t.steps):
                 self.sync()

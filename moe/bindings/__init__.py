@@ -1,4 +1,4 @@
-"""Sparse dispatch and grouped-GEMM kernels: compiled (Cython) when built, numpy otherwise.
+"""Sparse dispatch, grouped-GEMM and gate kernels: compiled (Cython) when built, numpy otherwise.
 
 `HAVE_COMPILED` says whether the Cython extensions imported. Every public function here
 has the same signature on both paths; `reference` is the numpy oracle. `use_backend("numpy")`
@@ -15,11 +15,11 @@ import numpy as np
 from moe.bindings import reference
 
 try:  # the compiled path is optional at import time; `make test` insists on it
-    from moe.bindings import _dispatch, _grouped, _optim  # type: ignore[attr-defined]
+    from moe.bindings import _dispatch, _gates, _grouped, _optim  # type: ignore[attr-defined]
 
     HAVE_COMPILED = True
 except ImportError:  # pragma: no cover - exercised only on a machine without the build
-    _dispatch = _grouped = _optim = None
+    _dispatch = _gates = _grouped = _optim = None
     HAVE_COMPILED = False
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -86,6 +86,12 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1,
     )
 
 
+def compiled_gates(dtype: np.dtype):
+    """The fused gate kernels (`_gates`) for this dtype when the compiled path is live, else
+    None: then `moe.routing.gates.GroupedTopK` runs its numpy path, the oracle."""
+    return _gates if _mod(_gates, dtype) is _gates else None
+
+
 def compiled_adam_rows():
     """The fused lazy-Adam kernel when the compiled path is live, else None (numpy path)."""
     return _optim.adam_rows if _backend == "compiled" else None
@@ -93,6 +99,7 @@ def compiled_adam_rows():
 
 __all__ = [
     "compiled_adam_rows",
+    "compiled_gates",
     "HAVE_COMPILED",
     "backend",
     "use_backend",

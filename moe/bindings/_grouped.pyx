@@ -13,6 +13,9 @@ Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
   expert needs no synchronisation at all.
 - An expert too big to share (it holds more than 1/T of the remaining rows, T = OpenMP threads)
   runs first, alone, with multi-threaded BLAS and row-parallel elementwise loops.
+- A call below `_parallel_min_flops` (forward FLOPs, ~1 ms on one core) runs every expert in a
+  serial loop on one thread: on a busy machine each parallel region can wait milliseconds
+  for a thread to be scheduled (measured in bench/RESULTS.md, the busy-machine section).
 - Without a way to set the BLAS thread count (a BLAS other than OpenBLAS), with one OpenMP
   thread, or in a child forked after this process ran OpenMP (GNU OpenMP would hang there),
   every expert runs in a serial loop with BLAS's own threading.
@@ -20,8 +23,7 @@ Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
   product per row: OpenBLAS's gemm packs the whole weight matrix on every call (~60 us for
   256 x 512 floats), which dominates at a few rows, while gemv streams it. The weight
   gradients (small operands, big output) always use gemm, which beat a C rank-n loop 2-3x.
-The BLAS thread count is found through the library that holds sgemm (dladdr + dlsym of
-`openblas_set_num_threads` under its scipy-openblas names) and is restored after each call.
+The BLAS thread count is set through moe.bindings._blas and restored after each call.
 GELU: act = x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 from libm; the backward reads Phi back
 from act (see `_act_grad_row`). `schedule_info()` reports the live choices; `_configure()`
 overrides them for benchmarks and tests.
@@ -35,8 +37,9 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport M_SQRT1_2, erfc, exp, expf, fabs
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+from moe.bindings._blas cimport _gemm, _gemv, blas_single_enter, blas_single_exit, blas_threads_controllable
 
+from moe.bindings._blas import blas_thread_info
 from moe.bindings._dispatch import _claim_threads, _describe, _float_array
 
 cdef enum:
@@ -50,85 +53,16 @@ cdef enum:
 
 cdef double INV_SQRT_2PI = 0.39894228040143267794
 cdef int GEMV_MAX_ROWS = 8
+# Below this many forward FLOPs (rows x 4 d h, about 1 ms on one core) the "auto" schedule runs
+# the experts in a serial loop: a parallel region waits for every thread of the team, and on
+# a machine shared with other work a thread can wait a scheduler time slice (milliseconds)
+# to run, which small calls (the default job's: 16 MFLOP) cannot amortise. See
+# bench/RESULTS.md, "The whole step on a busy machine".
+cdef double _parallel_min_flops = 1 << 26
 cdef int _schedule = SCHEDULE_AUTO
 _SCHEDULES = {"auto": SCHEDULE_AUTO, "experts": SCHEDULE_EXPERTS, "serial": SCHEDULE_SERIAL}
 _ACTIVATIONS = {"relu": RELU, "gelu": GELU}
 _INT_MAX = np.iinfo(np.int32).max
-
-
-# ----------------------------------------------------------------------------- BLAS threads
-cdef extern from "<dlfcn.h>" nogil:
-    ctypedef struct Dl_info:
-        const char* dli_fname
-    int dladdr(const void* addr, Dl_info* info)
-    void* dlopen(const char* filename, int flags)
-    void* dlsym(void* handle, const char* symbol)
-    int dlclose(void* handle)
-    int RTLD_LAZY
-    int RTLD_NOLOAD
-
-ctypedef void (*set_threads_fn)(int) noexcept nogil
-ctypedef int (*get_threads_fn)() noexcept nogil
-
-cdef set_threads_fn _blas_set = NULL
-cdef get_threads_fn _blas_get = NULL
-cdef int _blas_depth = 0
-cdef int _blas_saved = 1
-_blas_symbol = None
-
-_THREAD_SYMBOLS = [
-    (b"scipy_openblas_set_num_threads", b"scipy_openblas_get_num_threads"),
-    (b"scipy_openblas_set_num_threads64_", b"scipy_openblas_get_num_threads64_"),
-    (b"openblas_set_num_threads", b"openblas_get_num_threads"),
-    (b"openblas_set_num_threads64_", b"openblas_get_num_threads64_"),
-]
-
-
-cdef void _find_blas_threads():
-    """Look up the thread-count setter of the BLAS that scipy's cython_blas calls into."""
-    global _blas_set, _blas_get, _blas_symbol
-    cdef Dl_info info
-    cdef void* handle
-    cdef void* s
-    cdef void* g
-    if dladdr(<const void*>sgemm, &info) == 0 or info.dli_fname == NULL:
-        return
-    handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)  # already loaded: no new load
-    if handle == NULL:
-        return
-    for set_name, get_name in _THREAD_SYMBOLS:
-        s = dlsym(handle, <const char*>set_name)
-        g = dlsym(handle, <const char*>get_name)
-        if s != NULL and g != NULL:
-            _blas_set = <set_threads_fn>s
-            _blas_get = <get_threads_fn>g
-            _blas_symbol = set_name.decode()
-            break
-    dlclose(handle)
-
-
-_find_blas_threads()
-
-
-cdef bint _blas_single_enter():
-    """BLAS to one thread for a parallel-over-experts phase. Runs with the GIL held, so the
-    depth count is safe across Python threads; the outermost caller restores the count."""
-    global _blas_depth, _blas_saved
-    if _blas_set == NULL:
-        return False
-    if _blas_depth == 0:
-        _blas_saved = _blas_get()
-        if _blas_saved != 1:
-            _blas_set(1)
-    _blas_depth += 1
-    return True
-
-
-cdef void _blas_single_exit():
-    global _blas_depth
-    _blas_depth -= 1
-    if _blas_depth == 0 and _blas_saved != 1:
-        _blas_set(_blas_saved)
 
 
 def schedule_info() -> dict:
@@ -137,19 +71,21 @@ def schedule_info() -> dict:
     return {
         "schedule": name,
         "threads": openmp.omp_get_max_threads(),
-        "blas_thread_control": _blas_symbol,
-        "blas_threads": _blas_get() if _blas_get != NULL else None,
+        **blas_thread_info(),
         "gemv_max_rows": GEMV_MAX_ROWS,
+        "parallel_min_flops": _parallel_min_flops,
     }
 
 
-def _configure(schedule=None, gemv_max_rows=None) -> dict:
-    """Override the schedule ("auto" | "experts" | "serial") or the matrix-vector cut-off.
+def _configure(schedule=None, gemv_max_rows=None, parallel_min_flops=None) -> dict:
+    """Override the schedule ("auto" | "experts" | "serial"), the matrix-vector cut-off or the
+    size below which "auto" runs serially (tests use 0 to reach the parallel paths).
 
     For benchmarks and tests only; returns the previous settings so callers can restore them.
     """
-    global _schedule, GEMV_MAX_ROWS
-    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS}
+    global _schedule, GEMV_MAX_ROWS, _parallel_min_flops
+    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS,
+           "parallel_min_flops": _parallel_min_flops}
     if schedule is not None:
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
@@ -158,32 +94,11 @@ def _configure(schedule=None, gemv_max_rows=None) -> dict:
         if int(gemv_max_rows) < 0:
             raise ValueError(f"gemv_max_rows must be >= 0, got {gemv_max_rows}")
         GEMV_MAX_ROWS = int(gemv_max_rows)
+    if parallel_min_flops is not None:
+        if not parallel_min_flops >= 0:
+            raise ValueError(f"parallel_min_flops must be >= 0, got {parallel_min_flops}")
+        _parallel_min_flops = float(parallel_min_flops)
     return old
-
-
-# ----------------------------------------------------------------------------- BLAS calls
-cdef inline void _gemm(
-    char ta, char tb, int m, int n, int k,
-    const floating* a, int lda, const floating* b, int ldb, floating* c, int ldc,
-) noexcept nogil:
-    """Column-major C[m, n] = op(A)[m, k] op(B)[k, n] (row-major callers pass transposes)."""
-    cdef floating one = 1, zero = 0
-    if floating is float:
-        sgemm(&ta, &tb, &m, &n, &k, &one, <float*>a, &lda, <float*>b, &ldb, &zero, c, &ldc)
-    else:
-        dgemm(&ta, &tb, &m, &n, &k, &one, <double*>a, &lda, <double*>b, &ldb, &zero, c, &ldc)
-
-
-cdef inline void _gemv(
-    char ta, int m, int n, const floating* a, int lda, const floating* x, floating* y
-) noexcept nogil:
-    """Column-major y = op(A) x with A [m, n]."""
-    cdef floating one = 1, zero = 0
-    cdef int inc = 1
-    if floating is float:
-        sgemv(&ta, &m, &n, &one, <float*>a, &lda, <float*>x, &inc, &zero, y, &inc)
-    else:
-        dgemv(&ta, &m, &n, &one, <double*>a, &lda, <double*>x, &inc, &zero, y, &inc)
 
 
 # ----------------------------------------------------------------------------- C loops
@@ -349,14 +264,22 @@ cdef void _backward_expert(
 
 
 # ----------------------------------------------------------------------------- schedule
-cdef tuple _plan(const int64_t[::1] offsets):
+cdef inline bint _worth_threads(const int64_t[::1] offsets, int d, int h):
+    """Whether this call is big enough for the OpenMP team (always, when forced to "experts")."""
+    cdef Py_ssize_t E = offsets.shape[0] - 1
+    if _schedule == SCHEDULE_EXPERTS:
+        return True
+    return <double>(offsets[E] - offsets[0]) * 4.0 * d * h >= _parallel_min_flops
+
+
+cdef tuple _plan(const int64_t[::1] offsets, int d, int h):
     """Split the experts that got rows into (alone, shared): see the module docstring."""
     cdef Py_ssize_t E = offsets.shape[0] - 1, e, i, n_alone = 0, n_shared = 0, n_front = 0
     cdef int T = openmp.omp_get_max_threads()
-    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and (
-        _blas_set != NULL or _schedule == SCHEDULE_EXPERTS
-    ) and _claim_threads()
     cdef int64_t rows, remaining = offsets[E] - offsets[0], best_rows
+    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and _worth_threads(offsets, d, h) and (
+        blas_threads_controllable() or _schedule == SCHEDULE_EXPERTS
+    ) and _claim_threads()
     cdef Py_ssize_t best
     alone_arr = np.empty(E, dtype=np.int64)
     shared_arr = np.empty(E, dtype=np.int64)
@@ -404,7 +327,7 @@ def _forward_impl(
 ) -> None:
     cdef int d = w1.shape[1], h = w1.shape[2]
     cdef Py_ssize_t i
-    alone_arr, shared_arr = _plan(offsets)
+    alone_arr, shared_arr = _plan(offsets, d, h)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
@@ -419,7 +342,9 @@ def _forward_impl(
     cdef floating* prep = &pre[0, 0]
     cdef floating* actp = &act[0, 0]
     cdef floating* outp = &out[0, 0]
-    cdef bint rows_par = n_alone > 0 and openmp.omp_get_max_threads() > 1 and _claim_threads()
+    cdef bint rows_par = (
+        n_alone > 0 and openmp.omp_get_max_threads() > 1 and _worth_threads(offsets, d, h) and _claim_threads()
+    )
     with nogil:
         for i in range(n_alone):
             _forward_expert(
@@ -427,7 +352,7 @@ def _forward_impl(
             )
     if n_shared == 0:
         return
-    cdef bint single = _blas_single_enter()
+    cdef bint single = blas_single_enter()
     try:
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
@@ -436,7 +361,7 @@ def _forward_impl(
                 )
     finally:
         if single:
-            _blas_single_exit()
+            blas_single_exit()
 
 
 def _backward_impl(
@@ -448,7 +373,7 @@ def _backward_impl(
 ) -> None:
     cdef int d = w1.shape[1], h = w1.shape[2]
     cdef Py_ssize_t i, e, most = 0
-    alone_arr, shared_arr = _plan(offsets)
+    alone_arr, shared_arr = _plan(offsets, d, h)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
@@ -474,7 +399,7 @@ def _backward_impl(
     cdef floating* dpp = &d_pre[0, 0, 0]
     cdef floating* dxp = &d_x[0, 0]
     cdef Py_ssize_t block = most * h
-    cdef bint rows_par = n_alone > 0 and T > 1 and _claim_threads()
+    cdef bint rows_par = n_alone > 0 and T > 1 and _worth_threads(offsets, d, h) and _claim_threads()
     with nogil:
         for i in range(n_alone):
             _backward_expert(
@@ -483,7 +408,7 @@ def _backward_impl(
             )
     if n_shared == 0:
         return
-    cdef bint single = _blas_single_enter()
+    cdef bint single = blas_single_enter()
     try:
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
@@ -493,7 +418,7 @@ def _backward_impl(
                 )
     finally:
         if single:
-            _blas_single_exit()
+            blas_single_exit()
 
 
 # ----------------------------------------------------------------------------- checks

@@ -15,6 +15,23 @@ import numpy as np
 
 from moe.bindings._dispatch import _claim_threads
 
+# Below this many elements (rows x row size; ~2 ms on one core) an update runs on one thread:
+# the default job's tables and experts are far below, and on a busy machine a parallel region
+# can wait milliseconds for its second thread (bench/RESULTS.md, the busy-machine section).
+cdef Py_ssize_t _parallel_min_elements = 1 << 20
+
+
+def _configure(parallel_min_elements=None) -> dict:
+    """Override the size above which updates go parallel (tests use 0 to force the parallel
+    path on small inputs). Returns the previous settings so callers can restore them."""
+    global _parallel_min_elements
+    old = {"parallel_min_elements": _parallel_min_elements}
+    if parallel_min_elements is not None:
+        if int(parallel_min_elements) < 0:
+            raise ValueError(f"parallel_min_elements must be >= 0, got {parallel_min_elements}")
+        _parallel_min_elements = int(parallel_min_elements)
+    return old
+
 ctypedef fused floating:
     float
     double
@@ -67,7 +84,8 @@ def adam_rows(p, m, v, g, rows, t, double lr, double scale, double b1, double b2
     g2 = np.ascontiguousarray(g).reshape(shape2)
     # OpenMP in a child forked after the parent used it can hang (GNU libgomp): the guard in
     # _dispatch says whether this process may start a team; otherwise run on one thread.
-    cdef int threads = openmp.omp_get_max_threads() if _claim_threads() else 1
+    cdef bint big = rows.shape[0] * shape2[1] >= _parallel_min_elements
+    cdef int threads = openmp.omp_get_max_threads() if big and _claim_threads() else 1
     if p.dtype == np.float32:
         _adam_rows[float](p2, m2, v2, g2, rows, t, lr, scale, b1, b2, eps, wd, scale != 1.0, threads)
     else:
