@@ -32,10 +32,17 @@ test: check-compiled
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Speed is measured here, never in tests. Installs the bench-only peers (torch CPU, mixture-of-experts).
+# The commands behind each table of bench/RESULTS.md; E = 4096 needs ~10 GiB (peers drop their grads).
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) bench/layer.py
+	uptime
+	$(PY) bench/layer.py --E 8,64,512 --pypi
+	$(PY) bench/layer.py --E 4096 --peer-grads drop
+	$(PY) bench/kernels.py --tiny
+	$(PY) bench/accel_calibration.py
+	$(PY) bench/sharding.py --only ipc:1,ipc:2
 	$(PY) bench/hier_scale.py
+	uptime
 
 clean:
 	rm -rf $(VENV) build *.egg-info moe/bindings/*.c moe/bindings/*.so
