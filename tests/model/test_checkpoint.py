@@ -1,9 +1,12 @@
 """Checkpoints are atomic, verified on load, and refuse anything tampered with or truncated."""
 
 import json
+import re
 
 import numpy as np
 import pytest
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 from moe import checkpoint as ckpt
 from moe.api import load, save_model
@@ -21,6 +24,27 @@ def saved(tmp_path):
     model = MultiTaskMoE(cfg.model, reg, rng=np.random.default_rng(0))
     where = save_model(tmp_path / "ckpts", 7, model, cfg, {"data_source": {}})
     return model, where
+
+
+def refusal(where, *, load_fn=None) -> str:
+    """The CheckpointError message of loading `where`, with the folder's path replaced by <ckpt>.
+
+    pytest's tmp folders are named after the test ("test_a_truncated_file_is_refus0"), so a
+    pattern searched in the raw message could match the path instead of the error."""
+    with pytest.raises(ckpt.CheckpointError) as e:
+        (load_fn or load)(where)
+    return str(e.value).replace(str(where), "<ckpt>")
+
+
+def rewrite(where, fname, change) -> None:
+    """Replace a file's tensors by change(tensors) and re-sign it in the manifest, so only the
+    content check (not the hash or size check) can refuse it."""
+    path = where / fname
+    data = st_save(change(dict(st_load(path.read_bytes()))))
+    path.write_bytes(data)
+    manifest = json.loads((where / ckpt.MANIFEST).read_text())
+    manifest["files"][fname].update(sha256=ckpt.sha256_bytes(data), bytes=len(data))
+    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_round_trip_gives_the_same_function(saved):
@@ -41,23 +65,23 @@ def test_a_flipped_byte_is_refused(saved, fname):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match="sha256"):
-        load(where)
+    msg = refusal(where)
+    assert re.fullmatch(rf"(checkpoint '<ckpt>': )?{re.escape(fname)} does not match its sha256 \(tampered or corrupt\)", msg), msg
 
 
 def test_a_truncated_file_is_refused(saved):
     _, where = saved
     path = where / "params.safetensors"
+    size = path.stat().st_size
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ckpt.CheckpointError, match="truncated"):
-        load(where)
+    msg = refusal(where)
+    assert msg == f"checkpoint '<ckpt>': params.safetensors has {size - 10} bytes, manifest says {size} (truncated?)"
 
 
 def test_a_missing_file_is_refused(saved):
     _, where = saved
     (where / "optim.safetensors").unlink()
-    with pytest.raises(ckpt.CheckpointError, match="missing"):
-        load(where)
+    assert refusal(where) == "checkpoint '<ckpt>': file 'optim.safetensors' is missing"
 
 
 def test_a_folder_without_manifest_is_not_a_checkpoint(saved, tmp_path):
@@ -92,9 +116,39 @@ def test_save_is_atomic_and_keeps_the_last_k(tmp_path):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
-def test_loading_into_a_different_shape_names_the_mismatch(saved):
+def test_assign_names_missing_and_unexpected_tensors(saved):
     _, where = saved
-    target = {"task.a.head.w": np.zeros((9, 2), np.float32)}
     _, files, _ = ckpt.load_checkpoint(where)
-    with pytest.raises(ckpt.CheckpointError, match="missing|expected"):
+    target = {"task.a.head.w": np.zeros((9, 2), np.float32), "nope": np.zeros(1, np.float32)}
+    with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.assign(target, files["params"], "params")
+    assert str(e.value).startswith("params: missing ['nope'], unexpected ['block0.ln.b', ")
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda a: a.astype(np.float64), "expected float32[8, 2], got float64[8, 2]"),
+        (lambda a: np.zeros((9, 2), np.float32), "expected float32[8, 2], got float32[9, 2]"),
+    ],
+    ids=["dtype", "shape"],
+)
+def test_a_tensor_of_another_dtype_or_shape_is_refused_not_cast(saved, change, expected):
+    """Same names, same hash (re-signed), one tensor differs: the shape/dtype check must fire."""
+    _, where = saved
+    rewrite(where, "params.safetensors", lambda t: {**t, "task.a.head.w": change(t["task.a.head.w"])})
+    assert refusal(where) == f"checkpoint '<ckpt>' parameters 'task.a.head.w': {expected}"
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda a: a.astype(np.float64), "expected float32[8, 8] rows, got float64[8, 8]"),
+        (lambda a: a[:, :, :7].copy(), "expected float32[8, 8] rows, got float32[8, 7]"),
+    ],
+    ids=["dtype", "shape"],
+)
+def test_an_expert_part_of_another_dtype_or_shape_is_refused(saved, change, expected):
+    _, where = saved
+    rewrite(where, "experts-l0.safetensors", lambda t: {**t, "w1": change(t["w1"])})
+    assert refusal(where) == f"expert 'w1': {expected}"
