@@ -8,13 +8,16 @@ from moe.optim import Adam, AdamConfig, clip_scale, lr_at
 pytestmark = pytest.mark.unit
 
 
-def reference_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+def reference_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, scale=1.0):
+    """Adam with decoupled weight decay (AdamW: the decay uses the weights before the step)."""
+    p = p.astype(np.float64)
     m = np.zeros_like(p)
     v = np.zeros_like(p)
     for t, g in enumerate(grads, start=1):
+        g = scale * g.astype(np.float64)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        p = p - lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * p)
     return p
 
 
@@ -45,6 +48,48 @@ def test_lazy_adam_updates_only_touched_rows_with_their_own_step_count():
     np.testing.assert_array_equal(opt.t, [2, 0, 0, 4, 0])
     for r in (0, 3):  # each touched row is plain Adam over its own steps
         np.testing.assert_allclose(params["w"][r], reference_adam(p0[r], g_rows[r], 0.05), rtol=1e-12)
+
+
+@pytest.mark.parametrize("wd,scale", [(0.1, 1.0), (0.03, 0.37)])
+def test_dense_adam_with_weight_decay_and_grad_scale_matches_reference(wd, scale):
+    rng = np.random.default_rng(5)
+    p0 = rng.normal(size=(4, 3))
+    grads = [rng.normal(size=(4, 3)) for _ in range(7)]
+    params = {"w": p0.copy()}
+    opt = Adam(params, AdamConfig(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=wd))
+    for g in grads:
+        opt.step({"w": g}, lr=0.02, scale=scale)
+    want = reference_adam(p0, grads, 0.02, b1=0.8, b2=0.99, eps=1e-6, wd=wd, scale=scale)
+    np.testing.assert_allclose(params["w"], want, rtol=1e-12)
+    no_decay = reference_adam(p0, grads, 0.02, b1=0.8, b2=0.99, eps=1e-6, scale=scale)
+    assert np.abs(want - no_decay).max() > 1e-4  # far above the tolerance
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lazy_adam_with_weight_decay_matches_reference_on_both_paths(backend, dtype):
+    """Touched rows are AdamW over their own steps; idle rows are not decayed either."""
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(6)
+    p0 = rng.normal(size=(5, 2, 3)).astype(dtype)
+    params = {"w": p0.copy()}
+    opt = Adam(params, AdamConfig(weight_decay=0.05), lazy_rows=True)
+    g_rows = {0: [], 2: [], 3: []}
+    with bindings.use_backend(backend):
+        for rows in ([0, 3], [3], [0, 2, 3], [3], [2]):
+            g = rng.normal(size=(5, 2, 3)).astype(dtype)
+            for r in rows:
+                g_rows[r].append(g[r])
+            opt.step({"w": g}, lr=0.05, scale=0.5, rows=np.array(rows))
+    assert params["w"].dtype == dtype
+    np.testing.assert_array_equal(params["w"][[1, 4]], p0[[1, 4]])
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    for r, gs in g_rows.items():
+        want = reference_adam(p0[r], gs, 0.05, wd=0.05, scale=0.5)
+        np.testing.assert_allclose(params["w"][r], want, rtol=tol, atol=tol)
 
 
 def test_dense_and_lazy_differ_when_an_expert_sits_out():
