@@ -95,11 +95,11 @@ def test_profile_json_and_pictures(run, tmp_path):
         (["train", "model.n_experts=0"], "model.n_experts must be an integer >= 1"),
         (["train", "bogus_key=1"], "unknown config key 'bogus_key'"),
         (["train", "--config", "/nonexistent.toml"], "does not exist"),
-        (["profile", "/nonexistent", "--out", "/tmp/x"], "does not exist"),
+        (["profile", "/nonexistent", "--out", "{tmp}/x"], "does not exist"),
     ],
 )
-def test_user_errors_are_one_line_without_traceback(args, needle):
-    r = moe(*args)
+def test_user_errors_are_one_line_without_traceback(args, needle, tmp_path):
+    r = moe(*(a.format(tmp=tmp_path) for a in args))
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
 
