@@ -1,7 +1,9 @@
 """Checkpoints are atomic, verified on load, and refuse anything tampered with or truncated."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +154,104 @@ def test_an_expert_part_of_another_dtype_or_shape_is_refused(saved, change, expe
     _, where = saved
     rewrite(where, "experts-l0.safetensors", lambda t: {**t, "w1": change(t["w1"])})
     assert refusal(where) == f"expert 'w1': {expected}"
+
+
+def test_a_path_that_does_not_exist(tmp_path):
+    assert refusal(tmp_path / "nope") == "checkpoint path '<ckpt>' does not exist"
+
+
+@pytest.mark.parametrize(
+    "manifest,expected",
+    [
+        ([1, 2], "checkpoint '<ckpt>': expected format 'moe.checkpoint/1', got 'list'"),
+        ({"format": "moe.checkpoint/1", "files": []}, "checkpoint '<ckpt>': manifest lists no files"),
+        ({"format": "moe.checkpoint/1"}, "checkpoint '<ckpt>': manifest lists no files"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_refused(saved, manifest, expected):
+    _, where = saved
+    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert refusal(where) == expected
+
+
+def test_a_signed_file_that_is_not_safetensors_is_refused(saved):
+    _, where = saved
+    path = where / "params.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not js}")
+    manifest = json.loads((where / ckpt.MANIFEST).read_text())
+    manifest["files"]["params.safetensors"].update(sha256=ckpt.sha256_bytes(path.read_bytes()), bytes=16)
+    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert refusal(where).startswith("checkpoint '<ckpt>': params.safetensors is not a valid safetensors file (")
+
+
+def test_expert_parts_are_read_only_when_asked(saved):
+    _, where = saved
+    _, files, _ = ckpt.load_checkpoint(where)
+    assert sorted(files) == ["optim", "params"]
+    _, files, _ = ckpt.load_checkpoint(where, load_experts=True)
+    assert sorted(files) == ["experts-l0", "optim", "params"]
+
+
+def _save(root, step, value):
+    return ckpt.save_checkpoint(root, step, {"params": {"w": np.full(2, value, np.float32)}}, {})
+
+
+def test_a_run_folder_means_its_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for step in (3, 10, 7):
+        _save(run / "checkpoints", step, step)
+    assert ckpt.resolve(run) == ckpt.resolve(run / "checkpoints") == run / "checkpoints" / "step-00000010"
+    assert ckpt.resolve(run / "checkpoints" / "step-00000003") == run / "checkpoints" / "step-00000003"
+
+
+def test_save_creates_missing_parents_and_replaces_a_step_whole(tmp_path):
+    root = tmp_path / "a" / "b" / "c"
+    first = ckpt.save_checkpoint(root, 5, {"params": {"w": np.zeros(2, np.float32)}, "extra": {"x": np.ones(1)}}, {})
+    again = _save(root, 5, 9.0)  # e.g. after a rollback: the old folder goes, extra file included
+    assert first == again and sorted(p.name for p in again.iterdir()) == ["manifest.json", "params.safetensors"]
+    _, files, _ = ckpt.load_checkpoint(again)
+    assert files["params"]["w"].tolist() == [9.0, 9.0]
+
+
+def test_a_stale_temporary_folder_of_this_process_is_replaced(tmp_path):
+    root = tmp_path / "c"
+    stale = root / f".step-00000004.tmp-{os.getpid()}"
+    stale.mkdir(parents=True)
+    (stale / "junk.safetensors").write_bytes(b"junk")
+    where = _save(root, 4, 1.0)
+    assert sorted(p.name for p in where.iterdir()) == ["manifest.json", "params.safetensors"]
+    assert not stale.exists()
+
+
+def test_save_makes_every_file_durable_before_the_rename_commits_it(tmp_path, monkeypatch):
+    """The order of docs/FORMAT.md: each file written in full and fsynced, the manifest last, the
+    folder fsynced, the rename, then the parent folder fsynced. No descriptor is left open."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("fsync", path.name, os.fstat(fd).st_size if path.is_file() else None))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", Path(src).name, Path(dst).name))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    open_before = len(os.listdir("/proc/self/fd"))
+    root = tmp_path / "c"
+    where = ckpt.save_checkpoint(root, 2, {"params": {"w": np.ones(3, np.float32)}, "optim": {"t": np.ones(1)}}, {})
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    size = {p.name: p.stat().st_size for p in where.iterdir()}
+    tmp = f".step-00000002.tmp-{os.getpid()}"
+    assert events == [
+        ("fsync", "params.safetensors", size["params.safetensors"]),
+        ("fsync", "optim.safetensors", size["optim.safetensors"]),
+        ("fsync", "manifest.json", size["manifest.json"]),
+        ("fsync", tmp, None),
+        ("rename", tmp, "step-00000002"),
+        ("fsync", "c", None),
+    ]
+
