@@ -4,6 +4,7 @@
     python tools/mutate.py moe/optim.py        # only these files (or folders)
     python tools/mutate.py --list              # print the mutants, run nothing
     python tools/mutate.py --jobs 2 --shard 1/4
+    python tools/mutate.py --planted           # the hand-planted bugs of tools/planted_bugs.toml
 
 Each mutant is one AST-level change to one file: an arithmetic, comparison, boolean or
 augmented-assignment operator swapped, a number or boolean constant changed, a condition
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,10 +56,11 @@ TARGETS: list[tuple[str, list[str]]] = [
     ("moe/bindings/reference.py", ["tests/test_dispatch.py", "tests/bindings", "tests/test_optim.py"]),
     ("moe/optim.py", ["tests/test_optim.py", "tests/test_transfer.py", "tests/model/test_resume.py"]),
     ("moe/checkpoint.py", ["tests/model/test_checkpoint.py", "tests/model/test_resume.py"]),
-    ("moe/sharding/wire.py", ["tests/sharding/test_wire.py", "tests/sharding/test_shard_units.py"]),
+    ("moe/sharding/wire.py", ["tests/sharding/test_wire*.py", "tests/sharding/test_shard_units.py"]),
     ("moe/tasks/losses.py", ["tests/tasks/test_task_losses.py", "tests/model/test_model_gradients.py"]),
 ]
 EQUIVALENTS = ROOT / "tools" / "mutation_equivalents.toml"
+PLANTED = ROOT / "tools" / "planted_bugs.toml"
 CACHE = ROOT / ".mutation" / "cache.json"
 NO_MUTATE = "pragma: no mutate"
 
@@ -267,11 +270,15 @@ def find_mutants(path: Path) -> list[Mutant]:
 
 
 # ----------------------------------------------------------------------------- selection
-def tests_for(rel: str) -> list[str] | None:
+def tests_for(rel: str) -> list[str]:
+    """The test paths of the first TARGETS entry matching `rel`; globs expand to what exists."""
     for pattern, tests in TARGETS:
         if fnmatch.fnmatch(rel, pattern):
-            return [t for t in tests if (ROOT / t).exists()]
-    return None
+            found = [str(p.relative_to(ROOT)) for t in tests for p in sorted(ROOT.glob(t))]
+            if not found:  # pytest without paths would run the whole suite for every mutant
+                sys.exit(f"mutate: none of the tests listed for {rel} exist: {tests}")
+            return found
+    sys.exit(f"mutate: {rel} is not a mutation target")
 
 
 def target_files(selected: list[str]) -> list[Path]:
@@ -291,6 +298,37 @@ def load_equivalents() -> dict[str, str]:
         return {}
     data = tomllib.loads(EQUIVALENTS.read_text())
     return {e["id"]: e["reason"] for e in data.get("equivalent", [])}
+
+
+def planted_bugs() -> list[tuple[Mutant, list[str]]]:
+    """The hand-planted bugs, as mutants: each `find` must occur exactly once in its file."""
+    out = []
+    for bug in tomllib.loads(PLANTED.read_text())["bug"]:
+        source, find = (ROOT / bug["path"]).read_bytes(), bug["find"].encode()
+        if source.count(find) != 1:
+            sys.exit(f"mutate: planted bug {bug['name']!r}: expected its text once in {bug['path']}, "
+                     f"found it {source.count(find)} times (update {PLANTED.name}): {bug['find']!r}")
+        i, j = source.index(find), source.index(find) + len(find)
+        start = (source.count(b"\n", 0, i) + 1, i - (source.rfind(b"\n", 0, i) + 1))
+        end = (source.count(b"\n", 0, j) + 1, j - (source.rfind(b"\n", 0, j) + 1))
+        out.append((Mutant(bug["path"], start[0], "<planted>", bug["name"], start, end, bug["replace"]), bug["tests"]))
+    return out
+
+
+def run_planted(timeout: float) -> int:
+    """Every planted bug must make its tests fail; prints one line per bug."""
+    bugs = planted_bugs()
+    worker = Worker()
+    caught = 0
+    try:
+        for m, tests in bugs:
+            status, took, tail = worker.run(m, (ROOT / m.path).read_bytes(), tests, timeout)
+            caught += status != "passed"
+            print(f"{'caught' if status != 'passed' else 'MISSED':7s} {took:6.1f}s  {m.what}", flush=True)
+    finally:
+        worker.close()
+    print(f"\n{caught}/{len(bugs)} planted bugs caught")
+    return 0 if caught == len(bugs) else 1
 
 
 # ----------------------------------------------------------------------------- running
@@ -319,6 +357,9 @@ def make_scratch() -> Path:
     return scratch
 
 
+_RUNNING: set[subprocess.Popen] = set()  # test runs in flight, each its own process group
+
+
 def run_tests(scratch: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
     """('passed' | 'failed' | 'timeout', seconds, last lines of output)."""
     env = {**os.environ, "PYTHONPATH": str(scratch), "PYTHONDONTWRITEBYTECODE": "1",
@@ -326,17 +367,32 @@ def run_tests(scratch: Path, tests: list[str], timeout: float) -> tuple[str, flo
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header",
            "--timeout", str(int(timeout)), *tests]
     start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    _RUNNING.add(proc)
     try:
-        r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout + 30)
+        out, _ = proc.communicate(timeout=timeout + 30)
     except subprocess.TimeoutExpired:
+        _kill(proc)
+        proc.communicate()
         return "timeout", time.monotonic() - start, ""
+    finally:
+        _RUNNING.discard(proc)
     took = time.monotonic() - start
-    tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-    if r.returncode == 0:
+    tail = "\n".join(out.strip().splitlines()[-3:])
+    if proc.returncode == 0:
         return "passed", took, tail
-    if "Timeout" in r.stdout + r.stderr:
+    if "Timeout" in out:
         return "timeout", took, tail
     return "failed", took, tail
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """The test run and everything it started (its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class Worker:
@@ -370,6 +426,12 @@ def save_cache(cache: dict[str, dict]) -> None:
     tmp.replace(CACHE)
 
 
+def _interrupt(signum, frame) -> None:
+    for proc in list(_RUNNING):
+        _kill(proc)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="*", help="target files or folders (default: every target)")
@@ -381,7 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", help="also write every mutant's outcome to this file")
     p.add_argument("--survivors-of", metavar="FILE",
                    help="rerun only the mutants that survived in an earlier --json file (quick iteration)")
+    p.add_argument("--cached", action="store_true", help="run nothing: report what the cache holds")
+    p.add_argument("--planted", action="store_true", help=f"run the hand-planted bugs of {PLANTED.name} instead")
     args = p.parse_args(argv)
+    # SIGTERM (and SIGINT, which a background job ignores) stop the run through the `finally`
+    # blocks: the running test is killed and the private copies are removed.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+    if args.planted:
+        return run_planted(600)
 
     files = target_files(args.paths)
     mutants = {f: find_mutants(f) for f in files}
@@ -392,40 +462,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sum(map(len, mutants.values()))} mutants in {len(files)} files", file=sys.stderr)
         return 0
     i, n = (int(v) for v in args.shard.split("/"))
+    # interleaved across modules (each module's mutants spread evenly over the run), so a run
+    # stopped early has covered the same fraction of every module
     flat = [(f, m) for f, ms in mutants.items() for m in ms]
-    if args.survivors_of:
+    position = {m.id: i / len(ms) for ms in mutants.values() for i, m in enumerate(ms)}
+    flat.sort(key=lambda fm: position[fm[1].id])
+    results: dict[str, dict] = {}
+    if args.survivors_of:  # what it records as killed stays killed: added tests cannot revive it
         earlier = json.loads(Path(args.survivors_of).read_text())
-        flat = [(f, m) for f, m in flat if earlier.get(m.id, {}).get("status") == "survived"]
+        flat = [(f, m) for f, m in flat if m.id in earlier]
+        results = {m.id: earlier[m.id] for _, m in flat if earlier[m.id]["status"] == "killed"}
     flat = flat[i - 1 :: n]
 
     digest = tree_digest()
     cache = load_cache(args.fresh)
     equivalents = load_equivalents()
-    workers = [Worker() for _ in range(max(1, args.jobs))]
+    todo = []
+    for f, m in flat:
+        if m.id in results:
+            continue
+        source = f.read_bytes()
+        key = hashlib.sha256(digest.encode() + m.apply(source)).hexdigest()
+        if key in cache:
+            results[m.id] = cache[key]
+        elif not args.cached:
+            todo.append((f, m, source, key))
+    workers = [Worker() for _ in range(max(1, args.jobs))] if todo else []
     try:
-        budgets = {}
-        for f in files:  # the unmutated tests must pass here first, and set the timeout
+        budgets, timed = {}, {}
+        for f in sorted({f for f, *_ in todo}):  # the unmutated tests must pass first, and set the timeout
             tests = tests_for(str(f.relative_to(ROOT)))
-            status, took, tail = workers[0].run(
-                Mutant(str(f.relative_to(ROOT)), 0, "", "none", (1, 0), (1, 0), ""), f.read_bytes(), tests, 1800)
-            if status != "passed":
-                print(f"mutate: the tests of {f.relative_to(ROOT)} fail without any mutant:\n{tail}", file=sys.stderr)
-                return 2
+            if tuple(tests) not in timed:
+                status, took, tail = workers[0].run(
+                    Mutant(str(f.relative_to(ROOT)), 0, "", "none", (1, 0), (1, 0), ""), f.read_bytes(), tests, 1800)
+                if status != "passed":
+                    print(f"mutate: the tests of {f.relative_to(ROOT)} fail without any mutant:\n{tail}", file=sys.stderr)
+                    return 2
+                timed[tuple(tests)] = took
+            took = timed[tuple(tests)]
             budgets[f] = max(60.0, 5 * took)
             print(f"{f.relative_to(ROOT)}: {len(mutants[f])} mutants, tests {tests} take {took:.1f}s", flush=True)
 
-        results: dict[str, dict] = {}
-        todo = []
-        for f, m in flat:
-            source = f.read_bytes()
-            key = hashlib.sha256(digest.encode() + m.apply(source)).hexdigest()
-            if key in cache:
-                results[m.id] = cache[key]
-            else:
-                todo.append((f, m, source, key))
         free = list(workers)
         done = 0
-        with cf.ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        with cf.ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
             pending = {}
             queue = list(todo)
             while queue or pending:
@@ -457,11 +537,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(flat, results, equivalents, args) -> int:
     by_file: dict[str, list[tuple[Mutant, dict]]] = {}
+    not_run: dict[str, int] = {}
     for _, m in flat:
-        by_file.setdefault(m.path, []).append((m, results[m.id]))
+        by_file.setdefault(m.path, [])
+        if m.id in results:
+            by_file[m.path].append((m, results[m.id]))
+        else:
+            not_run[m.path] = not_run.get(m.path, 0) + 1
     bad = False
     print()
-    print(f"{'module':32s} {'mutants':>8s} {'killed':>7s} {'survived':>9s} {'equivalent':>11s} {'unexplained':>12s} {'survival':>9s}")
+    print(f"{'module':32s} {'mutants':>8s} {'killed':>7s} {'survived':>9s} {'equivalent':>11s} {'unexplained':>12s} {'survival':>9s}"
+          + ("  not run" if not_run else ""))
     tot = [0, 0, 0, 0, 0]
     for path, rows in by_file.items():
         surv = [m for m, r in rows if r["status"] == "survived"]
@@ -470,17 +556,22 @@ def report(flat, results, equivalents, args) -> int:
         frac = len(surv) / len(rows) if rows else 0.0
         counts = [len(rows), len(rows) - len(surv), len(surv), len(eq), len(unexplained)]
         tot = [a + b for a, b in zip(tot, counts, strict=True)]
-        print(f"{path:32s} {counts[0]:8d} {counts[1]:7d} {counts[2]:9d} {counts[3]:11d} {counts[4]:12d} {100 * frac:8.1f}%")
+        print(f"{path:32s} {counts[0]:8d} {counts[1]:7d} {counts[2]:9d} {counts[3]:11d} {counts[4]:12d} {100 * frac:8.1f}%"
+              + (f"  {not_run.get(path, 0):7d}" if not_run else ""))
         bad |= bool(unexplained) or frac > args.max_survival
     frac = tot[2] / tot[0] if tot[0] else 0.0
-    print(f"{'total':32s} {tot[0]:8d} {tot[1]:7d} {tot[2]:9d} {tot[3]:11d} {tot[4]:12d} {100 * frac:8.1f}%")
+    print(f"{'total':32s} {tot[0]:8d} {tot[1]:7d} {tot[2]:9d} {tot[3]:11d} {tot[4]:12d} {100 * frac:8.1f}%"
+          + (f"  {sum(not_run.values()):7d}" if not_run else ""))
+    if not_run:
+        print(f"\nPARTIAL: {sum(not_run.values())} mutants not run (the mutants column counts those that ran)")
+        bad = True
     unexplained = [(m, r) for rows in by_file.values() for m, r in rows
                    if r["status"] == "survived" and m.id not in equivalents]
     if unexplained:
         print("\nunexplained survivors (a test should kill them, or list them as equivalent with a reason):")
         for m, _ in unexplained:
             print(f"  {m.path}:{m.line}  {m.id}")
-    complete = not args.paths and args.shard == "1/1" and not args.survivors_of
+    complete = not args.paths and args.shard == "1/1" and not not_run
     stale = sorted(set(equivalents) - {m.id for _, m in flat}) if complete else []
     if stale:
         print("\nequivalents that no longer match a mutant (remove them from the list):")
@@ -494,4 +585,7 @@ def report(flat, results, equivalents, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        sys.exit(f"mutate: stopped ({e}); finished mutants are cached")
