@@ -125,6 +125,12 @@ def test_schedule_and_clipping():
         clip_scale(float("nan"), 1.0)
 
 
+@pytest.mark.parametrize("off", [None, 0, 0.0])
+def test_clip_norm_none_or_zero_means_no_clipping(off):
+    """train.clip_norm = 0 is documented as "no clipping": the factor is 1 whatever the norm."""
+    assert clip_scale(1e6, off) == 1.0
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="beta1 must be in"):
         AdamConfig(beta1=1.0)
