@@ -125,6 +125,13 @@ def test_schedule_and_clipping():
         clip_scale(float("nan"), 1.0)
 
 
+def test_schedule_peaks_at_the_end_of_warmup_and_decays_to_a_tenth_by_default():
+    assert lr_at(9, lr=2.0, warmup=10, total=100) == lr_at(10, lr=2.0, warmup=10, total=100) == 2.0
+    assert lr_at(11, lr=2.0, warmup=10, total=100) < 2.0
+    assert lr_at(100, lr=2.0, warmup=10, total=100) == pytest.approx(0.2, rel=1e-12)
+    assert lr_at(10**6, lr=2.0, warmup=10, total=100) == pytest.approx(0.2, rel=1e-12)  # stays there
+
+
 @pytest.mark.parametrize("off", [None, 0, 0.0])
 def test_clip_norm_none_or_zero_means_no_clipping(off):
     """train.clip_norm = 0 is documented as "no clipping": the factor is 1 whatever the norm."""
