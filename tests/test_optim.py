@@ -130,6 +130,8 @@ def test_schedule_peaks_at_the_end_of_warmup_and_decays_to_a_tenth_by_default():
     assert lr_at(11, lr=2.0, warmup=10, total=100) < 2.0
     assert lr_at(100, lr=2.0, warmup=10, total=100) == pytest.approx(0.2, rel=1e-12)
     assert lr_at(10**6, lr=2.0, warmup=10, total=100) == pytest.approx(0.2, rel=1e-12)  # stays there
+    # one step of decay: the floor right after the peak
+    assert lr_at(11, lr=2.0, warmup=10, total=11, min_ratio=0.0) == pytest.approx(0.0, abs=1e-15)
 
 
 @pytest.mark.parametrize("off", [None, 0, 0.0])
