@@ -1,5 +1,7 @@
 """Adam against a hand-written reference; lazy (touched-rows) versus dense semantics."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -138,6 +140,14 @@ def test_schedule_peaks_at_the_end_of_warmup_and_decays_to_a_tenth_by_default():
 def test_clip_norm_none_or_zero_means_no_clipping(off):
     """train.clip_norm = 0 is documented as "no clipping": the factor is 1 whatever the norm."""
     assert clip_scale(1e6, off) == 1.0
+
+
+def test_adam_config_is_frozen():
+    """Configs are values: a step cannot change the optimizer's settings behind its back."""
+    c = AdamConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.beta1 = 0.5
+    assert hash(c) == hash(AdamConfig())
 
 
 def test_bad_config():
