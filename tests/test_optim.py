@@ -150,9 +150,21 @@ def test_adam_config_is_frozen():
     assert hash(c) == hash(AdamConfig())
 
 
-def test_bad_config():
-    with pytest.raises(ValueError, match="beta1 must be in"):
-        AdamConfig(beta1=1.0)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"beta1": 1.0}, "adam beta1 must be in [0, 1), got 1.0"), ({"beta2": -0.1}, "adam beta2 must be in [0, 1), got -0.1"),
+     ({"eps": 0.0}, "adam eps must be > 0, got 0.0"), ({"eps": -1e-8}, "adam eps must be > 0, got -1e-08"),
+     ({"weight_decay": -0.01}, "adam weight_decay must be >= 0, got -0.01")],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        AdamConfig(**kwargs)
+    assert str(e.value) == message
+
+
+def test_config_edges_are_allowed():
+    """beta 0 (no momentum) and no weight decay are valid settings, not errors."""
+    AdamConfig(beta1=0.0, beta2=0.0, weight_decay=0.0, eps=1e-30)
 
 
 @pytest.mark.kernels
