@@ -142,6 +142,15 @@ def test_clip_norm_none_or_zero_means_no_clipping(off):
     assert clip_scale(1e6, off) == 1.0
 
 
+def test_lazy_rows_need_one_leading_axis():
+    params = {"a": np.zeros((3, 2)), "b": np.zeros((4, 2))}  # two sizes: the smallest mismatch
+    with pytest.raises(ValueError) as e:
+        Adam(params, AdamConfig(), lazy_rows=True)
+    assert str(e.value) == "lazy rows need one leading axis for all params, got sizes {3, 4}"
+    Adam({"a": np.zeros((3, 2)), "b": np.zeros(3)}, AdamConfig(), lazy_rows=True)  # same rows: fine
+    Adam(params, AdamConfig())  # dense Adam takes any shapes
+
+
 def test_adam_config_is_frozen():
     """Configs are values: a step cannot change the optimizer's settings behind its back."""
     c = AdamConfig()
