@@ -151,6 +151,29 @@ def test_lazy_rows_need_one_leading_axis():
     Adam(params, AdamConfig())  # dense Adam takes any shapes
 
 
+def test_lazy_and_dense_steps_refuse_the_other_mode_s_call():
+    lazy = Adam({"w": np.zeros((3, 2))}, AdamConfig(), lazy_rows=True)
+    with pytest.raises(ValueError) as e:
+        lazy.step({"w": np.ones((3, 2))}, 0.1)
+    assert str(e.value) == "lazy-row Adam needs the rows to update"
+    dense = Adam({"w": np.zeros((3, 2))}, AdamConfig())
+    with pytest.raises(ValueError) as e:
+        dense.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([0]))
+    assert str(e.value) == "dense Adam updates every row; rows= is only for lazy mode"
+
+
+def test_step_counts_in_the_state_one_for_dense_one_per_row_for_lazy():
+    """The step counts a checkpoint stores ("dense.t", and "table.<table>.t" int64 [R] per row)."""
+    dense = Adam({"w": np.zeros((3, 2))}, AdamConfig())
+    for _ in range(3):
+        dense.step({"w": np.ones((3, 2))}, 0.1)
+    assert dense.state_dict()["t"].tolist() == [3]
+    lazy = Adam({"w": np.zeros((3, 2))}, AdamConfig(), lazy_rows=True)
+    lazy.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([0, 2]))
+    lazy.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([2]))
+    assert lazy.state_dict()["t"].tolist() == [1, 0, 2]
+
+
 def test_adam_config_is_frozen():
     """Configs are values: a step cannot change the optimizer's settings behind its back."""
     c = AdamConfig()
