@@ -50,6 +50,24 @@ def test_a_gate_checks_its_own_arguments(name, args, match):
         make_gate(name, *args, rng=np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("weight", ["w_importance", "w_load", "w_z"])
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_balance_weights_must_be_finite_and_non_negative(weight, bad):
+    with pytest.raises(ValueError) as e:
+        make_gate("noisy_topk", 4, 3, 1, rng=np.random.default_rng(0), **{weight: bad})
+    assert str(e.value) == f"{weight} must be a finite number >= 0, got {bad}"
+    make_gate("noisy_topk", 4, 3, 1, rng=np.random.default_rng(0), **{weight: 0.0})  # zero: term off
+
+
+@pytest.mark.parametrize("d_in", [4, 400])
+def test_gate_weights_start_small_with_std_a_tenth_over_root_d(d_in):
+    """A small random start breaks the tie of equal zero logits, scaled so the logits' spread
+    does not grow with the input width. 200k draws: the sample std is within 1% (over 6 sigma)."""
+    w = make_gate("softmax_topk", d_in, 200_000 // d_in, 1, rng=np.random.default_rng(1)).params["w_gate"]
+    assert w.std() == pytest.approx(0.1 / np.sqrt(d_in), rel=0.01)
+    assert abs(w.mean()) < 5 * 0.1 / np.sqrt(d_in) / np.sqrt(w.size)
+
+
 def test_smallest_gate_works():
     """One input feature, one expert, k = 1: the bounds are inclusive."""
     for name in ("noisy_topk", "softmax_topk", "top1"):
