@@ -528,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
                     if done % 10 == 0:
                         save_cache(cache)
                         print(f"  [{done}/{len(todo)}]", flush=True)
-        save_cache(cache)
+    except KeyboardInterrupt as e:  # stopped: what finished is kept and reported as partial
+        print(f"\nmutate: stopped ({e})", file=sys.stderr)
     finally:
+        save_cache(cache)
         for w in workers:
             w.close()
     return report(flat, results, equivalents, args)
@@ -585,7 +587,4 @@ def report(flat, results, equivalents, args) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as e:
-        sys.exit(f"mutate: stopped ({e}); finished mutants are cached")
+    sys.exit(main())
