@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,27 @@ def test_save_makes_every_file_durable_before_the_rename_commits_it(tmp_path, mo
         ("fsync", "c", None),
     ]
 
+
+
+def test_a_failed_save_raises_its_own_error_and_leaves_no_temporary_folder(tmp_path):
+    """Even when the failing writer already took the temporary folder with it (a writer in
+    another process may clean up on its own failure), the caller sees the writer's error."""
+    def failing_writer(tmp):
+        shutil.rmtree(tmp)
+        raise RuntimeError("disk full")
+
+    root = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="^disk full$"):
+        ckpt.save_checkpoint(root, 1, {"params": {"w": np.ones(2, np.float32)}}, {}, writers=[failing_writer])
+    assert list(root.iterdir()) == []
+
+
+def test_pruning_tolerates_a_checkpoint_another_process_already_removed(tmp_path, monkeypatch):
+    root = tmp_path / "c"
+    for step in (1, 2):
+        _save(root, step, step)
+    gone = root / "step-00000000"  # listed, then removed by someone else before the prune
+    real = ckpt.list_checkpoints
+    monkeypatch.setattr(ckpt, "list_checkpoints", lambda r: [gone, *real(r)])
+    where = ckpt.save_checkpoint(root, 3, {"params": {"w": np.zeros(2, np.float32)}}, {}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == [where.name] == ["step-00000003"]
