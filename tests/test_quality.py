@@ -1,8 +1,8 @@
 """The benchmark's quality bars, checked at a smaller scale than `moe train`'s default.
 
-Every bar holds on each of three training seeds and is asserted on the WORST of them: a bar
-that one lucky seed clears proves nothing. Everything is seeded, so these are deterministic;
-the margins are what the bars demand.
+Every bar is asserted on the WORST of three training seeds: a bar that one lucky seed clears
+proves nothing. Everything is seeded, so these are deterministic; the margins are what the
+bars demand. The add-task bar misses on the worst seed today (a strict xfail with its figures).
 """
 
 import numpy as np
