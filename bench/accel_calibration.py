@@ -1,6 +1,6 @@
 """Does the cost model predict this CPU? Predicted vs measured MoE layer step (forward+backward).
 
-    python bench/accel_calibration.py [--E 8,64,512] [--reps 5]
+    python bench/accel_calibration.py [--E 8,64,512] [--reps 5] [--max-error 0.3]
 
 The `cpu` device spec is measured on the spot (sgemm peak, copy bandwidth counting bytes read
 + written, and two measured rates for elementwise gate work and dispatch; see
@@ -8,7 +8,9 @@ moe.accel.devices.calibrate_cpu); the cost model then predicts one MoELayer forw
 at T = 8192, d = 256, h = 512, k = 2 (noisy top-k, dropless), and we time the real layers
 (compiled kernels) in the same run, all sizes alternated step by step (bench/_timing.py).
 The `roofline` column is the prediction from sgemm and copy alone (the two measured rates
-set to 0), to show what they add. The issue's bar: |measured / predicted - 1| <= 30%.
+set to 0), to show what they add. The issue's bar: |measured / predicted - 1| <= 30%;
+the exit status is 1 when a row misses --max-error. This is a measurement, so it lives
+here and not in the tests (tests/accel/test_accel_cost.py checks the model's arithmetic).
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ def calibrate(T: int, d: int, h: int, experts: list[int], k: int = 2, reps: int 
     return device, rows
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--E", default="8,64,512")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-error", type=float, default=0.3, help="largest |measured/predicted - 1| that passes")
     args = p.parse_args()
     load_before = load_average()
     device, rows = calibrate(8192, 256, 512, [int(e) for e in args.E.split(",")], reps=args.reps)
@@ -78,7 +81,11 @@ def main() -> None:
               f"{detail['router_s'] * 1e3:.0f} | {detail['dispatch_s'] * 1e3:.0f} | {detail['experts_s'] * 1e3:.0f} |")
     print(f"\n(router, dispatch, experts: the prediction's parts) load average before {load_before:.2f}, "
           f"after {load_average():.2f}")
+    missed = [E for E, pred_s, meas_s, _ in rows if abs(meas_s / pred_s - 1) > args.max_error]
+    if missed:
+        print(f"\nmissed the {args.max_error:.0%} bar at E = {missed}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

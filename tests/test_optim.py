@@ -1,5 +1,7 @@
 """Adam against a hand-written reference; lazy (touched-rows) versus dense semantics."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -8,13 +10,16 @@ from moe.optim import Adam, AdamConfig, clip_scale, lr_at
 pytestmark = pytest.mark.unit
 
 
-def reference_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+def reference_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, scale=1.0):
+    """Adam with decoupled weight decay (AdamW: the decay uses the weights before the step)."""
+    p = p.astype(np.float64)
     m = np.zeros_like(p)
     v = np.zeros_like(p)
     for t, g in enumerate(grads, start=1):
+        g = scale * g.astype(np.float64)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        p = p - lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * p)
     return p
 
 
@@ -45,6 +50,48 @@ def test_lazy_adam_updates_only_touched_rows_with_their_own_step_count():
     np.testing.assert_array_equal(opt.t, [2, 0, 0, 4, 0])
     for r in (0, 3):  # each touched row is plain Adam over its own steps
         np.testing.assert_allclose(params["w"][r], reference_adam(p0[r], g_rows[r], 0.05), rtol=1e-12)
+
+
+@pytest.mark.parametrize("wd,scale", [(0.1, 1.0), (0.03, 0.37)])
+def test_dense_adam_with_weight_decay_and_grad_scale_matches_reference(wd, scale):
+    rng = np.random.default_rng(5)
+    p0 = rng.normal(size=(4, 3))
+    grads = [rng.normal(size=(4, 3)) for _ in range(7)]
+    params = {"w": p0.copy()}
+    opt = Adam(params, AdamConfig(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=wd))
+    for g in grads:
+        opt.step({"w": g}, lr=0.02, scale=scale)
+    want = reference_adam(p0, grads, 0.02, b1=0.8, b2=0.99, eps=1e-6, wd=wd, scale=scale)
+    np.testing.assert_allclose(params["w"], want, rtol=1e-12)
+    no_decay = reference_adam(p0, grads, 0.02, b1=0.8, b2=0.99, eps=1e-6, scale=scale)
+    assert np.abs(want - no_decay).max() > 1e-4  # far above the tolerance
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lazy_adam_with_weight_decay_matches_reference_on_both_paths(backend, dtype):
+    """Touched rows are AdamW over their own steps; idle rows are not decayed either."""
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(6)
+    p0 = rng.normal(size=(5, 2, 3)).astype(dtype)
+    params = {"w": p0.copy()}
+    opt = Adam(params, AdamConfig(weight_decay=0.05), lazy_rows=True)
+    g_rows = {0: [], 2: [], 3: []}
+    with bindings.use_backend(backend):
+        for rows in ([0, 3], [3], [0, 2, 3], [3], [2]):
+            g = rng.normal(size=(5, 2, 3)).astype(dtype)
+            for r in rows:
+                g_rows[r].append(g[r])
+            opt.step({"w": g}, lr=0.05, scale=0.5, rows=np.array(rows))
+    assert params["w"].dtype == dtype
+    np.testing.assert_array_equal(params["w"][[1, 4]], p0[[1, 4]])
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    for r, gs in g_rows.items():
+        want = reference_adam(p0[r], gs, 0.05, wd=0.05, scale=0.5)
+        np.testing.assert_allclose(params["w"][r], want, rtol=tol, atol=tol)
 
 
 def test_dense_and_lazy_differ_when_an_expert_sits_out():
@@ -80,9 +127,76 @@ def test_schedule_and_clipping():
         clip_scale(float("nan"), 1.0)
 
 
-def test_bad_config():
-    with pytest.raises(ValueError, match="beta1 must be in"):
-        AdamConfig(beta1=1.0)
+def test_schedule_peaks_at_the_end_of_warmup_and_decays_to_a_tenth_by_default():
+    assert lr_at(9, lr=2.0, warmup=10, total=100) == lr_at(10, lr=2.0, warmup=10, total=100) == 2.0
+    assert lr_at(11, lr=2.0, warmup=10, total=100) < 2.0
+    assert lr_at(100, lr=2.0, warmup=10, total=100) == pytest.approx(0.2, rel=1e-12)
+    assert lr_at(10**6, lr=2.0, warmup=10, total=100) == pytest.approx(0.2, rel=1e-12)  # stays there
+    # one step of decay: the floor right after the peak
+    assert lr_at(11, lr=2.0, warmup=10, total=11, min_ratio=0.0) == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("off", [None, 0, 0.0])
+def test_clip_norm_none_or_zero_means_no_clipping(off):
+    """train.clip_norm = 0 is documented as "no clipping": the factor is 1 whatever the norm."""
+    assert clip_scale(1e6, off) == 1.0
+
+
+def test_lazy_rows_need_one_leading_axis():
+    params = {"a": np.zeros((3, 2)), "b": np.zeros((4, 2))}  # two sizes: the smallest mismatch
+    with pytest.raises(ValueError) as e:
+        Adam(params, AdamConfig(), lazy_rows=True)
+    assert str(e.value) == "lazy rows need one leading axis for all params, got sizes {3, 4}"
+    Adam({"a": np.zeros((3, 2)), "b": np.zeros(3)}, AdamConfig(), lazy_rows=True)  # same rows: fine
+    Adam(params, AdamConfig())  # dense Adam takes any shapes
+
+
+def test_lazy_and_dense_steps_refuse_the_other_mode_s_call():
+    lazy = Adam({"w": np.zeros((3, 2))}, AdamConfig(), lazy_rows=True)
+    with pytest.raises(ValueError) as e:
+        lazy.step({"w": np.ones((3, 2))}, 0.1)
+    assert str(e.value) == "lazy-row Adam needs the rows to update"
+    dense = Adam({"w": np.zeros((3, 2))}, AdamConfig())
+    with pytest.raises(ValueError) as e:
+        dense.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([0]))
+    assert str(e.value) == "dense Adam updates every row; rows= is only for lazy mode"
+
+
+def test_step_counts_in_the_state_one_for_dense_one_per_row_for_lazy():
+    """The step counts a checkpoint stores ("dense.t", and "table.<table>.t" int64 [R] per row)."""
+    dense = Adam({"w": np.zeros((3, 2))}, AdamConfig())
+    for _ in range(3):
+        dense.step({"w": np.ones((3, 2))}, 0.1)
+    assert dense.state_dict()["t"].tolist() == [3]
+    lazy = Adam({"w": np.zeros((3, 2))}, AdamConfig(), lazy_rows=True)
+    lazy.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([0, 2]))
+    lazy.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([2]))
+    assert lazy.state_dict()["t"].tolist() == [1, 0, 2]
+
+
+def test_adam_config_is_frozen():
+    """Configs are values: a step cannot change the optimizer's settings behind its back."""
+    c = AdamConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.beta1 = 0.5
+    assert hash(c) == hash(AdamConfig())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"beta1": 1.0}, "adam beta1 must be in [0, 1), got 1.0"), ({"beta2": -0.1}, "adam beta2 must be in [0, 1), got -0.1"),
+     ({"eps": 0.0}, "adam eps must be > 0, got 0.0"), ({"eps": -1e-8}, "adam eps must be > 0, got -1e-08"),
+     ({"weight_decay": -0.01}, "adam weight_decay must be >= 0, got -0.01")],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        AdamConfig(**kwargs)
+    assert str(e.value) == message
+
+
+def test_config_edges_are_allowed():
+    """beta 0 (no momentum) and no weight decay are valid settings, not errors."""
+    AdamConfig(beta1=0.0, beta2=0.0, weight_decay=0.0, eps=1e-30)
 
 
 @pytest.mark.kernels

@@ -138,6 +138,20 @@ def test_ffn_hand_computed_relu():
     assert grads[0].item() == 6.0  # dw1 = x * 3 on the live row
 
 
+@pytest.mark.parametrize("impl", [_grouped, ref], ids=["compiled", "numpy"])
+def test_relu_slope_at_exactly_zero_is_zero_on_both_paths(impl):
+    """pre = 0.5 * 2 - 1 = 0 exactly: the subgradient both paths use there is 0 (relu'(0) = 0)."""
+    w1, b1 = np.array([[[2.0]]]), np.array([[-1.0]])
+    w2, b2 = np.array([[[3.0]]]), np.array([[0.5]])
+    x = np.array([[0.5], [2.0]])
+    out, pre, act = impl.ffn_forward(x, np.array([0, 2]), w1, b1, w2, b2, "relu")
+    assert pre.ravel().tolist() == [0.0, 3.0]
+    grads = [np.zeros((1, 1, 1)), np.zeros((1, 1)), np.zeros((1, 1, 1)), np.zeros((1, 1))]
+    d_x = impl.ffn_backward(np.ones((2, 1)), x, np.array([0, 2]), w1, w2, pre, act, "relu", *grads)
+    assert d_x.ravel().tolist() == [0.0, 6.0]
+    assert grads[1].item() == 3.0  # db1: the row at zero adds nothing
+
+
 def test_ffn_gelu_matches_the_normal_cdf_formula():
     from scipy.stats import norm
 
