@@ -18,7 +18,7 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.experts.protocol import ExpertGroup
 from moe.layer import MoELayer
-from moe.nn import MLP, LayerNorm, Linear
+from moe.nn import MLP, Joined, LayerNorm, Linear
 from moe.routing.types import Routing
 from moe.tasks.spec import TaskRegistry, TaskSpec
 
@@ -40,7 +40,9 @@ class ModelOutput:
 
 
 class MultiTaskMoE:
-    """One sparse MoE model shared by every task. params/grads: flat dicts of name -> array."""
+    """One sparse MoE model shared by every task. params: a flat dict of name -> array;
+    grads: a read-only mapping with the same keys, read through from the modules (so local
+    experts' dense gradients are built only if someone reads them)."""
 
     def __init__(
         self,
@@ -92,24 +94,25 @@ class MultiTaskMoE:
         self.task_emb_grad[spec.name] = np.zeros_like(emb)
 
     def _collect(self) -> None:
-        """Rebuild the flat params/grads dicts (they hold the modules' arrays, not copies)."""
+        """Rebuild the flat params dict and the grads view (the modules' arrays, not copies)."""
         self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
+        parts: list[tuple[str, dict]] = []
 
         def add(prefix: str, module) -> None:
             for n in module.params:
                 self.params[f"{prefix}.{n}"] = module.params[n]
-                self.grads[f"{prefix}.{n}"] = module.grads[n]
+            parts.append((f"{prefix}.", module.grads))
 
         for name in self.tasks.names:
             add(f"task.{name}.adapter", self.adapters[name])
             add(f"task.{name}.head", self.heads[name])
             self.params[f"task.{name}.emb"] = self.task_emb[name]
-            self.grads[f"task.{name}.emb"] = self.task_emb_grad[name]
+            parts.append((f"task.{name}.", {"emb": self.task_emb_grad[name]}))
         for i, (ln, layer) in enumerate(self.blocks):
             add(f"block{i}.ln", ln)
             add(f"block{i}.moe", layer)
         add("final_ln", self.final_ln)
+        self.grads = Joined(parts)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -153,8 +156,10 @@ class MultiTaskMoE:
 
     # ------------------------------------------------------------------ forward / backward
     def forward(
-        self, chunks: list[Chunk], *, train: bool = True, rng: np.random.Generator | None = None
+        self, chunks: list[Chunk], *, train: bool = True, rng: np.random.Generator | None = None,
+        grad: bool | None = None,
     ) -> ModelOutput:
+        """grad: keep what backward needs (default: when training); see MoELayer.forward."""
         if not chunks:
             raise ValueError("a batch needs at least one chunk")
         if len({ch.task for ch in chunks}) != len(chunks):
@@ -179,7 +184,7 @@ class MultiTaskMoE:
         routings = []
         for ln, layer in self.blocks:
             z = ln.forward(h)  # [B, d]
-            y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng)
+            y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng, grad=grad)
             h = h + y  # [B, d]
             routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]

@@ -58,29 +58,90 @@ class AdamConfig:
 
 
 class Adam:
-    """Adam (decoupled weight decay) over a dict of named arrays, updated in place."""
+    """Adam (decoupled weight decay) over a dict of named arrays, updated in place.
+
+    Dense mode keeps `m`, `v` (arrays like the params) and one step count `t` [1]. Lazy-row
+    mode keeps `t` [n_rows] and allocates a row's moments on its first update, so untouched
+    rows (experts, task tables) cost nothing: `state_rows()` are the rows that have moments
+    (those with t > 0), `state_dict` holds the moments of those rows only.
+    """
 
     def __init__(self, params: dict[str, np.ndarray], config: AdamConfig, *, lazy_rows: bool = False):
         self.params, self.config, self.lazy_rows = params, config, lazy_rows
-        self.m = {n: np.zeros_like(p) for n, p in params.items()}
-        self.v = {n: np.zeros_like(p) for n, p in params.items()}
-        n_rows = {p.shape[0] for p in params.values()} if lazy_rows else set()
+        if not lazy_rows:
+            self.m = {n: np.zeros_like(p) for n, p in params.items()}
+            self.v = {n: np.zeros_like(p) for n, p in params.items()}
+            self.t = np.zeros(1, dtype=np.int64)  # one step count
+            return
+        n_rows = {p.shape[0] for p in params.values()}
         if len(n_rows) > 1:
             raise ValueError(f"lazy rows need one leading axis for all params, got sizes {n_rows}")
-        self.t = np.zeros(n_rows.pop() if lazy_rows else 1, dtype=np.int64)  # step count(s)
+        self.t = np.zeros(n_rows.pop() if n_rows else 0, dtype=np.int64)  # each row's step count
+        self._slot = np.full(self.t.shape[0], -1, dtype=np.int64)  # row -> place in the stores
+        self._used = 0  # places handed out
+        self._m = {n: np.zeros((0,) + p.shape[1:], dtype=p.dtype) for n, p in params.items()}  # [used, ...]
+        self._v = {n: np.zeros((0,) + p.shape[1:], dtype=p.dtype) for n, p in params.items()}
 
+    # ------------------------------------------------------------------ lazy-row storage
+    def state_rows(self) -> np.ndarray:
+        """Rows that have moments (were ever updated), ascending; all rows in dense mode."""
+        if not self.lazy_rows:
+            return np.arange(next(iter(self.params.values())).shape[0] if self.params else 0)
+        return np.flatnonzero(self._slot >= 0)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the moments (allocated, not merely reserved)."""
+        stores = (self.m, self.v) if not self.lazy_rows else (self._m, self._v)
+        return int(sum(a.nbytes for s in stores for a in s.values()))
+
+    def _places(self, rows: np.ndarray) -> np.ndarray:
+        """Places of `rows` in the moment stores, giving new rows zeroed moments first."""
+        slot = self._slot[rows]  # [r]
+        new = rows[slot < 0]
+        if new.size:
+            n0 = self._used
+            self._slot[new] = np.arange(n0, n0 + new.size)
+            self._used = n0 + new.size
+            for store in (self._m, self._v):
+                for a in store.values():
+                    # realloc in place (mremap for large blocks), new rows zero-filled; nothing
+                    # else holds a view of the stores, so nothing can dangle
+                    a.resize((self._used,) + a.shape[1:], refcheck=False)
+            slot = self._slot[rows]
+        return slot
+
+    def moments(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(m, v) of one param as full arrays like the param (zeros where a row has none): a copy
+        in lazy mode, for callers that hold dense state anyway (the JAX backend)."""
+        if not self.lazy_rows:
+            return self.m[name], self.v[name]
+        rows = self.state_rows()
+        out = []
+        for store in (self._m, self._v):
+            full = np.zeros_like(self.params[name])
+            full[rows] = store[name][self._slot[rows]]
+            out.append(full)
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------ update
     def step(
         self,
         grads: dict[str, np.ndarray],
         lr: float,
         scale: float = 1.0,
         rows: np.ndarray | None = None,
+        *,
+        packed: bool = False,
     ) -> None:
-        """Apply one update with gradients `grads * scale`; `rows` selects experts (lazy mode)."""
+        """Apply one update with gradients `grads * scale`; `rows` (distinct) selects the rows
+        to update in lazy mode. packed=True: grads[n][i] is the gradient of row rows[i]
+        (only the touched rows exist); otherwise grads are full arrays indexed by row."""
         c = self.config
         if rows is None:
             if self.lazy_rows:
                 raise ValueError("lazy-row Adam needs the rows to update")
+            if packed:
+                raise ValueError("packed gradients need rows= (lazy mode)")
             self.t += 1
             t = float(self.t[0])
             for n, p in self.params.items():
@@ -88,29 +149,41 @@ class Adam:
             return
         if not self.lazy_rows:
             raise ValueError("dense Adam updates every row; rows= is only for lazy mode")
+        rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return
+        self._check_rows(rows, grads, packed)
+        places = self._places(rows)  # [r]
         self.t[rows] += 1
+        t = self.t[rows]  # [r]
+        g_rows = np.arange(rows.size) if packed else rows  # [r]
         kernel = compiled_adam_rows()
-        if kernel is not None:  # one fused pass per row instead of gather, update, scatter
-            for n, p in self.params.items():
-                if p.flags.c_contiguous and p.dtype in (np.float32, np.float64):
-                    kernel(p, self.m[n], self.v[n], grads[n], rows, self.t, lr, scale,
-                           c.beta1, c.beta2, c.eps, c.weight_decay)
-                else:
-                    self._update_rows(n, p, grads[n], rows, lr, scale)
-            return
         for n, p in self.params.items():
-            self._update_rows(n, p, grads[n], rows, lr, scale)
+            m, v, g = self._m[n], self._v[n], grads[n]
+            if kernel is not None and p.flags.c_contiguous and p.dtype in (np.float32, np.float64):
+                # one fused pass per row instead of gather, update, scatter
+                kernel(p, m, v, g, rows, places, g_rows, t, lr, scale,
+                       c.beta1, c.beta2, c.eps, c.weight_decay)
+            else:
+                self._update_rows(p, m, v, g, rows, places, g_rows, t, lr, scale)
 
-    def _update_rows(self, n: str, p: np.ndarray, g: np.ndarray, rows: np.ndarray, lr: float, scale: float) -> None:
+    def _check_rows(self, rows: np.ndarray, grads: dict[str, np.ndarray], packed: bool) -> None:
+        n = self.t.shape[0]
+        if rows.ndim != 1 or rows.min() < 0 or rows.max() >= n:
+            raise ValueError(f"rows must be a 1-D array of row ids in [0, {n}), got {rows.tolist()[:8]}")
+        if np.any(np.diff(rows) <= 0) and np.unique(rows).size != rows.size:
+            raise ValueError("rows must be distinct")
+        for name, p in self.params.items():
+            want = (rows.size,) + p.shape[1:] if packed else p.shape
+            if grads[name].shape != want:
+                raise ValueError(f"gradient {name!r}: expected {list(want)}, got {list(grads[name].shape)}")
+
+    def _update_rows(self, p, m, v, g, rows, places, g_rows, t, lr: float, scale: float) -> None:
         """The numpy path of a lazy update: gather the rows, update them, scatter them back."""
-        c = self.config
-        t = self.t[rows].astype(np.float64)  # [r]
-        pr, mr, vr = p[rows], self.m[n][rows], self.v[n][rows]  # [r, ...]
-        tt = t.reshape((-1,) + (1,) * (p.ndim - 1))
-        self._update(pr, mr, vr, g[rows], lr, scale, tt, c)
-        p[rows], self.m[n][rows], self.v[n][rows] = pr, mr, vr
+        tt = t.astype(np.float64).reshape((-1,) + (1,) * (p.ndim - 1))  # [r, 1, ...]
+        pr, mr, vr = p[rows], m[places], v[places]  # [r, ...]
+        self._update(pr, mr, vr, g[g_rows], lr, scale, tt, self.config)
+        p[rows], m[places], v[places] = pr, mr, vr
 
     @staticmethod
     def _update(p, m, v, g, lr, scale, t, c: AdamConfig) -> None:
@@ -128,29 +201,58 @@ class Adam:
                 upd += dt(c.weight_decay) * p
             p -= dt(lr) * upd
 
+    # ------------------------------------------------------------------ state
     def state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """{t, m.<name>, v.<name>}. Lazy mode: t [n_rows] and the moments of the rows with
+        t > 0 only, in ascending row order (rows never updated have none: absent, not zero)."""
         out = {f"{prefix}t": self.t.copy()}
+        if self.lazy_rows:
+            places = self._slot[self.state_rows()]
         for n in self.params:
-            out[f"{prefix}m.{n}"] = self.m[n]
-            out[f"{prefix}v.{n}"] = self.v[n]
+            if self.lazy_rows:
+                out[f"{prefix}m.{n}"] = self._m[n][places]
+                out[f"{prefix}v.{n}"] = self._v[n][places]
+            else:
+                out[f"{prefix}m.{n}"] = self.m[n]
+                out[f"{prefix}v.{n}"] = self.v[n]
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray], prefix: str = "") -> None:
-        expect = self.state_dict(prefix)
-        missing = sorted(set(expect) - set(state))
+        """Replace the whole state by one shaped like state_dict's (checked first)."""
+        key_t = f"{prefix}t"
+        missing = sorted({key_t, *(f"{prefix}{k}.{n}" for n in self.params for k in "mv")} - set(state))
         if missing:
             raise ValueError(f"optimizer state is missing {missing[:5]}")
-        for key, ref in expect.items():
-            arr = state[key]
-            if arr.shape != ref.shape or arr.dtype != ref.dtype:
-                raise ValueError(
-                    f"optimizer state {key!r}: expected {ref.dtype}{list(ref.shape)}, "
-                    f"got {arr.dtype}{list(arr.shape)}"
-                )
-        self.t[...] = state[f"{prefix}t"]
-        for n in self.params:
-            self.m[n][...] = state[f"{prefix}m.{n}"]
-            self.v[n][...] = state[f"{prefix}v.{n}"]
+        t = state[key_t]
+        if t.shape != self.t.shape or t.dtype != self.t.dtype:
+            raise ValueError(f"optimizer state {key_t!r}: expected {self.t.dtype}{list(self.t.shape)}, "
+                             f"got {t.dtype}{list(t.shape)}")
+        if self.lazy_rows and (t < 0).any():
+            raise ValueError(f"optimizer state {key_t!r}: step counts must be >= 0")
+        n_state = int(np.count_nonzero(t)) if self.lazy_rows else None
+        for n, p in self.params.items():
+            want = (n_state,) + p.shape[1:] if self.lazy_rows else p.shape
+            for k in "mv":
+                arr = state[f"{prefix}{k}.{n}"]
+                if arr.shape != want or arr.dtype != p.dtype:
+                    key = f"{prefix}{k}.{n}"
+                    raise ValueError(
+                        f"optimizer state {key!r}: expected {p.dtype}{list(want)}, "
+                        f"got {arr.dtype}{list(arr.shape)}"
+                    )
+        self.t[...] = t
+        if not self.lazy_rows:
+            for n in self.params:
+                self.m[n][...] = state[f"{prefix}m.{n}"]
+                self.v[n][...] = state[f"{prefix}v.{n}"]
+            return
+        rows = np.flatnonzero(t)
+        self._slot[:] = -1
+        self._slot[rows] = np.arange(rows.size)
+        self._used = rows.size
+        for n in self.params:  # fresh arrays sized exactly: the old stores are released
+            self._m[n] = np.array(state[f"{prefix}m.{n}"], order="C")
+            self._v[n] = np.array(state[f"{prefix}v.{n}"], order="C")
 
 
 class SGD:

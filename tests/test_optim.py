@@ -41,7 +41,9 @@ def test_lazy_adam_updates_only_touched_rows_with_their_own_step_count():
             g_rows[r].append(g[r])
         opt.step({"w": g}, lr=0.05, rows=np.array(rows))
     np.testing.assert_array_equal(params["w"][[1, 2, 4]], p0[[1, 2, 4]])  # never touched
-    assert not opt.m["w"][[1, 2, 4]].any()
+    np.testing.assert_array_equal(opt.state_rows(), [0, 3])  # only touched rows have moments
+    m, v = opt.moments("w")
+    assert not m[[1, 2, 4]].any() and not v[[1, 2, 4]].any()
     np.testing.assert_array_equal(opt.t, [2, 0, 0, 4, 0])
     for r in (0, 3):  # each touched row is plain Adam over its own steps
         np.testing.assert_allclose(params["w"][r], reference_adam(p0[r], g_rows[r], 0.05), rtol=1e-12)
@@ -66,7 +68,7 @@ def test_adam_float32_stays_float32():
     params = {"w": np.ones((4, 2), dtype=np.float32)}
     opt = Adam(params, AdamConfig(), lazy_rows=True)
     opt.step({"w": np.full((4, 2), 1e-30, dtype=np.float32)}, 0.1, rows=np.array([1]))
-    assert params["w"].dtype == np.float32 and opt.m["w"].dtype == np.float32
+    assert params["w"].dtype == np.float32 and opt.state_dict()["m.w"].dtype == np.float32
 
 
 def test_schedule_and_clipping():
@@ -107,9 +109,90 @@ def test_fused_lazy_adam_kernel_equals_the_numpy_path(dtype):
         runs[backend] = (params, opt)
     (pn, on), (pc, oc) = runs["numpy"], runs["compiled"]
     np.testing.assert_array_equal(on.t, oc.t)
-    tol = 1e-6 if dtype == np.float32 else 1e-12
-    for n in p0:
-        np.testing.assert_allclose(pc[n], pn[n], rtol=tol, atol=tol)
-        np.testing.assert_allclose(oc.m[n], on.m[n], rtol=tol, atol=tol)
-        np.testing.assert_allclose(oc.v[n], on.v[n], rtol=tol, atol=tol)
+    sn, sc = on.state_dict(), oc.state_dict()
+    for n in p0:  # the same float operations in the same order: the same bits
+        np.testing.assert_array_equal(pc[n], pn[n])
+        np.testing.assert_array_equal(sc[f"m.{n}"], sn[f"m.{n}"])
+        np.testing.assert_array_equal(sc[f"v.{n}"], sn[f"v.{n}"])
     assert not np.array_equal(pc["w"], p0["w"])
+
+
+# ----------------------------------------------------------------------------- lazy moment storage
+def _lazy(n_rows=6, seed=5, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.normal(size=(n_rows, 3, 2)).astype(dtype), "b": rng.normal(size=(n_rows, 2)).astype(dtype)}
+    return params, Adam(params, AdamConfig(weight_decay=0.01), lazy_rows=True), rng
+
+
+def test_lazy_adam_allocates_moments_only_for_rows_it_updates():
+    params, opt, rng = _lazy()
+    assert opt.state_bytes() == 0 and opt.state_rows().size == 0  # built: no moments at all
+    row_bytes = 2 * 4 * (3 * 2 + 2)  # m and v of one row of w and b, float32
+    for rows, have in (([1, 4], [1, 4]), ([4, 5], [1, 4, 5]), ([1], [1, 4, 5])):
+        g = {n: rng.normal(size=p.shape).astype(p.dtype) for n, p in params.items()}
+        opt.step(g, 0.01, rows=np.array(rows))
+        np.testing.assert_array_equal(opt.state_rows(), have)
+        assert opt.state_bytes() == row_bytes * len(have)
+    sd = opt.state_dict("x.")
+    assert sd["x.m.w"].shape == (3, 3, 2) and sd["x.v.b"].shape == (3, 2)  # absent rows: absent
+    np.testing.assert_array_equal(np.flatnonzero(sd["x.t"]), [1, 4, 5])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_packed_gradients_give_the_bits_of_full_ones(backend):
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    (pa, oa, rng), (pb, ob, _) = _lazy(), _lazy()
+    with bindings.use_backend(backend):
+        for rows in ([0, 2, 5], [2, 3], [0, 5]):
+            rows = np.array(rows)
+            full = {n: rng.normal(size=p.shape).astype(p.dtype) for n, p in pa.items()}
+            oa.step(full, 0.02, 0.5, rows=rows)
+            ob.step({n: g[rows].copy() for n, g in full.items()}, 0.02, 0.5, rows=rows, packed=True)
+    for n in pa:
+        np.testing.assert_array_equal(pa[n], pb[n])
+    for k, v in oa.state_dict().items():
+        np.testing.assert_array_equal(ob.state_dict()[k], v)
+
+
+def test_lazy_state_round_trip_continues_like_an_uninterrupted_run():
+    (pa, oa, rng), (pb, _, _) = _lazy(), _lazy()
+    steps = [(np.array(r), {n: rng.normal(size=p.shape).astype(p.dtype) for n, p in pa.items()})
+             for r in ([1, 2], [2], [0, 2, 5], [5])]
+    for rows, g in steps[:2]:
+        oa.step(g, 0.01, rows=rows)
+    sd = {k: v.copy() for k, v in oa.state_dict().items()}
+    for n in pb:
+        pb[n][...] = pa[n]
+    ob = Adam(pb, AdamConfig(weight_decay=0.01), lazy_rows=True)
+    ob.load_state_dict(sd)
+    np.testing.assert_array_equal(ob.state_rows(), [1, 2])
+    for rows, g in steps[2:]:
+        oa.step(g, 0.01, rows=rows)
+        ob.step(g, 0.01, rows=rows)
+    for n in pa:
+        np.testing.assert_array_equal(pa[n], pb[n])
+    for k, v in oa.state_dict().items():
+        np.testing.assert_array_equal(ob.state_dict()[k], v)
+
+
+def test_lazy_adam_refuses_bad_rows_and_bad_state():
+    params, opt, rng = _lazy()
+    g = {n: np.zeros_like(p) for n, p in params.items()}
+    with pytest.raises(ValueError, match="distinct"):
+        opt.step(g, 0.1, rows=np.array([2, 1, 2]))
+    with pytest.raises(ValueError, match=r"row ids in \[0, 6\)"):
+        opt.step(g, 0.1, rows=np.array([6]))
+    with pytest.raises(ValueError, match=r"gradient 'w': expected \[2, 3, 2\], got \[6, 3, 2\]"):
+        opt.step(g, 0.1, rows=np.array([0, 1]), packed=True)
+    assert opt.state_rows().size == 0 and not opt.t.any(), "a refused step changes nothing"
+    opt.step(g, 0.1, rows=np.array([0, 1]))
+    sd = opt.state_dict()
+    sd["t"][3] = 1  # claims a third row with state, but the moments hold two
+    with pytest.raises(ValueError, match=r"'m.w': expected float32\[3, 3, 2\], got float32\[2, 3, 2\]"):
+        opt.load_state_dict(sd)
+    sd["t"][3] = -1
+    with pytest.raises(ValueError, match="step counts must be >= 0"):
+        opt.load_state_dict(sd)

@@ -76,8 +76,8 @@ def combine_backward(dy: np.ndarray, out: np.ndarray, slot: np.ndarray, weights:
     return _mod(_dispatch, out.dtype).combine_backward(dy, out, slot, weights)
 
 
-def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str):
-    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation)
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str, keep: bool = True):
+    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep)
 
 
 def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2):

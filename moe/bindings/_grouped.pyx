@@ -1,7 +1,7 @@
 """Compiled grouped FFN: every expert's two-layer MLP on its own slice of the packed rows.
 
 Twins of `ffn_forward` / `ffn_backward` in `moe.bindings.reference` (same arguments, same
-outputs, same "write only the experts that got rows" rule for the weight gradients). The loop
+outputs, the same packed weight gradients: one row per expert that got rows). The loop
 over experts is a C loop; each expert calls BLAS (sgemm/dgemm, sgemv/dgemv from
 scipy.linalg.cython_blas) directly, and the bias add and activation are fused C loops.
 
@@ -284,16 +284,20 @@ cdef inline void _colsum(const floating* g, Py_ssize_t n, Py_ssize_t q, floating
 cdef void _forward_expert(
     Py_ssize_t e, const int64_t* offsets, const floating* x,
     const floating* w1, const floating* b1, const floating* w2, const floating* b2,
-    floating* pre, floating* act, floating* out, int d, int h, int kind, bint par,
+    floating* pre, floating* act, floating* out, int d, int h, int kind, bint par, bint scratch,
 ) noexcept nogil:
-    """Rows s..t of expert e: pre = x W1 + b1, act = f(pre), out = act W2 + b2."""
+    """Rows s..t of expert e: pre = x W1 + b1, act = f(pre), out = act W2 + b2.
+
+    scratch: pre and act are one [n, h] block of this thread (act written over pre), not the
+    kept [N, h] arrays; for forwards that no backward follows."""
     cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
     cdef Py_ssize_t dh = <Py_ssize_t>d * h
     cdef const floating* w1e = w1 + e * dh
     cdef const floating* w2e = w2 + e * dh
     x += s * d
-    pre += s * h
-    act += s * h
+    if not scratch:
+        pre += s * h
+        act += s * h
     out += s * d
     if n <= GEMV_MAX_ROWS:
         for r in range(n):
@@ -310,29 +314,30 @@ cdef void _forward_expert(
 
 
 cdef void _backward_expert(
-    Py_ssize_t e, const int64_t* offsets, const floating* g, const floating* x,
-    const floating* w1, const floating* w2, const floating* pre, const floating* act,
-    floating* d_pre, floating* d_x, floating* dw1, floating* db1, floating* dw2, floating* db2,
-    int d, int h, int kind, bint par,
+    Py_ssize_t e, const int64_t* offsets, const int64_t* gslot, const floating* g,
+    const floating* x, const floating* w1, const floating* w2, const floating* pre,
+    const floating* act, floating* d_pre, floating* d_x, floating* dw1, floating* db1,
+    floating* dw2, floating* db2, int d, int h, int kind, bint par,
 ) noexcept nogil:
-    """Gradients of expert e from its rows s..t; writes dw1/db1/dw2/db2[e] and d_x rows.
+    """Gradients of expert e from its rows s..t; writes dw1/db1/dw2/db2[gslot[e]] (the packed
+    gradient row of e) and d_x rows.
 
     d_pre is scratch for this expert's [n, h] block (a per-thread buffer, reused across the
     experts a thread runs, so it stays in cache and costs no fresh pages)."""
     cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
-    cdef Py_ssize_t dh = <Py_ssize_t>d * h
+    cdef Py_ssize_t dh = <Py_ssize_t>d * h, q = gslot[e]
     cdef bint few = n <= GEMV_MAX_ROWS
     cdef const floating* w1e = w1 + e * dh
     cdef const floating* w2e = w2 + e * dh
-    cdef floating* dw1e = dw1 + e * dh
-    cdef floating* dw2e = dw2 + e * dh
+    cdef floating* dw1e = dw1 + q * dh
+    cdef floating* dw2e = dw2 + q * dh
     g += s * d
     x += s * d
     pre += s * h
     act += s * h
     d_x += s * d
     _gemm(c"N", c"T", d, h, <int>n, g, d, act, h, dw2e, d)  # dw2 [h, d] = act^T g
-    _colsum(g, n, d, db2 + e * d)  # [d]
+    _colsum(g, n, d, db2 + q * d)  # [d]
     if few:  # d_pre [n, h] = g w2^T
         for r in range(n):
             _gemv(c"T", d, h, w2e, d, g + r * d, d_pre + r * h)  # [h]
@@ -340,7 +345,7 @@ cdef void _backward_expert(
         _gemm(c"T", c"N", h, <int>n, d, w2e, d, g, d, d_pre, h)
     _act_grad_rows(d_pre, pre, act, n, h, kind, par)  # [n, h]
     _gemm(c"N", c"T", h, d, <int>n, d_pre, h, x, d, dw1e, h)  # dw1 [d, h] = x^T d_pre
-    _colsum(d_pre, n, h, db1 + e * h)  # [h]
+    _colsum(d_pre, n, h, db1 + q * h)  # [h]
     if few:  # d_x [n, d] = d_pre w1^T
         for r in range(n):
             _gemv(c"T", h, d, w1e, h, d_pre + r * h, d_x + r * d)  # [d]
@@ -400,16 +405,20 @@ def _forward_impl(
     const floating[:, ::1] x, const int64_t[::1] offsets,
     const floating[:, :, ::1] w1, const floating[:, ::1] b1,
     const floating[:, :, ::1] w2, const floating[:, ::1] b2, int kind,
-    floating[:, ::1] pre, floating[:, ::1] act, floating[:, ::1] out,
+    floating[:, ::1] pre, floating[:, ::1] act, floating[:, ::1] out, bint keep,
 ) -> None:
+    """keep=False: pre and act are per-thread scratch [T * most, h] (see _forward_expert)."""
     cdef int d = w1.shape[1], h = w1.shape[2]
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, most = 0
     alone_arr, shared_arr = _plan(offsets)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
     if x.shape[0] == 0:
         return
+    if not keep:
+        most = pre.shape[0] // openmp.omp_get_max_threads()
+    cdef Py_ssize_t block = most * h
     cdef const int64_t* off = &offsets[0]
     cdef const floating* xp = &x[0, 0]
     cdef const floating* w1p = &w1[0, 0, 0]
@@ -423,7 +432,7 @@ def _forward_impl(
     with nogil:
         for i in range(n_alone):
             _forward_expert(
-                alone[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, rows_par
+                alone[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, rows_par, not keep
             )
     if n_shared == 0:
         return
@@ -432,7 +441,8 @@ def _forward_impl(
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
                 _forward_expert(
-                    shared[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, False
+                    shared[i], off, xp, w1p, b1p, w2p, b2p, prep + threadid() * block,
+                    actp + threadid() * block, outp, d, h, kind, False, not keep,
                 )
     finally:
         if single:
@@ -455,12 +465,18 @@ def _backward_impl(
     if x.shape[0] == 0:
         return
     cdef int T = openmp.omp_get_max_threads()
+    gslot_arr = np.empty(offsets.shape[0] - 1, dtype=np.int64)  # expert -> packed gradient row
+    cdef int64_t[::1] gslot = gslot_arr
+    cdef int64_t q = 0
     for e in range(offsets.shape[0] - 1):
         most = max(most, offsets[e + 1] - offsets[e])
+        gslot[e] = q
+        q += offsets[e + 1] > offsets[e]
     # d_pre scratch: one [most, h] block per thread  # [T, most, h]
     scratch = np.empty((T, most, h), dtype=np.float32 if floating is float else np.float64)
     cdef floating[:, :, ::1] d_pre = scratch
     cdef const int64_t* off = &offsets[0]
+    cdef const int64_t* gs = &gslot[0]
     cdef const floating* gp = &g[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef const floating* w1p = &w1[0, 0, 0]
@@ -478,7 +494,7 @@ def _backward_impl(
     with nogil:
         for i in range(n_alone):
             _backward_expert(
-                alone[i], off, gp, xp, w1p, w2p, prep, actp, dpp, dxp,
+                alone[i], off, gs, gp, xp, w1p, w2p, prep, actp, dpp, dxp,
                 dw1p, db1p, dw2p, db2p, d, h, kind, rows_par,
             )
     if n_shared == 0:
@@ -488,7 +504,7 @@ def _backward_impl(
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
                 _backward_expert(
-                    shared[i], off, gp, xp, w1p, w2p, prep, actp, dpp + threadid() * block, dxp,
+                    shared[i], off, gs, gp, xp, w1p, w2p, prep, actp, dpp + threadid() * block, dxp,
                     dw1p, db1p, dw2p, db2p, d, h, kind, False,
                 )
     finally:
@@ -568,10 +584,12 @@ def _grad_buffer(a, str name, tuple shape, dtype):
 
 
 # ----------------------------------------------------------------------------- public
-def ffn_forward(packed, offsets, w1, b1, w2, b2, activation):
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep=True):
     """Every expert on its own slice of packed rows: out = act(x W1 + b1) W2 + b2.
 
     Returns (out [N, d], pre [N, h], act [N, h]); pre and act are kept for the backward.
+    keep=False (no backward follows) returns (out, None, None) and holds the hidden layer
+    only for the experts being computed, one [rows, h] block per thread.
     """
     kind = _activation_kind(activation)
     x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
@@ -579,18 +597,23 @@ def ffn_forward(packed, offsets, w1, b1, w2, b2, activation):
     b1 = _check_vector_bank(b1, "b1", E, h, "[E, h]", x.dtype)
     b2 = _check_vector_bank(b2, "b2", E, d, "[E, d]", x.dtype)
     N = x.shape[0]
-    pre = np.empty((N, h), dtype=x.dtype)
-    act = np.empty((N, h), dtype=x.dtype)
     out = np.empty((N, d), dtype=x.dtype)
-    _forward_impl(x, off, w1, b1, w2, b2, kind, pre, act, out)
-    return out, pre, act
+    if keep:
+        pre = np.empty((N, h), dtype=x.dtype)
+        act = np.empty((N, h), dtype=x.dtype)
+    else:
+        most = int(np.diff(off).max(initial=0))
+        pre = act = np.empty((openmp.omp_get_max_threads() * max(most, 1), h), dtype=x.dtype)  # [T * most, h]
+    _forward_impl(x, off, w1, b1, w2, b2, kind, pre, act, out, keep)
+    return (out, pre, act) if keep else (out, None, None)
 
 
 def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2):
     """Backward of `ffn_forward`. Returns d_packed [N, d].
 
-    Weight gradients are written (not accumulated) for the experts that received rows; the
-    other experts' slices of dw1/db1/dw2/db2 are left untouched.
+    Weight gradients are packed: dw1 [A, d, h], db1 [A, h], dw2 [A, h, d], db2 [A, d] hold
+    the A experts that received rows, in ascending expert order, and are written (not
+    accumulated); experts without rows have no gradient rows at all.
     """
     kind = _activation_kind(activation)
     x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
@@ -599,11 +622,12 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1,
     g = _check_rows(d_out, "d_out", N, d, dt)
     pre = _check_rows(pre, "pre", N, h, dt)
     act = _check_rows(act, "act", N, h, dt)
+    A = int(np.count_nonzero(np.diff(off)))
     grads = [
-        _grad_buffer(dw1, "dw1", (E, d, h), dt),
-        _grad_buffer(db1, "db1", (E, h), dt),
-        _grad_buffer(dw2, "dw2", (E, h, d), dt),
-        _grad_buffer(db2, "db2", (E, d), dt),
+        _grad_buffer(dw1, "dw1", (A, d, h), dt),
+        _grad_buffer(db1, "db1", (A, h), dt),
+        _grad_buffer(dw2, "dw2", (A, h, d), dt),
+        _grad_buffer(db2, "db2", (A, d), dt),
     ]
     d_x = np.empty((N, d), dtype=dt)
     _backward_impl(g, x, off, w1, w2, pre, act, kind, *grads, d_x)

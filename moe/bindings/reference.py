@@ -135,10 +135,12 @@ def ffn_forward(
     w2: np.ndarray,
     b2: np.ndarray,
     activation: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keep: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Every expert on its own slice of packed rows: out = act(x W1 + b1) W2 + b2.
 
     Returns (out [N, d], pre [N, h], act [N, h]); pre and act are kept for the backward.
+    keep=False (no backward follows) returns (out, None, None).
     """
     N, d = packed.shape
     h = w1.shape[2]
@@ -150,7 +152,7 @@ def ffn_forward(
         pre[s:t] = packed[s:t] @ w1[e] + b1[e]  # [n_e, h]
         act[s:t] = activation_forward(pre[s:t], activation)  # [n_e, h]
         out[s:t] = act[s:t] @ w2[e] + b2[e]  # [n_e, d]
-    return out, pre, act
+    return (out, pre, act) if keep else (out, None, None)
 
 
 def ffn_backward(
@@ -169,18 +171,22 @@ def ffn_backward(
 ) -> np.ndarray:
     """Backward of `ffn_forward`. Returns d_packed [N, d].
 
-    Weight gradients are *written* (not accumulated) into dw1/db1/dw2/db2 for the experts
-    that received rows; the other experts' slices are left untouched, so the caller decides
-    how to clear them (this keeps a step's cost proportional to the experts used).
+    Weight gradients are packed: row q of dw1/db1/dw2/db2 is the q-th expert (ascending)
+    that received rows, *written* (not accumulated). Experts without rows have no gradient
+    rows, so a step's gradient memory and cost follow the experts used.
     """
     d_packed = np.empty_like(packed)  # [N, d]
-    for e in np.flatnonzero(np.diff(offsets)):
+    active = np.flatnonzero(np.diff(offsets))
+    want = (active.size,) + w1.shape[1:]
+    if dw1.shape != want:
+        raise ValueError(f"dw1 must be [A, d, h] = {list(want)} (one row per expert with rows), got {list(dw1.shape)}")
+    for q, e in enumerate(active):
         s, t = offsets[e], offsets[e + 1]
         g = d_out[s:t]  # [n_e, d]
-        dw2[e] = act[s:t].T @ g  # [h, d]
-        db2[e] = g.sum(axis=0)  # [d]
+        dw2[q] = act[s:t].T @ g  # [h, d]
+        db2[q] = g.sum(axis=0)  # [d]
         d_pre = (g @ w2[e].T) * activation_backward(pre[s:t], activation)  # [n_e, h]
-        dw1[e] = packed[s:t].T @ d_pre  # [d, h]
-        db1[e] = d_pre.sum(axis=0)  # [h]
+        dw1[q] = packed[s:t].T @ d_pre  # [d, h]
+        db1[q] = d_pre.sum(axis=0)  # [h]
         d_packed[s:t] = d_pre @ w1[e].T  # [n_e, d]
     return d_packed

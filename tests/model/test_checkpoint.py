@@ -53,11 +53,33 @@ def test_a_truncated_file_is_refused(saved):
         load(where)
 
 
-def test_a_missing_file_is_refused(saved):
+@pytest.mark.parametrize("fname", ["params.safetensors", "experts-l0.safetensors"])
+def test_a_missing_file_is_refused(saved, fname):
     _, where = saved
-    (where / "optim.safetensors").unlink()
+    (where / fname).unlink()
     with pytest.raises(ckpt.CheckpointError, match="missing"):
         load(where)
+
+
+def test_an_inference_load_leaves_the_optimizer_files_unread(saved):
+    """moe.load (eval, profile, add-task) reads the weights only: optimizer files may even be
+    gone or damaged; a training load (every file) still refuses them."""
+    model, where = saved
+    manifest = ckpt.read_manifest(where)
+    adam = [f for f, e in manifest["files"].items() if e.get("kind") == "experts-adam"]
+    assert adam == ["experts-l0.adam.safetensors"]
+    (where / "optim.safetensors").unlink()
+    data = bytearray((where / adam[0]).read_bytes())
+    data[-1] ^= 0x01
+    (where / adam[0]).write_bytes(bytes(data))
+    again = load(where)
+    for n, p in model.params.items():
+        assert np.array_equal(p, again.params[n]), n
+    assert again.layers[0].experts.memory()["adam_bytes"] == 0
+    with pytest.raises(ckpt.CheckpointError, match="optim.safetensors' is missing"):
+        ckpt.load_checkpoint(where)
+    with pytest.raises(ckpt.CheckpointError, match="adam.safetensors does not match its sha256"):
+        again.layers[0].experts.load_part(where, manifest["files"], 0)
 
 
 def test_a_folder_without_manifest_is_not_a_checkpoint(saved, tmp_path):
