@@ -112,8 +112,7 @@ class JaxTrainer:
         for n in self.model.params:
             if is_expert_param(n):
                 i, local = self._expert_slot(n)
-                opt = self.model.layers[i].experts.optimizer
-                m[n], v[n] = opt.m[local], opt.v[local]
+                m[n], v[n] = self.model.layers[i].experts.optimizer.moments(local)  # dense on the mesh
             else:
                 m[n], v[n] = dense.m[n], dense.v[n]
         sh = self.jm.shardings
@@ -133,15 +132,18 @@ class JaxTrainer:
         t = int(self.t)
         dense = self.trainer.optimizer
         dense.t[...] = t
+        expert_state: list[dict[str, np.ndarray]] = [{} for _ in self.model.layers]
         for n in self.model.params:
             m, v = np.asarray(self.m[n]), np.asarray(self.v[n])
             if is_expert_param(n):
                 i, local = self._expert_slot(n)
-                opt = self.model.layers[i].experts.optimizer
-                opt.m[local][...], opt.v[local][...] = m, v
-                opt.t[...] = t  # dense Adam: every expert took every step
+                expert_state[i].update({f"m.{local}": m, f"v.{local}": v})
             else:
                 dense.m[n][...], dense.v[n][...] = m, v
+        for layer, sd in zip(self.model.layers, expert_state, strict=True):
+            opt = layer.experts.optimizer  # dense Adam on the mesh: every expert took every step
+            if t > 0:  # before any step no expert has state
+                opt.load_state_dict({"t": np.full(opt.t.shape, t, dtype=np.int64), **sd})
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:
