@@ -57,6 +57,11 @@ class AdamConfig:
             raise ValueError(f"adam weight_decay must be >= 0, got {self.weight_decay}")
 
 
+def _fits_kernel(p: np.ndarray, m: np.ndarray, v: np.ndarray) -> bool:
+    """Whether the fused kernel can update p in place (C-contiguous float32/float64, 1-D or more)."""
+    return p.ndim >= 1 and p.dtype in (np.float32, np.float64) and all(a.flags.c_contiguous for a in (p, m, v))
+
+
 class Adam:
     """Adam (decoupled weight decay) over a dict of named arrays, updated in place.
 
@@ -144,8 +149,17 @@ class Adam:
                 raise ValueError("packed gradients need rows= (lazy mode)")
             self.t += 1
             t = float(self.t[0])
+            kernel = compiled_adam_rows()
             for n, p in self.params.items():
-                self._update(p, self.m[n], self.v[n], grads[n], lr, scale, t, c)
+                if kernel is not None and _fits_kernel(p, self.m[n], self.v[n]):
+                    # the fused pass over every row (the same float operations as _update)
+                    R = p.shape[0] if p.ndim > 1 else 1
+                    every = np.arange(R)
+                    kernel(p.reshape(R, -1), self.m[n].reshape(R, -1), self.v[n].reshape(R, -1),
+                           np.reshape(grads[n], (R, -1)), every, every, every, np.full(R, self.t[0]),
+                           lr, scale, c.beta1, c.beta2, c.eps, c.weight_decay)
+                else:
+                    self._update(p, self.m[n], self.v[n], grads[n], lr, scale, t, c)
             return
         if not self.lazy_rows:
             raise ValueError("dense Adam updates every row; rows= is only for lazy mode")
@@ -160,7 +174,7 @@ class Adam:
         kernel = compiled_adam_rows()
         for n, p in self.params.items():
             m, v, g = self._m[n], self._v[n], grads[n]
-            if kernel is not None and p.flags.c_contiguous and p.dtype in (np.float32, np.float64):
+            if kernel is not None and _fits_kernel(p, m, v):
                 # one fused pass per row instead of gather, update, scatter
                 kernel(p, m, v, g, rows, places, g_rows, t, lr, scale,
                        c.beta1, c.beta2, c.eps, c.weight_decay)

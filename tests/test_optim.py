@@ -196,3 +196,32 @@ def test_lazy_adam_refuses_bad_rows_and_bad_state():
     sd["t"][3] = -1
     with pytest.raises(ValueError, match="step counts must be >= 0"):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.kernels
+def test_dense_adam_through_the_fused_kernel_gives_the_numpy_bits():
+    from moe import bindings
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(8)
+    p0 = {"w": rng.normal(size=(5, 3, 4)).astype(np.float32), "g": rng.normal(size=7).astype(np.float32),
+          "view": rng.normal(size=(4, 6)).astype(np.float32)[:, ::2]}  # not contiguous: numpy path
+    grads = [{n: rng.normal(size=a.shape).astype(np.float32) for n, a in p0.items()} for _ in range(4)]
+    runs = {}
+    for backend in ("numpy", "compiled"):
+        params = {n: a.copy() for n, a in p0.items()}
+        params["view"] = np.zeros((4, 6), np.float32)[:, ::2]
+        params["view"][...] = p0["view"]
+        assert not params["view"].flags.c_contiguous
+        opt = Adam(params, AdamConfig(weight_decay=0.1))
+        with bindings.use_backend(backend):
+            for g in grads:
+                opt.step(g, 0.01, 0.8)
+        runs[backend] = (params, opt)
+    (pn, on), (pc, oc) = runs["numpy"], runs["compiled"]
+    for n in p0:
+        np.testing.assert_array_equal(pc[n], pn[n])
+        np.testing.assert_array_equal(oc.m[n], on.m[n])
+        np.testing.assert_array_equal(oc.v[n], on.v[n])
+    assert not np.array_equal(pc["w"], p0["w"])
