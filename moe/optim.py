@@ -69,6 +69,12 @@ class Adam:
     mode keeps `t` [n_rows] and allocates a row's moments on its first update, so untouched
     rows (experts, task tables) cost nothing: `state_rows()` are the rows that have moments
     (those with t > 0), `state_dict` holds the moments of those rows only.
+
+    Lazy moments live in blocks of places that are never moved or resized: a row gets the
+    next free place on its first update, and when the last block is full a new one is added
+    with room for a quarter of the places used so far (zero pages from calloc: what is not
+    yet written is reserved, not resident). Growing a single array instead would copy or
+    remap all the moments whenever a step touches a row for the first time.
     """
 
     def __init__(self, params: dict[str, np.ndarray], config: AdamConfig, *, lazy_rows: bool = False):
@@ -84,8 +90,7 @@ class Adam:
         self.t = np.zeros(n_rows.pop() if n_rows else 0, dtype=np.int64)  # each row's step count
         self._slot = np.full(self.t.shape[0], -1, dtype=np.int64)  # row -> place in the stores
         self._used = 0  # places handed out
-        self._m = {n: np.zeros((0,) + p.shape[1:], dtype=p.dtype) for n, p in params.items()}  # [used, ...]
-        self._v = {n: np.zeros((0,) + p.shape[1:], dtype=p.dtype) for n, p in params.items()}
+        self._blocks: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []  # (first place, m, v)
 
     # ------------------------------------------------------------------ lazy-row storage
     def state_rows(self) -> np.ndarray:
@@ -95,25 +100,41 @@ class Adam:
         return np.flatnonzero(self._slot >= 0)
 
     def state_bytes(self) -> int:
-        """Bytes held by the moments (allocated, not merely reserved)."""
-        stores = (self.m, self.v) if not self.lazy_rows else (self._m, self._v)
-        return int(sum(a.nbytes for s in stores for a in s.values()))
+        """Bytes of moments held: every row in dense mode, the rows with a place in lazy mode
+        (a block's free places are reserved address space, never written, so not resident)."""
+        if not self.lazy_rows:
+            return int(sum(a.nbytes for s in (self.m, self.v) for a in s.values()))
+        row = sum(p[:1].nbytes for p in self.params.values())  # one row of every param
+        return 2 * self._used * row
+
+    def _capacity(self) -> int:
+        return self._blocks[-1][0] + next(iter(self._blocks[-1][1].values())).shape[0] if self._blocks else 0
 
     def _places(self, rows: np.ndarray) -> np.ndarray:
-        """Places of `rows` in the moment stores, giving new rows zeroed moments first."""
+        """Places of `rows` in the moment blocks, giving new rows zeroed moments first."""
         slot = self._slot[rows]  # [r]
         new = rows[slot < 0]
         if new.size:
             n0 = self._used
+            need = n0 + new.size - self._capacity()
+            if need > 0:
+                size = max(need, n0 // 4, 16)
+                self._blocks.append((self._capacity(), *(
+                    {n: np.zeros((size,) + p.shape[1:], dtype=p.dtype) for n, p in self.params.items()}
+                    for _ in "mv")))
             self._slot[new] = np.arange(n0, n0 + new.size)
             self._used = n0 + new.size
-            for store in (self._m, self._v):
-                for a in store.values():
-                    # realloc in place (mremap for large blocks), new rows zero-filled; nothing
-                    # else holds a view of the stores, so nothing can dangle
-                    a.resize((self._used,) + a.shape[1:], refcheck=False)
             slot = self._slot[rows]
         return slot
+
+    def _by_block(self, places: np.ndarray):
+        """(m block, v block, which of places fall in it, their places in the block) per block used."""
+        starts = np.array([b[0] for b in self._blocks], dtype=np.int64)
+        which = np.searchsorted(starts, places, side="right") - 1  # [r]
+        for i in np.unique(which):
+            sel = np.flatnonzero(which == i)
+            first, m, v = self._blocks[i]
+            yield m, v, sel, places[sel] - first
 
     def moments(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(m, v) of one param as full arrays like the param (zeros where a row has none): a copy
@@ -121,12 +142,10 @@ class Adam:
         if not self.lazy_rows:
             return self.m[name], self.v[name]
         rows = self.state_rows()
-        out = []
-        for store in (self._m, self._v):
-            full = np.zeros_like(self.params[name])
-            full[rows] = store[name][self._slot[rows]]
-            out.append(full)
-        return out[0], out[1]
+        full_m, full_v = np.zeros_like(self.params[name]), np.zeros_like(self.params[name])
+        for m, v, sel, at in self._by_block(self._slot[rows]):
+            full_m[rows[sel]], full_v[rows[sel]] = m[name][at], v[name][at]
+        return full_m, full_v
 
     # ------------------------------------------------------------------ update
     def step(
@@ -172,14 +191,15 @@ class Adam:
         t = self.t[rows]  # [r]
         g_rows = np.arange(rows.size) if packed else rows  # [r]
         kernel = compiled_adam_rows()
-        for n, p in self.params.items():
-            m, v, g = self._m[n], self._v[n], grads[n]
-            if kernel is not None and _fits_kernel(p, m, v):
-                # one fused pass per row instead of gather, update, scatter
-                kernel(p, m, v, g, rows, places, g_rows, t, lr, scale,
-                       c.beta1, c.beta2, c.eps, c.weight_decay)
-            else:
-                self._update_rows(p, m, v, g, rows, places, g_rows, t, lr, scale)
+        for mb, vb, sel, at in self._by_block(places):
+            r, gr, tr = (rows, g_rows, t) if sel.size == rows.size else (rows[sel], g_rows[sel], t[sel])
+            for n, p in self.params.items():
+                m, v, g = mb[n], vb[n], grads[n]
+                if kernel is not None and _fits_kernel(p, m, v):
+                    # one fused pass per row instead of gather, update, scatter
+                    kernel(p, m, v, g, r, at, gr, tr, lr, scale, c.beta1, c.beta2, c.eps, c.weight_decay)
+                else:
+                    self._update_rows(p, m, v, g, r, at, gr, tr, lr, scale)
 
     def _check_rows(self, rows: np.ndarray, grads: dict[str, np.ndarray], packed: bool) -> None:
         n = self.t.shape[0]
@@ -220,15 +240,18 @@ class Adam:
         """{t, m.<name>, v.<name>}. Lazy mode: t [n_rows] and the moments of the rows with
         t > 0 only, in ascending row order (rows never updated have none: absent, not zero)."""
         out = {f"{prefix}t": self.t.copy()}
-        if self.lazy_rows:
-            places = self._slot[self.state_rows()]
-        for n in self.params:
-            if self.lazy_rows:
-                out[f"{prefix}m.{n}"] = self._m[n][places]
-                out[f"{prefix}v.{n}"] = self._v[n][places]
-            else:
+        if not self.lazy_rows:
+            for n in self.params:
                 out[f"{prefix}m.{n}"] = self.m[n]
                 out[f"{prefix}v.{n}"] = self.v[n]
+            return out
+        places = self._slot[self.state_rows()]  # [s] ascending rows
+        for n, p in self.params.items():
+            out[f"{prefix}m.{n}"] = np.empty((places.size,) + p.shape[1:], dtype=p.dtype)
+            out[f"{prefix}v.{n}"] = np.empty((places.size,) + p.shape[1:], dtype=p.dtype)
+        for m, v, sel, at in self._by_block(places):
+            for n in self.params:
+                out[f"{prefix}m.{n}"][sel], out[f"{prefix}v.{n}"][sel] = m[n][at], v[n][at]
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray], prefix: str = "") -> None:
@@ -264,9 +287,9 @@ class Adam:
         self._slot[:] = -1
         self._slot[rows] = np.arange(rows.size)
         self._used = rows.size
-        for n in self.params:  # fresh arrays sized exactly: the old stores are released
-            self._m[n] = np.array(state[f"{prefix}m.{n}"], order="C")
-            self._v[n] = np.array(state[f"{prefix}v.{n}"], order="C")
+        # one block sized exactly, in fresh arrays: the old blocks are released
+        self._blocks = [(0, *({n: np.array(state[f"{prefix}{k}.{n}"], order="C") for n in self.params}
+                              for k in "mv"))] if rows.size else []
 
 
 class SGD:

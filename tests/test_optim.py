@@ -225,3 +225,36 @@ def test_dense_adam_through_the_fused_kernel_gives_the_numpy_bits():
         np.testing.assert_array_equal(oc.m[n], on.m[n])
         np.testing.assert_array_equal(oc.v[n], on.v[n])
     assert not np.array_equal(pc["w"], p0["w"])
+
+
+def test_lazy_moments_growing_over_many_steps_keep_each_row_plain_adam():
+    """Rows touched for the first time over many steps (the moments grow block by block):
+    every row is still plain Adam over its own steps, and a state round trip (one block)
+    continues with the same bits as the grown layout."""
+    rng = np.random.default_rng(9)
+    p0 = rng.normal(size=(300, 2, 3))
+    params = {"w": p0.copy()}
+    opt = Adam(params, AdamConfig(), lazy_rows=True)
+    seen: dict[int, list[np.ndarray]] = {}
+    steps = []
+    for i in range(40):
+        rows = np.unique(np.concatenate([rng.choice(300, size=9, replace=False), [i % 7]]))
+        steps.append((rows, rng.normal(size=(300, 2, 3))))
+    for rows, g in steps[:30]:
+        opt.step({"w": g}, lr=0.05, rows=rows)
+        for r in rows:
+            seen.setdefault(int(r), []).append(g[r])
+    assert opt.state_rows().size > 150  # grown many times from 16 places
+    for r, gs in seen.items():
+        np.testing.assert_allclose(params["w"][r], reference_adam(p0[r], gs, 0.05), rtol=1e-12)
+    untouched = np.setdiff1d(np.arange(300), list(seen))
+    np.testing.assert_array_equal(params["w"][untouched], p0[untouched])
+    again = {"w": params["w"].copy()}
+    packed = Adam(again, AdamConfig(), lazy_rows=True)
+    packed.load_state_dict({k: v.copy() for k, v in opt.state_dict().items()})
+    for rows, g in steps[30:]:
+        opt.step({"w": g}, lr=0.05, rows=rows)
+        packed.step({"w": g}, lr=0.05, rows=rows)
+    np.testing.assert_array_equal(again["w"], params["w"])
+    for k, v in opt.state_dict().items():
+        np.testing.assert_array_equal(packed.state_dict()[k], v)
