@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe.bindings import compiled_adam_rows
+from moe import bindings
+from moe.bindings import compiled_adam_lowrank, compiled_adam_rows
 
 
 def clip_scale(sq_norm: float, max_norm: float | None) -> float:
@@ -55,6 +56,62 @@ class AdamConfig:
             raise ValueError(f"adam eps must be > 0, got {self.eps}")
         if self.weight_decay < 0:
             raise ValueError(f"adam weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Packed gradients of stacked rows, each a sum of a few outer products.
+
+    Row i's gradient is sum_{r < counts[i]} outer(u[starts[i] + r], v[starts[i] + r]),
+    reshaped to `row_shape` (u None: ones, i.e. the sum of the v rows). An expert's weight
+    gradient over its n rows is X^T D: when n is small this holds n * (a + b) numbers
+    instead of a * b, and lazy Adam rebuilds each line of it in cache right before using
+    it (moe.bindings._optim.adam_lowrank), so the gradient never goes through memory.
+    """
+
+    u: np.ndarray | None  # [N, a]
+    v: np.ndarray  # [N, b]
+    starts: np.ndarray  # int64 [n]
+    counts: np.ndarray  # int64 [n], >= 1
+    row_shape: tuple[int, ...]  # of size a * b
+
+    def __post_init__(self) -> None:
+        u, v, s, c = self.u, self.v, self.starts, self.counts
+        N, a = v.shape[0], 1 if u is None else u.shape[1]
+        if v.ndim != 2 or (u is not None and (u.ndim != 2 or u.shape[0] != N or u.dtype != v.dtype)):
+            raise ValueError(f"LowRank: u [N, a] and v [N, b] must share N and dtype, got "
+                             f"{None if u is None else list(u.shape)} and {list(v.shape)}")
+        if a * v.shape[1] != int(np.prod(self.row_shape)):
+            raise ValueError(f"LowRank: outer products of [{a}] and [{v.shape[1]}] do not give rows of {list(self.row_shape)}")
+        if s.ndim != 1 or c.shape != s.shape or (s.size and (c.min() < 1 or s.min() < 0 or (s + c).max() > N)):
+            raise ValueError(f"LowRank: each row needs 1 <= count and start + count <= N = {N}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.starts.shape[0],) + tuple(self.row_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.v.dtype
+
+    def materialize(self) -> np.ndarray:
+        """The gradients as an array [n, *row_shape], with the bits the fused update uses."""
+        out = np.empty(self.shape, dtype=self.v.dtype)
+        return bindings.lowrank_rows(self.u, self.v, self.starts, self.counts, out)
+
+    def sq_norms(self) -> np.ndarray:
+        """float64 [n]: each row's squared Frobenius norm without building it, from the Gram
+        identity |sum_r u_r v_r^T|^2 = sum_{r,s} (u_r . u_s)(v_r . v_s), over the pairs of
+        one row's products (counts[i]^2 of them)."""
+        n, c = self.starts.shape[0], self.counts
+        pairs = c * c  # [n]
+        seg = np.repeat(np.arange(n), pairs)  # [P] row of each pair
+        k = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # [P] pair index in its row
+        r, q = self.starts[seg] + k // c[seg], self.starts[seg] + k % c[seg]  # [P], [P]
+        vv = np.einsum("ij,ij->i", self.v[r], self.v[q], dtype=np.float64)  # [P]
+        if self.u is not None:
+            vv *= np.einsum("ij,ij->i", self.u[r], self.u[q], dtype=np.float64)
+        return np.bincount(seg, weights=vv, minlength=n)
 
 
 def _fits_kernel(p: np.ndarray, m: np.ndarray, v: np.ndarray) -> bool:
@@ -159,7 +216,8 @@ class Adam:
     ) -> None:
         """Apply one update with gradients `grads * scale`; `rows` (distinct) selects the rows
         to update in lazy mode. packed=True: grads[n][i] is the gradient of row rows[i]
-        (only the touched rows exist); otherwise grads are full arrays indexed by row."""
+        (only the touched rows exist; an array or a LowRank); otherwise grads are full arrays
+        indexed by row."""
         c = self.config
         if rows is None:
             if self.lazy_rows:
@@ -190,13 +248,19 @@ class Adam:
         self.t[rows] += 1
         t = self.t[rows]  # [r]
         g_rows = np.arange(rows.size) if packed else rows  # [r]
-        kernel = compiled_adam_rows()
+        kernel, lowrank = compiled_adam_rows(), compiled_adam_lowrank()
         for mb, vb, sel, at in self._by_block(places):
             r, gr, tr = (rows, g_rows, t) if sel.size == rows.size else (rows[sel], g_rows[sel], t[sel])
             for n, p in self.params.items():
                 m, v, g = mb[n], vb[n], grads[n]
-                if kernel is not None and _fits_kernel(p, m, v):
-                    # one fused pass per row instead of gather, update, scatter
+                fused = kernel is not None and _fits_kernel(p, m, v)
+                if isinstance(g, LowRank) and fused:  # the gradient rebuilt line by line, in cache
+                    lowrank(p, m, v, g.u, g.v, r, at, g.starts[gr], g.counts[gr], tr, lr, scale,
+                            c.beta1, c.beta2, c.eps, c.weight_decay)
+                    continue
+                if isinstance(g, LowRank):
+                    g, gr = LowRank(g.u, g.v, g.starts[gr], g.counts[gr], g.row_shape).materialize(), np.arange(r.size)
+                if fused:  # one fused pass per row instead of gather, update, scatter
                     kernel(p, m, v, g, r, at, gr, tr, lr, scale, c.beta1, c.beta2, c.eps, c.weight_decay)
                 else:
                     self._update_rows(p, m, v, g, r, at, gr, tr, lr, scale)
@@ -209,8 +273,11 @@ class Adam:
             raise ValueError("rows must be distinct")
         for name, p in self.params.items():
             want = (rows.size,) + p.shape[1:] if packed else p.shape
-            if grads[name].shape != want:
-                raise ValueError(f"gradient {name!r}: expected {list(want)}, got {list(grads[name].shape)}")
+            g = grads[name]
+            if isinstance(g, LowRank) and not packed:
+                raise ValueError(f"gradient {name!r}: a LowRank gradient is packed (pass packed=True)")
+            if g.shape != want or g.dtype != p.dtype:
+                raise ValueError(f"gradient {name!r}: expected {p.dtype}{list(want)}, got {g.dtype}{list(g.shape)}")
 
     def _update_rows(self, p, m, v, g, rows, places, g_rows, t, lr: float, scale: float) -> None:
         """The numpy path of a lazy update: gather the rows, update them, scatter them back."""

@@ -185,7 +185,7 @@ def test_lazy_adam_refuses_bad_rows_and_bad_state():
         opt.step(g, 0.1, rows=np.array([2, 1, 2]))
     with pytest.raises(ValueError, match=r"row ids in \[0, 6\)"):
         opt.step(g, 0.1, rows=np.array([6]))
-    with pytest.raises(ValueError, match=r"gradient 'w': expected \[2, 3, 2\], got \[6, 3, 2\]"):
+    with pytest.raises(ValueError, match=r"gradient 'w': expected float32\[2, 3, 2\], got float32\[6, 3, 2\]"):
         opt.step(g, 0.1, rows=np.array([0, 1]), packed=True)
     assert opt.state_rows().size == 0 and not opt.t.any(), "a refused step changes nothing"
     opt.step(g, 0.1, rows=np.array([0, 1]))
@@ -258,3 +258,78 @@ def test_lazy_moments_growing_over_many_steps_keep_each_row_plain_adam():
     np.testing.assert_array_equal(again["w"], params["w"])
     for k, v in opt.state_dict().items():
         np.testing.assert_array_equal(packed.state_dict()[k], v)
+
+
+# ----------------------------------------------------------------------------- low-rank gradients
+def _lowrank(rng, dtype, n_rows=7, a=3, b=5):
+    """Gradients of 4 of n_rows rows as sums of 1..4 outer products (one row with u = ones)."""
+    from moe.optim import LowRank
+
+    counts = np.array([1, 3, 4, 2])
+    starts = np.array([0, 1, 4, 8])
+    N = int(starts[-1] + counts[-1]) + 1  # one unused factor row at the end
+    u, v = rng.normal(size=(N, a)).astype(dtype), rng.normal(size=(N, b)).astype(dtype)
+    return LowRank(u, v, starts, counts, (a, b)), LowRank(None, v, starts, counts, (b,))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lowrank_gradients_are_sums_of_outer_products_and_their_norms(dtype):
+    from moe import bindings
+
+    w, bias = _lowrank(np.random.default_rng(10), dtype)
+    for g in (w, bias):
+        want = np.stack([sum(np.outer(np.ones(1) if g.u is None else g.u[s + r], g.v[s + r]).reshape(g.row_shape)
+                             for r in range(c)) for s, c in zip(g.starts, g.counts, strict=True)])
+        with bindings.use_backend("numpy"):
+            got = g.materialize()
+        assert got.dtype == dtype and got.shape == (4, *g.row_shape)
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+        if bindings.HAVE_COMPILED:  # the same additions in the same order: the same bits
+            np.testing.assert_array_equal(g.materialize(), got)
+        sq = np.sum(got.reshape(4, -1).astype(np.float64) ** 2, axis=1)
+        np.testing.assert_allclose(g.sq_norms(), sq, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lazy_adam_on_lowrank_gradients_gives_the_bits_of_materialized_ones(backend, dtype):
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(11)
+    p0 = {"w": rng.normal(size=(7, 3, 5)).astype(dtype), "b": rng.normal(size=(7, 5)).astype(dtype)}
+    (pa, pb) = ({n: a.copy() for n, a in p0.items()} for _ in range(2))
+    oa, ob = (Adam(p, AdamConfig(weight_decay=0.01), lazy_rows=True) for p in (pa, pb))
+    with bindings.use_backend(backend):
+        for rows in ([0, 2, 3, 6], [1, 2, 4, 6], [0, 3, 5, 6]):
+            w, bias = _lowrank(rng, dtype)
+            with bindings.use_backend("numpy"):  # the oracle's own bits
+                full = {"w": w.materialize(), "b": bias.materialize()}
+            oa.step({"w": w, "b": bias}, 0.02, 0.6, rows=np.array(rows), packed=True)
+            ob.step(full, 0.02, 0.6, rows=np.array(rows), packed=True)
+    for n in p0:
+        np.testing.assert_array_equal(pa[n], pb[n])
+        assert not np.array_equal(pa[n], p0[n])
+    for k, v in oa.state_dict().items():
+        np.testing.assert_array_equal(ob.state_dict()[k], v)
+
+
+def test_lowrank_gradients_are_checked():
+    from moe.optim import LowRank
+
+    params, opt, rng = _lazy()
+    u, v = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
+    good = {"w": LowRank(u, v, np.array([0, 2]), np.array([2, 2]), (3, 2)),
+            "b": LowRank(None, v, np.array([0, 2]), np.array([2, 2]), (2,))}
+    with pytest.raises(ValueError, match="a LowRank gradient is packed"):
+        opt.step(good, 0.1, rows=np.array([1, 3]))
+    with pytest.raises(ValueError, match=r"start \+ count <= N = 4"):
+        LowRank(u, v, np.array([0, 3]), np.array([2, 2]), (3, 2))
+    with pytest.raises(ValueError, match=r"outer products of \[3\] and \[2\] do not give rows of \[4\]"):
+        LowRank(u, v, np.array([0, 2]), np.array([2, 2]), (4,))
+    with pytest.raises(ValueError, match=r"gradient 'w': expected float32\[2, 3, 2\], got float32\[2, 2, 6\]"):
+        opt.step(dict(good, w=LowRank(u, np.ones((4, 4), np.float32), np.array([0, 2]), np.array([2, 2]), (2, 6))),
+                 0.1, rows=np.array([1, 3]), packed=True)
+    opt.step(good, 0.1, rows=np.array([1, 3]), packed=True)
+    np.testing.assert_array_equal(opt.state_rows(), [1, 3])

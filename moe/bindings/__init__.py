@@ -86,13 +86,24 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1,
     )
 
 
+def lowrank_rows(u, v, starts, counts, out):
+    return _mod(_optim, out.dtype).lowrank_rows(u, v, starts, counts, out)
+
+
 def compiled_adam_rows():
     """The fused lazy-Adam kernel when the compiled path is live, else None (numpy path)."""
     return _optim.adam_rows if _backend == "compiled" else None
 
 
+def compiled_adam_lowrank():
+    """The fused lazy-Adam kernel for low-rank gradients (moe.optim.LowRank), or None."""
+    return _optim.adam_lowrank if _backend == "compiled" else None
+
+
 __all__ = [
     "compiled_adam_rows",
+    "compiled_adam_lowrank",
+    "lowrank_rows",
     "HAVE_COMPILED",
     "backend",
     "use_backend",

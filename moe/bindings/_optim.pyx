@@ -12,10 +12,16 @@ Rows are addressed through three index arrays, because the moments live in a com
 (only rows that were ever updated have moments; see moe.optim.Adam) and gradients may be
 packed (only the touched rows): row i of the update is p[rows[i]], m/v[places[i]],
 g[g_rows[i]], with step count t[i].
+
+`adam_lowrank` takes the gradient as a sum of a few outer products instead (moe.optim.LowRank:
+row i's gradient is sum_r outer(u[r], v[r]) over its rows r): it rebuilds each [b] line of
+the gradient in a per-thread buffer, in cache, right before updating it, so the gradient is
+never written to or read from memory. `lowrank_rows` builds the same gradient in memory with
+the same float operations in the same order (u[r0] v[r0], then + u[r] v[r] in row order).
 """
 
 cimport openmp
-from cython.parallel import prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport pow
 
 import numpy as np
@@ -25,8 +31,15 @@ from moe.bindings._dispatch import _claim_threads
 cdef extern from *:
     """
     #include <math.h>
+    /* one clone per vector width, picked at load time (ifunc): the same IEEE operations, so
+       the same bits, in 4, 8 or 16 lanes */
+    #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+    #define MOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define MOE_CLONES
+    #endif
     #define MOE_ADAM_ROW(NAME, T, SQRT)                                                        \\
-    static inline void NAME(T *restrict p, T *restrict m, T *restrict v, const T *restrict g, \\
+    MOE_CLONES static void NAME(T *restrict p, T *restrict m, T *restrict v, const T *restrict g, \\
                             Py_ssize_t n, T scale, int scaled, T b1, T c1, T b2, T c2,        \\
                             T bc1, T bc2, T eps, T lr, T wd, int decay) {                     \\
         for (Py_ssize_t j = 0; j < n; j++) {                                                  \\
@@ -44,6 +57,28 @@ cdef extern from *:
     }
     MOE_ADAM_ROW(moe_adam_row_f, float, sqrtf)
     MOE_ADAM_ROW(moe_adam_row_d, double, sqrt)
+    /* out[j] = sum over r < n of u[r * us] * v[r * vs + j] (u NULL: ones), r in order */
+    #define MOE_OUTER_SUM(NAME, T)                                                             \\
+    MOE_CLONES static void NAME(T *restrict out, const T *restrict u, Py_ssize_t us,              \\
+                            const T *restrict v, Py_ssize_t vs, Py_ssize_t n, Py_ssize_t b) { \\
+        if (u) {                                                                              \\
+            T u0 = u[0];                                                                      \\
+            for (Py_ssize_t j = 0; j < b; j++) out[j] = u0 * v[j];                            \\
+            for (Py_ssize_t r = 1; r < n; r++) {                                              \\
+                T ur = u[r * us];                                                             \\
+                const T *restrict vr = v + r * vs;                                            \\
+                for (Py_ssize_t j = 0; j < b; j++) out[j] = out[j] + ur * vr[j];              \\
+            }                                                                                 \\
+        } else {                                                                              \\
+            for (Py_ssize_t j = 0; j < b; j++) out[j] = v[j];                                 \\
+            for (Py_ssize_t r = 1; r < n; r++) {                                              \\
+                const T *restrict vr = v + r * vs;                                            \\
+                for (Py_ssize_t j = 0; j < b; j++) out[j] = out[j] + vr[j];                   \\
+            }                                                                                 \\
+        }                                                                                     \\
+    }
+    MOE_OUTER_SUM(moe_outer_sum_f, float)
+    MOE_OUTER_SUM(moe_outer_sum_d, double)
     """
     void moe_adam_row_f(float* p, float* m, float* v, const float* g, Py_ssize_t n, float scale,
                         int scaled, float b1, float c1, float b2, float c2, float bc1, float bc2,
@@ -52,6 +87,10 @@ cdef extern from *:
                         double scale, int scaled, double b1, double c1, double b2, double c2,
                         double bc1, double bc2, double eps, double lr, double wd,
                         int decay) noexcept nogil
+    void moe_outer_sum_f(float* out, const float* u, Py_ssize_t us, const float* v, Py_ssize_t vs,
+                         Py_ssize_t n, Py_ssize_t b) noexcept nogil
+    void moe_outer_sum_d(double* out, const double* u, Py_ssize_t us, const double* v, Py_ssize_t vs,
+                         Py_ssize_t n, Py_ssize_t b) noexcept nogil
 
 ctypedef fused floating:
     float
@@ -121,3 +160,129 @@ def adam_rows(p, m, v, g, rows, places, g_rows, t, double lr, double scale, doub
         _adam_rows[float](p2, m2, v2, g2, rows, places, g_rows, t, lr, scale, b1, b2, eps, wd, threads)
     else:
         _adam_rows[double](p2, m2, v2, g2, rows, places, g_rows, t, lr, scale, b1, b2, eps, wd, threads)
+
+
+# ----------------------------------------------------------------------------- low-rank gradients
+cdef inline void _outer_sum(floating* out, const floating* u, Py_ssize_t us, const floating* v,
+                            Py_ssize_t vs, Py_ssize_t n, Py_ssize_t b) noexcept nogil:
+    if floating is float:
+        moe_outer_sum_f(out, u, us, v, vs, n, b)
+    else:
+        moe_outer_sum_d(out, u, us, v, vs, n, b)
+
+
+cdef void _adam_lowrank(
+    floating[:, ::1] p, floating[:, ::1] m, floating[:, ::1] v, const floating* u,
+    const floating[:, ::1] w, const long long[::1] rows, const long long[::1] places,
+    const long long[::1] starts, const long long[::1] counts, const long long[::1] t,
+    Py_ssize_t a, double lr, double scale, double b1, double b2, double eps, double wd, int threads,
+    floating[:, ::1] scratch,
+) noexcept nogil:
+    """p/m/v rows are [a * b]; line ia of row i's gradient is sum_r u[s + r, ia] * w[s + r, :].
+
+    Each thread builds a whole row's gradient in its own line of scratch [threads, a * b] (an
+    expert's W1 at d = 64, h = 128 is 32 KB: it stays in L1/L2), then updates the row in one
+    pass."""
+    cdef Py_ssize_t i, ia, b = w.shape[1], s, n = a * b
+    cdef floating bc1, bc2
+    cdef floating* buf
+    cdef int scaled = scale != 1.0, decay = wd != 0.0
+    for i in prange(rows.shape[0], schedule="static", num_threads=threads):
+        buf = &scratch[threadid(), 0]  # [a * b] one row of the gradient, this thread's
+        bc1 = <floating>(1.0 - pow(b1, <double>t[i]))
+        bc2 = <floating>(1.0 - pow(b2, <double>t[i]))
+        s = starts[i]
+        for ia in range(a):
+            _outer_sum(buf + ia * b, NULL if u == NULL else u + s * a + ia, a, &w[s, 0], b, counts[i], b)
+        if floating is float:
+            moe_adam_row_f(&p[rows[i], 0], &m[places[i], 0], &v[places[i], 0], buf, n,
+                           <float>scale, scaled, <float>b1, <float>(1.0 - b1), <float>b2,
+                           <float>(1.0 - b2), bc1, bc2, <float>eps, <float>lr, <float>wd, decay)
+        else:
+            moe_adam_row_d(&p[rows[i], 0], &m[places[i], 0], &v[places[i], 0], buf, n,
+                           scale, scaled, b1, 1.0 - b1, b2, 1.0 - b2, bc1, bc2, eps, lr, wd, decay)
+
+
+def _factors(p, u, w, starts, counts, str who):
+    """Check a low-rank gradient against params p [R, ...]; returns (u2 or None, w, starts, counts, a)."""
+    if w.ndim != 2 or w.dtype != p.dtype or not w.flags.c_contiguous:
+        raise ValueError(f"{who}: v must be C-contiguous {p.dtype} [N, b], got {w.dtype}{list(w.shape)}")
+    a = 1 if u is None else u.shape[1]
+    if u is not None and (u.ndim != 2 or u.dtype != p.dtype or not u.flags.c_contiguous or u.shape[0] != w.shape[0]):
+        raise ValueError(f"{who}: u must be C-contiguous {p.dtype} [N, a] with N = {w.shape[0]}, "
+                         f"got {u.dtype}{list(u.shape)}")
+    width = int(np.prod(p.shape[1:], dtype=np.int64))
+    if a * w.shape[1] != width:
+        raise ValueError(f"{who}: outer products of u [N, {a}] and v [N, {w.shape[1]}] do not give "
+                         f"rows of {list(p.shape[1:])}")
+    n = starts.shape[0] if starts.ndim == 1 else -1
+    if n < 0 or counts.shape != (n,):
+        raise ValueError(f"{who}: starts and counts must be 1-D of one length")
+    starts = _index(starts, "starts", n, max(w.shape[0], 1))
+    counts = _index(counts, "counts", n, w.shape[0] + 1)
+    if n and ((counts < 1).any() or (starts + counts > w.shape[0]).any()):
+        raise ValueError(f"{who}: each row needs 1 <= count and start + count <= N = {w.shape[0]}")
+    return u, w, starts, counts, a
+
+
+def adam_lowrank(p, m, v, u, w, rows, places, starts, counts, t, double lr, double scale,
+                 double b1, double b2, double eps, double wd):
+    """Update p[rows[i]], m/v[places[i]] with step count t[i] from the gradient
+    sum_{r < counts[i]} outer(u[starts[i] + r], w[starts[i] + r]) (u None: ones)."""
+    if p.dtype not in (np.float32, np.float64):
+        raise ValueError(f"adam_lowrank: params must be float32 or float64, got {p.dtype}")
+    for name, arr in (("p", p), ("m", m), ("v", v)):
+        if arr.shape[1:] != p.shape[1:] or arr.dtype != p.dtype or not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise ValueError(f"adam_lowrank: {name} must be writeable C-contiguous {p.dtype}[*, {list(p.shape[1:])}]")
+    u, w, starts, counts, a = _factors(p, u, w, np.asarray(starts), np.asarray(counts), "adam_lowrank")
+    n = starts.shape[0]
+    rows = _index(rows, "rows", n, p.shape[0])
+    places = _index(places, "places", n, m.shape[0])
+    t = _index(t, "t", n, np.iinfo(np.int64).max)
+    if n == 0:
+        return
+    width = a * w.shape[1]
+    p2, m2, v2 = p.reshape(p.shape[0], width), m.reshape(m.shape[0], width), v.reshape(v.shape[0], width)
+    cdef int threads = openmp.omp_get_max_threads() if _claim_threads() else 1
+    cdef const float[:, ::1] uf
+    cdef const double[:, ::1] ud
+    scratch = np.empty((threads, width), dtype=p.dtype)  # [threads, a * b]
+    if p.dtype == np.float32:
+        uf = u if u is not None else np.zeros((1, 1), np.float32)
+        _adam_lowrank[float](p2, m2, v2, NULL if u is None else &uf[0, 0], w, rows, places, starts,
+                             counts, t, a, lr, scale, b1, b2, eps, wd, threads, scratch)
+    else:
+        ud = u if u is not None else np.zeros((1, 1), np.float64)
+        _adam_lowrank[double](p2, m2, v2, NULL if u is None else &ud[0, 0], w, rows, places, starts,
+                              counts, t, a, lr, scale, b1, b2, eps, wd, threads, scratch)
+
+
+cdef void _lowrank_rows(floating[:, ::1] out, const floating* u, const floating[:, ::1] w,
+                        const long long[::1] starts, const long long[::1] counts, Py_ssize_t a) noexcept nogil:
+    cdef Py_ssize_t i, ia, b = w.shape[1], s
+    for i in range(starts.shape[0]):
+        s = starts[i]
+        for ia in range(a):
+            _outer_sum(&out[i, ia * b], NULL if u == NULL else u + s * a + ia, a, &w[s, 0], b, counts[i], b)
+
+
+def lowrank_rows(u, w, starts, counts, out):
+    """out[i] = sum_{r < counts[i]} outer(u[starts[i] + r], w[starts[i] + r]) (u None: ones), with
+    the float operations of adam_lowrank; out [n, ...] C-contiguous, rows of a * b elements."""
+    if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("lowrank_rows: out must be a writeable C-contiguous array")
+    u, w, starts, counts, a = _factors(out, u, w, np.asarray(starts), np.asarray(counts), "lowrank_rows")
+    if starts.shape[0] != out.shape[0]:
+        raise ValueError(f"lowrank_rows: out must have {starts.shape[0]} rows, got {out.shape[0]}")
+    if out.shape[0] == 0:
+        return out
+    out2 = out.reshape(out.shape[0], -1)
+    cdef const float[:, ::1] uf
+    cdef const double[:, ::1] ud
+    if out.dtype == np.float32:
+        uf = u if u is not None else np.zeros((1, 1), np.float32)
+        _lowrank_rows[float](out2, NULL if u is None else &uf[0, 0], w, starts, counts, a)
+    else:
+        ud = u if u is not None else np.zeros((1, 1), np.float64)
+        _lowrank_rows[double](out2, NULL if u is None else &ud[0, 0], w, starts, counts, a)
+    return out

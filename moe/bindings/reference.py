@@ -190,3 +190,26 @@ def ffn_backward(
         db1[q] = d_pre.sum(axis=0)  # [h]
         d_packed[s:t] = d_pre @ w1[e].T  # [n_e, d]
     return d_packed
+
+
+def lowrank_rows(
+    u: np.ndarray | None, v: np.ndarray, starts: np.ndarray, counts: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """out[i] = sum_{r < counts[i]} outer(u[starts[i] + r], v[starts[i] + r]) (u None: ones).
+
+    The products are added in row order, starting from the first (no zero start), so the
+    bits are those of the compiled kernel and of the fused low-rank Adam update.
+    """
+    n = starts.shape[0]
+    flat = out.reshape(n, 1 if u is None else u.shape[1], v.shape[1])  # [n, a, b]
+    if n == 0:
+        return out
+
+    def term(r: np.ndarray) -> np.ndarray:
+        return v[r][:, None, :] if u is None else u[r][:, :, None] * v[r][:, None, :]  # [n_r, a, b]
+
+    flat[...] = term(starts)
+    for r in range(1, int(counts.max())):
+        sel = np.flatnonzero(counts > r)
+        flat[sel] = flat[sel] + term(starts[sel] + r)
+    return out
