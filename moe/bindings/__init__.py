@@ -80,9 +80,10 @@ def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str, keep: bool = T
     return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep)
 
 
-def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2):
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2,
+                 d_pre=None, implicit: int = 0):
     return _mod(_grouped, packed.dtype).ffn_backward(
-        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2
+        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2, d_pre, implicit
     )
 
 

@@ -317,35 +317,39 @@ cdef void _backward_expert(
     Py_ssize_t e, const int64_t* offsets, const int64_t* gslot, const floating* g,
     const floating* x, const floating* w1, const floating* w2, const floating* pre,
     const floating* act, floating* d_pre, floating* d_x, floating* dw1, floating* db1,
-    floating* dw2, floating* db2, int d, int h, int kind, bint par,
+    floating* dw2, floating* db2, int d, int h, int kind, bint par, bint kept_pre,
 ) noexcept nogil:
     """Gradients of expert e from its rows s..t; writes dw1/db1/dw2/db2[gslot[e]] (the packed
-    gradient row of e) and d_x rows.
+    gradient row of e; gslot[e] < 0: none, the gradient stays as factors) and d_x rows.
 
-    d_pre is scratch for this expert's [n, h] block (a per-thread buffer, reused across the
-    experts a thread runs, so it stays in cache and costs no fresh pages)."""
+    d_pre is this expert's [n, h] block: of the kept [N, h] array (kept_pre) or else scratch
+    (a per-thread buffer, reused across the experts a thread runs, so it stays in cache)."""
     cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
     cdef Py_ssize_t dh = <Py_ssize_t>d * h, q = gslot[e]
     cdef bint few = n <= GEMV_MAX_ROWS
     cdef const floating* w1e = w1 + e * dh
     cdef const floating* w2e = w2 + e * dh
-    cdef floating* dw1e = dw1 + q * dh
-    cdef floating* dw2e = dw2 + q * dh
+    cdef floating* dw1e = dw1 + q * dh if q >= 0 else NULL
+    cdef floating* dw2e = dw2 + q * dh if q >= 0 else NULL
     g += s * d
     x += s * d
     pre += s * h
     act += s * h
     d_x += s * d
-    _gemm(c"N", c"T", d, h, <int>n, g, d, act, h, dw2e, d)  # dw2 [h, d] = act^T g
-    _colsum(g, n, d, db2 + q * d)  # [d]
+    if kept_pre:
+        d_pre += s * h
+    if q >= 0:
+        _gemm(c"N", c"T", d, h, <int>n, g, d, act, h, dw2e, d)  # dw2 [h, d] = act^T g
+        _colsum(g, n, d, db2 + q * d)  # [d]
     if few:  # d_pre [n, h] = g w2^T
         for r in range(n):
             _gemv(c"T", d, h, w2e, d, g + r * d, d_pre + r * h)  # [h]
     else:
         _gemm(c"T", c"N", h, <int>n, d, w2e, d, g, d, d_pre, h)
     _act_grad_rows(d_pre, pre, act, n, h, kind, par)  # [n, h]
-    _gemm(c"N", c"T", h, d, <int>n, d_pre, h, x, d, dw1e, h)  # dw1 [d, h] = x^T d_pre
-    _colsum(d_pre, n, h, db1 + q * h)  # [h]
+    if q >= 0:
+        _gemm(c"N", c"T", h, d, <int>n, d_pre, h, x, d, dw1e, h)  # dw1 [d, h] = x^T d_pre
+        _colsum(d_pre, n, h, db1 + q * h)  # [h]
     if few:  # d_x [n, d] = d_pre w1^T
         for r in range(n):
             _gemv(c"T", h, d, w1e, h, d_pre + r * h, d_x + r * d)  # [d]
@@ -454,10 +458,13 @@ def _backward_impl(
     const floating[:, :, ::1] w1, const floating[:, :, ::1] w2,
     const floating[:, ::1] pre, const floating[:, ::1] act, int kind,
     floating[:, :, ::1] dw1, floating[:, ::1] db1, floating[:, :, ::1] dw2, floating[:, ::1] db2,
-    floating[:, ::1] d_x,
+    floating[:, ::1] d_x, floating[:, ::1] kept, Py_ssize_t implicit,
 ) -> None:
+    """kept: d_pre [N, h] output, or [0, h] (scratch only). Experts with at most `implicit`
+    rows get no packed gradient row."""
     cdef int d = w1.shape[1], h = w1.shape[2]
     cdef Py_ssize_t i, e, most = 0
+    cdef bint kept_pre = kept.shape[0] > 0
     alone_arr, shared_arr = _plan(offsets)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
@@ -470,10 +477,13 @@ def _backward_impl(
     cdef int64_t q = 0
     for e in range(offsets.shape[0] - 1):
         most = max(most, offsets[e + 1] - offsets[e])
-        gslot[e] = q
-        q += offsets[e + 1] > offsets[e]
+        if offsets[e + 1] - offsets[e] > implicit:
+            gslot[e] = q
+            q += 1
+        else:
+            gslot[e] = -1
     # d_pre scratch: one [most, h] block per thread  # [T, most, h]
-    scratch = np.empty((T, most, h), dtype=np.float32 if floating is float else np.float64)
+    scratch = np.empty((T, 0 if kept_pre else most, h), dtype=np.float32 if floating is float else np.float64)
     cdef floating[:, :, ::1] d_pre = scratch
     cdef const int64_t* off = &offsets[0]
     cdef const int64_t* gs = &gslot[0]
@@ -487,15 +497,15 @@ def _backward_impl(
     cdef floating* db1p = &db1[0, 0]
     cdef floating* dw2p = &dw2[0, 0, 0]
     cdef floating* db2p = &db2[0, 0]
-    cdef floating* dpp = &d_pre[0, 0, 0]
+    cdef floating* dpp = &kept[0, 0] if kept_pre else &d_pre[0, 0, 0]
     cdef floating* dxp = &d_x[0, 0]
-    cdef Py_ssize_t block = most * h
+    cdef Py_ssize_t block = 0 if kept_pre else most * h
     cdef bint rows_par = n_alone > 0 and T > 1 and _claim_threads()
     with nogil:
         for i in range(n_alone):
             _backward_expert(
                 alone[i], off, gs, gp, xp, w1p, w2p, prep, actp, dpp, dxp,
-                dw1p, db1p, dw2p, db2p, d, h, kind, rows_par,
+                dw1p, db1p, dw2p, db2p, d, h, kind, rows_par, kept_pre,
             )
     if n_shared == 0:
         return
@@ -505,7 +515,7 @@ def _backward_impl(
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
                 _backward_expert(
                     shared[i], off, gs, gp, xp, w1p, w2p, prep, actp, dpp + threadid() * block, dxp,
-                    dw1p, db1p, dw2p, db2p, d, h, kind, False,
+                    dw1p, db1p, dw2p, db2p, d, h, kind, False, kept_pre,
                 )
     finally:
         if single:
@@ -608,12 +618,16 @@ def ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep=True):
     return (out, pre, act) if keep else (out, None, None)
 
 
-def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2):
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2,
+                 d_pre=None, implicit=0):
     """Backward of `ffn_forward`. Returns d_packed [N, d].
 
     Weight gradients are packed: dw1 [A, d, h], db1 [A, h], dw2 [A, h, d], db2 [A, d] hold
-    the A experts that received rows, in ascending expert order, and are written (not
-    accumulated); experts without rows have no gradient rows at all.
+    the A experts that received more than `implicit` rows, in ascending expert order, and
+    are written (not accumulated); experts without rows have no gradient rows at all, and
+    neither do those with 1..implicit rows: their gradients stay as factors (x and d_pre
+    for W1, b1; act and d_out for W2, b2; see moe.optim.LowRank). d_pre [N, h], if given,
+    receives the hidden layer's gradient of every row (required when implicit > 0).
     """
     kind = _activation_kind(activation)
     x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
@@ -622,7 +636,12 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1,
     g = _check_rows(d_out, "d_out", N, d, dt)
     pre = _check_rows(pre, "pre", N, h, dt)
     act = _check_rows(act, "act", N, h, dt)
-    A = int(np.count_nonzero(np.diff(off)))
+    if implicit < 0:
+        raise ValueError(f"implicit must be >= 0, got {implicit}")
+    if implicit > 0 and d_pre is None:
+        raise ValueError("implicit > 0 leaves gradients as factors: pass d_pre [N, h] to keep them")
+    kept = np.empty((0, h), dtype=dt) if d_pre is None else _grad_buffer(d_pre, "d_pre", (N, h), dt)
+    A = int(np.count_nonzero(np.diff(off) > implicit))
     grads = [
         _grad_buffer(dw1, "dw1", (A, d, h), dt),
         _grad_buffer(db1, "db1", (A, h), dt),
@@ -630,8 +649,8 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1,
         _grad_buffer(db2, "db2", (A, d), dt),
     ]
     d_x = np.empty((N, d), dtype=dt)
-    _backward_impl(g, x, off, w1, w2, pre, act, kind, *grads, d_x)
-    for given, used in zip((dw1, db1, dw2, db2), grads, strict=True):
-        if used is not given:
+    _backward_impl(g, x, off, w1, w2, pre, act, kind, *grads, d_x, kept, implicit)
+    for given, used in zip((dw1, db1, dw2, db2, d_pre), (*grads, kept), strict=True):
+        if given is not None and used is not given:
             given[...] = used
     return d_x

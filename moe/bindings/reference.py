@@ -168,27 +168,39 @@ def ffn_backward(
     db1: np.ndarray,
     dw2: np.ndarray,
     db2: np.ndarray,
+    d_pre: np.ndarray | None = None,
+    implicit: int = 0,
 ) -> np.ndarray:
     """Backward of `ffn_forward`. Returns d_packed [N, d].
 
     Weight gradients are packed: row q of dw1/db1/dw2/db2 is the q-th expert (ascending)
-    that received rows, *written* (not accumulated). Experts without rows have no gradient
-    rows, so a step's gradient memory and cost follow the experts used.
+    that received more than `implicit` rows, *written* (not accumulated). Experts without
+    rows have no gradient rows, so a step's gradient memory and cost follow the experts
+    used; neither do experts with 1..implicit rows, whose gradients stay as factors (see
+    moe.optim.LowRank). d_pre [N, h], if given, receives every row's hidden-layer gradient.
     """
+    if implicit > 0 and d_pre is None:
+        raise ValueError("implicit > 0 leaves gradients as factors: pass d_pre [N, h] to keep them")
     d_packed = np.empty_like(packed)  # [N, d]
-    active = np.flatnonzero(np.diff(offsets))
-    want = (active.size,) + w1.shape[1:]
+    counts = np.diff(offsets)
+    explicit = np.flatnonzero(counts > implicit)
+    want = (explicit.size,) + w1.shape[1:]
     if dw1.shape != want:
         raise ValueError(f"dw1 must be [A, d, h] = {list(want)} (one row per expert with rows), got {list(dw1.shape)}")
-    for q, e in enumerate(active):
-        s, t = offsets[e], offsets[e + 1]
+    slot = np.full(counts.size, -1)
+    slot[explicit] = np.arange(explicit.size)
+    for e in np.flatnonzero(counts):
+        s, t, q = offsets[e], offsets[e + 1], slot[e]
         g = d_out[s:t]  # [n_e, d]
-        dw2[q] = act[s:t].T @ g  # [h, d]
-        db2[q] = g.sum(axis=0)  # [d]
-        d_pre = (g @ w2[e].T) * activation_backward(pre[s:t], activation)  # [n_e, h]
-        dw1[q] = packed[s:t].T @ d_pre  # [d, h]
-        db1[q] = d_pre.sum(axis=0)  # [h]
-        d_packed[s:t] = d_pre @ w1[e].T  # [n_e, d]
+        dp = (g @ w2[e].T) * activation_backward(pre[s:t], activation)  # [n_e, h]
+        if q >= 0:
+            dw2[q] = act[s:t].T @ g  # [h, d]
+            db2[q] = g.sum(axis=0)  # [d]
+            dw1[q] = packed[s:t].T @ dp  # [d, h]
+            db1[q] = dp.sum(axis=0)  # [h]
+        if d_pre is not None:
+            d_pre[s:t] = dp
+        d_packed[s:t] = dp @ w1[e].T  # [n_e, d]
     return d_packed
 
 

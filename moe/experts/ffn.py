@@ -8,6 +8,13 @@ import numpy as np
 
 from moe import bindings
 from moe.bindings.reference import ACTIVATIONS
+from moe.optim import LowRank
+
+# Experts with at most this many rows in a step keep their weight gradients as factors
+# (LowRank): rebuilding a line of X^T D costs n multiply-adds per element, in cache, where
+# writing the gradient out and reading it back costs 8 bytes per element of memory traffic.
+# It is also where the kernels switch from gemm to per-row gemv (moe.bindings._grouped).
+FEW_ROWS = 8
 
 
 class FFNExperts:
@@ -17,10 +24,13 @@ class FFNExperts:
 
     A bank costs its weights. Gradients exist only once a backward ran, and only for the
     experts that received rows: after a backward, `touched` [A] lists those experts
-    (ascending) and `grad_rows[name]` [A, ...] their gradients, packed in that order. The
-    buffers are kept and reused across steps (they grow to the most experts a step touched).
-    `grads` gives dense [E, ...] gradients to callers that want them (tests, small models):
-    built on first access, then kept current by every backward.
+    (ascending). Of them, `explicit` (more than FEW_ROWS rows) have their gradients in
+    `grad_rows[name]` [A_x, ...], packed in that order, in buffers kept and reused across
+    steps; `implicit` (1..FEW_ROWS rows) keep theirs as factors, `low_rank[name]` (see
+    moe.optim.LowRank: W1's gradient over an expert's n rows is X^T D_pre, n (d + h) numbers
+    instead of d h), which lazy Adam expands line by line in cache. `grads` gives dense
+    [E, ...] gradients to callers that want them (tests, small models): built on first
+    access, then kept current by every backward.
     """
 
     def __init__(
@@ -53,11 +63,13 @@ class FFNExperts:
             "w2": w2,
             "b2": np.zeros((E, d), dtype=self.dtype),
         }
-        self.touched = np.zeros(0, dtype=np.int64)  # [A] experts with gradient rows
+        none = np.zeros(0, dtype=np.int64)
+        self.touched = self.explicit = self.implicit = none  # [A], [A_x], [A_i] expert ids
         self.grad_rows: dict[str, np.ndarray] = {
             n: np.zeros((0,) + p.shape[1:], dtype=self.dtype) for n, p in self.params.items()
-        }  # [A, ...] packed gradients of `touched`
+        }  # [A_x, ...] packed gradients of `explicit`
         self._store: dict[str, np.ndarray] = dict(self.grad_rows)  # [capacity, ...] behind grad_rows
+        self.low_rank: dict[str, LowRank] = {}  # gradients of `implicit`, as factors
         self.grads = DenseGrads(self)
         self._cache = None
 
@@ -72,19 +84,30 @@ class FFNExperts:
         return out
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """grad_out [N, d] -> grad of packed rows [N, d]; fills touched and grad_rows."""
+        """grad_out [N, d] -> grad of packed rows [N, d]; fills touched, grad_rows, low_rank."""
         if self._cache is None:
             raise ValueError("experts backward called before a forward that keeps its activations")
         packed, offsets, pre, act = self._cache
         self._cache = None
         before = self.touched
-        self.touched = np.flatnonzero(np.diff(offsets))  # [A]
-        self.grad_rows = self._gradient_buffers(self.touched.size)
+        counts = np.diff(offsets)  # [E]
+        self.touched = np.flatnonzero(counts)  # [A]
+        few = counts[self.touched] <= FEW_ROWS
+        self.explicit, self.implicit = self.touched[~few], self.touched[few]  # [A_x], [A_i]
+        self.grad_rows = self._gradient_buffers(self.explicit.size)
+        d_pre = np.empty(pre.shape, dtype=self.dtype) if self.implicit.size else None  # [N, h]
         p, g = self.params, self.grad_rows
         d_packed = bindings.ffn_backward(
             grad_out, packed, offsets, p["w1"], p["w2"], pre, act, self.activation,
-            g["w1"], g["b1"], g["w2"], g["b2"],
+            g["w1"], g["b1"], g["w2"], g["b2"], d_pre, FEW_ROWS if d_pre is not None else 0,
         )  # [N, d]
+        self.low_rank = {}
+        if d_pre is not None:
+            s, c = offsets[self.implicit], counts[self.implicit]  # [A_i] first row, rows
+            d, h = self.d_model, self.d_hidden
+            grad_out = np.ascontiguousarray(grad_out)
+            self.low_rank = {"w1": LowRank(packed, d_pre, s, c, (d, h)), "b1": LowRank(None, d_pre, s, c, (h,)),
+                             "w2": LowRank(act, grad_out, s, c, (h, d)), "b2": LowRank(None, grad_out, s, c, (d,))}
         self.grads.refresh(before)
         return d_packed
 
@@ -98,8 +121,10 @@ class FFNExperts:
         return {k: a[:n] for k, a in self._store.items()}
 
     def grad_bytes(self) -> int:
-        """Bytes held by gradient buffers (packed ones and, if asked for, the dense ones)."""
-        return int(sum(a.nbytes for a in self._store.values())) + self.grads.nbytes()
+        """Bytes held by gradients: packed buffers, the hidden-layer gradient d_pre that the
+        factors add to the activations kept anyway, and the dense arrays if asked for."""
+        factors = self.low_rank["w1"].v.nbytes if self.low_rank else 0
+        return int(sum(a.nbytes for a in self._store.values())) + factors + self.grads.nbytes()
 
 
 class DenseGrads(Mapping):
@@ -133,7 +158,9 @@ class DenseGrads(Mapping):
         b = self._bank
         for n, a in self._arrays.items():
             a[before] = 0
-            a[b.touched] = b.grad_rows[n]
+            a[b.explicit] = b.grad_rows[n]
+            if b.implicit.size:
+                a[b.implicit] = b.low_rank[n].materialize()
 
     def nbytes(self) -> int:
         return 0 if self._arrays is None else int(sum(a.nbytes for a in self._arrays.values()))

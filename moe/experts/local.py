@@ -69,21 +69,28 @@ class LocalExperts:
 
         Summing these in id order gives the same bits wherever the experts live.
         """
-        t = self.bank.touched
-        sq = np.zeros(t.shape[0], dtype=np.float64)
+        b = self.bank
+        sq = np.zeros(b.touched.shape[0], dtype=np.float64)
+        explicit = np.searchsorted(b.touched, b.explicit)  # their places in touched
         for n in state.PARAM_NAMES:
-            g = self.bank.grad_rows[n].reshape(t.shape[0], -1)  # [n_touched, size]
-            # float64 accumulation without a float64 copy; numpy's own loop, so the bits do
+            g = b.grad_rows[n].reshape(b.explicit.shape[0], b.params[n][0].size)  # [A_x, size]
+            # float64 accumulation without a float64 copy; numpy's own loops, so the bits do
             # not depend on BLAS threads (shards and coordinator must agree)
-            sq += np.einsum("ij,ij->i", g, g, dtype=np.float64)
-        return t, sq
+            sq[explicit] += np.einsum("ij,ij->i", g, g, dtype=np.float64)
+            if b.implicit.size:  # from the factors, without building the gradients
+                sq[np.searchsorted(b.touched, b.implicit)] += b.low_rank[n].sq_norms()
+        return b.touched, sq
 
     def grad_sq_norm(self) -> float:
         return float(np.sum(self.expert_sq_norms()[1]))
 
     def apply_update(self, lr: float, grad_scale: float = 1.0) -> None:
-        if self.lazy:
-            self.optimizer.step(self.bank.grad_rows, lr, grad_scale, rows=self.bank.touched, packed=True)
+        b = self.bank
+        if self.lazy:  # two disjoint sets of rows: each expert takes exactly one update
+            if b.explicit.size:
+                self.optimizer.step(b.grad_rows, lr, grad_scale, rows=b.explicit, packed=True)
+            if b.implicit.size:
+                self.optimizer.step(b.low_rank, lr, grad_scale, rows=b.implicit, packed=True)
         else:  # dense Adam reads every expert's gradient (comparison mode: builds them densely)
             self.optimizer.step(dict(self.grads), lr, grad_scale)
 

@@ -88,6 +88,38 @@ def check_forward_backward(rng, E, d, h, N, dtype, activation, skew=False):
     for name, a, b in zip(("dw1", "db1", "dw2", "db2"), ours, theirs, strict=True):
         assert_scaled_close(a, b, f"{name} E={E} N={N}")
         assert not np.any(a == 7.0), f"{name}: a packed gradient row was not written"
+    check_implicit(d_out, packed, offsets, w1, w2, pre, act, activation, ours, d_packed)
+
+
+def check_implicit(d_out, packed, offsets, w1, w2, pre, act, activation, full, d_full):
+    """implicit=2: experts with 1-2 rows get no gradient rows but d_pre; the others the rows
+    of the full run (the same bits), and the factors give the full run's gradients."""
+    from moe.optim import LowRank
+
+    counts = np.diff(offsets)
+    touched = np.flatnonzero(counts)
+    many, few = touched[counts[touched] > 2], touched[counts[touched] <= 2]
+    N, h = pre.shape
+    got = {}
+    for name, impl in (("compiled", _grouped), ("reference", ref)):
+        bufs = [np.full((many.size,) + a.shape[1:], 7.0, a.dtype) for a in full]
+        d_pre = np.full((N, h), 7.0, pre.dtype)
+        d_x = impl.ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, *bufs, d_pre, 2)
+        got[name] = (d_x, bufs, d_pre)
+    d_x, bufs, d_pre = got["compiled"]
+    np.testing.assert_array_equal(d_x, d_full)
+    at = np.searchsorted(touched, many)
+    for a, b in zip(bufs, full, strict=True):
+        np.testing.assert_array_equal(a, b[at])
+    assert_scaled_close(d_pre, got["reference"][2], "d_pre")
+    for a, b in zip(bufs, got["reference"][1], strict=True):
+        assert_scaled_close(a, b, "implicit packed rows")
+    s, c = offsets[few], counts[few]
+    at = np.searchsorted(touched, few)
+    d, hh = w1.shape[1:]
+    for u, v, shape, want in ((packed, d_pre, (d, hh), full[0]), (None, d_pre, (hh,), full[1]),
+                              (act, d_out, (hh, d), full[2]), (None, d_out, (d,), full[3])):
+        assert_scaled_close(LowRank(u, v, s, c, shape).materialize(), want[at], "factors")
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

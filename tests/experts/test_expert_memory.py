@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moe.experts.ffn import FEW_ROWS
 from moe.experts.local import LocalExperts
 from moe.hierarchical import HierarchicalMoELayer
 from moe.layer import MoELayer
@@ -43,14 +44,21 @@ def test_state_appears_only_where_training_touched(kind):
         layer.backward(np.ones_like(y))
 
     seen: set[int] = set()
-    for step in range(3):
-        xb = x[: 2 + step]  # few rows: some experts get none
-        y, r = layer.forward(xb, rng=np.random.default_rng(step))
+    most = 0
+    for step, (n, spread) in enumerate(((2, 1.0), (30, 0.01), (1, 1.0))):  # some experts get no rows
+        xb = (x[:1] + spread * rng.standard_normal((n, d))).astype(np.float32)  # 0.01: a few busy experts
+        y, r = layer.forward(xb, train=False, grad=True)  # no gate noise: the close rows crowd
         layer.backward(np.ones_like(y))
         now = set(np.flatnonzero(r.counts).tolist())
-        assert layer.experts.bank.touched.tolist() == sorted(now)
-        assert layer.experts.memory()["grad_bytes"] >= len(now) * _row_bytes(d, h)
-        assert layer.experts.memory()["grad_bytes"] <= max(len(s) for s in (now, seen)) * _row_bytes(d, h)
+        bank = layer.experts.bank
+        assert bank.touched.tolist() == sorted(now)
+        many = [e for e in sorted(now) if r.counts[e] > FEW_ROWS]  # gradients packed; the others as factors
+        assert bank.explicit.tolist() == many and bank.implicit.tolist() == sorted(now - set(many))
+        assert many or step != 1, "the 30 close rows should crowd some expert"
+        most = max(most, len(many))
+        factors = 4 * n * 2 * h if bank.implicit.size else 0  # d_pre [N, h] (k = 2 rows per example)
+        grad = layer.experts.memory()["grad_bytes"]
+        assert len(many) * _row_bytes(d, h) + factors <= grad <= most * _row_bytes(d, h) * 17 // 16 + factors
         layer.experts.apply_update(1e-2)
         seen |= now
         mem = layer.experts.memory()
@@ -62,13 +70,15 @@ def test_state_appears_only_where_training_touched(kind):
 def test_dense_gradients_are_built_on_request_and_kept_current():
     rng = np.random.default_rng(1)
     layer = MoELayer(4, 6, 3, k=1, gate="softmax_topk", rng=rng, dtype=np.float64)
-    x = rng.standard_normal((8, 4))
+    x = np.concatenate([rng.standard_normal(4) + 0.01 * rng.standard_normal((12, 4)), rng.standard_normal((6, 4))])
     y, r1 = layer.forward(x)
     layer.backward(np.ones_like(y))
     assert layer.experts.bank.grads.nbytes() == 0  # nobody asked yet
-    w1 = layer.grads["experts.w1"]  # built now, from the packed rows
+    w1 = layer.grads["experts.w1"]  # built now, from the packed rows and the factors
     bank = layer.experts.bank
-    np.testing.assert_array_equal(w1[bank.touched], bank.grad_rows["w1"])
+    assert bank.explicit.size and bank.implicit.size  # 12 close rows, 6 spread: both kinds
+    np.testing.assert_array_equal(w1[bank.explicit], bank.grad_rows["w1"])
+    np.testing.assert_array_equal(w1[bank.implicit], bank.low_rank["w1"].materialize())
     assert not w1[np.setdiff1d(np.arange(6), bank.touched)].any()
     y, r2 = layer.forward(x[:1])
     layer.backward(np.ones_like(y))
@@ -127,3 +137,20 @@ def test_grown_experts_keep_old_state_and_give_new_ones_none():
     old, new = bank.optimizer.state_dict(), grown.optimizer.state_dict()
     for k in ("m.w1", "v.b2"):
         np.testing.assert_array_equal(new[k], old[k])
+
+
+@pytest.mark.parametrize("rows", [[0, 2, 2, 3, 3, 3], [0] * 12 + [1] * 3 + [3], [1] * 20])
+def test_gradient_norms_of_packed_and_factored_experts_are_those_of_the_dense_gradients(rows):
+    """Experts with 1..FEW_ROWS rows (factors only), with more (packed rows), and a mix."""
+    rng = np.random.default_rng(3)
+    bank = LocalExperts(4, 5, 6, rng=rng, dtype=np.float64)
+    eid = np.array(rows)
+    offsets = np.searchsorted(eid, np.arange(5)).astype(np.int64)
+    x = rng.standard_normal((eid.size, 5))
+    bank.forward(x, offsets)
+    bank.backward(rng.standard_normal((eid.size, 5)))
+    ids, sq = bank.expert_sq_norms()
+    np.testing.assert_array_equal(ids, np.unique(eid))
+    dense = sum(np.square(bank.grads[n].reshape(4, -1)).sum(axis=1) for n in ("w1", "b1", "w2", "b2"))
+    np.testing.assert_allclose(sq, dense[ids], rtol=1e-12)
+    assert bank.grad_sq_norm() == pytest.approx(dense.sum(), rel=1e-12)
