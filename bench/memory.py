@@ -44,6 +44,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout
 
+from moe.rss import resident  # noqa: E402
+
 T = 8192
 CONFIGS = {
     "flat512": dict(kind="flat", E=512, d=256, h=512),
@@ -54,17 +56,11 @@ CASES = ("build", "infer", "train")
 GIB = 2**30
 
 
-def _status() -> dict[str, int]:
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
 def _reset_peak() -> int:
     """Reset the high-water mark to the current RSS; return that baseline."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return _status()["VmRSS"]
+    return resident()["rss_bytes"]
 
 
 def _expert_bytes(cfg: dict) -> int:
@@ -98,7 +94,7 @@ def run_ours(name: str, case: str) -> dict:
         layer.experts.apply_update(1e-3)
         gate_opt.step({n: layer.grads[n] for n in gate_names}, 1e-3)
         touched = int(np.count_nonzero(r.counts))
-    peak = _status()["VmHWM"] - base
+    peak = resident()["peak_rss_bytes"] - base
     gate_bytes = sum(layer.params[n].nbytes for n in gate_names)
     return {"side": "ours", "config": name, "case": case, "peak": peak, "touched": touched,
             "weights": gate_bytes + layer.experts.memory()["weights_bytes"], "gate_bytes": gate_bytes,
@@ -189,7 +185,7 @@ def run_torch(name: str, case: str) -> dict:
         y, touched = block(x)
         y.backward(dy)
         opt.step()
-    peak = _status()["VmHWM"] - base
+    peak = resident()["peak_rss_bytes"] - base
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
     return {"side": "torch", "config": name, "case": case, "peak": peak, "touched": touched, "weights": weights}
 
