@@ -11,8 +11,10 @@ in one group, so a sharded deployment (one group per shard) sends each example t
 
 Each configuration runs in its own process so its peak RSS (resource.getrusage) is its own.
 The floor column is the expert bytes a step must move at the copy bandwidth measured in the
-same run: per touched expert (W = its weights, 66 KB here) forward reads W, backward reads W and
-writes its gradient, lazy Adam reads g, p, m, v and writes p, m, v: 10 W per touched expert.
+same run: per touched expert (W = its weights, 66 KB here) forward reads W, backward reads W,
+lazy Adam reads p, m, v and writes p, m, v: 8 W. An expert with more than FEW_ROWS rows also
+writes its gradient and Adam reads it back (10 W); one with fewer keeps it as factors that
+Adam expands in cache (moe.optim.LowRank), so nothing more goes through memory.
 Run: python bench/hier_scale.py [--steps 7] [--only flat64,hier1024,hier65536]
 """
 
@@ -110,7 +112,7 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
             for j, key in enumerate(("forward", "backward", "expert_adam", "gate_adam")):
                 phases[key].append(t[j + 1] - t[j])
             phases["step"].append(t[-1] - t[0])
-            balance.append((int((routing.counts > 0).sum()), routing.dropped))
+            balance.append((int((routing.counts > 0).sum()), int(layer.experts.bank.explicit.size)))
     return {
         "config": name,
         "experts": layer.n_experts,
@@ -118,6 +120,7 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
         "build_s": build_s,
         **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in phases.items()},
         "active_experts": int(np.median([b[0] for b in balance])),
+        "explicit_experts": int(np.median([b[1] for b in balance])),  # gradients written out
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         **{k.replace("_bytes", "_gib"): v / 2**30 for k, v in layer.experts.memory().items() if k.endswith("_bytes")},
         "experts_with_adam": layer.experts.memory()["experts_with_adam"],
@@ -153,10 +156,11 @@ def main() -> None:
     bw = copy_bandwidth()  # after the children: a child inherits the parent's peak RSS
     print(f"copy bandwidth {bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
     for r in rows:
-        r["floor_ms"] = 1e3 * 10 * r["active_experts"] * expert_bytes() / (bw * 1e9)
+        moved = (8 * r["active_experts"] + 2 * r["explicit_experts"]) * expert_bytes()
+        r["floor_ms"] = 1e3 * moved / (bw * 1e9)
         r["vs_flat64"] = r["step_ms"] / rows[0]["step_ms"] if rows[0]["config"] == "flat64" else float("nan")
     cols = ["config", "experts", "step_ms", "vs_flat64", "floor_ms", "forward_ms", "backward_ms", "expert_adam_ms",
-            "gate_adam_ms", "active_experts", "experts_with_adam", "peak_rss_gib", "weights_gib", "grad_gib", "adam_gib"]
+            "gate_adam_ms", "active_experts", "explicit_experts", "experts_with_adam", "peak_rss_gib", "weights_gib", "grad_gib", "adam_gib"]
     print("\n| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
