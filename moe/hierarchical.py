@@ -34,6 +34,7 @@ from moe.bindings.plan import DispatchPlan, plan_dispatch
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup
 from moe.layer import ExpertDispatch, check_expert_group, expert_entries, gate_input
+from moe.nn import Joined
 from moe.routing.balance import cv_squared
 from moe.routing.capacity import validate_capacity_factor
 from moe.routing.gates import GroupedTopK, GroupSums, sums_as
@@ -151,7 +152,7 @@ class HierarchicalMoELayer:
             "secondary.w_gate": np.zeros((a, d_in, b), dtype=self.dtype),
             "secondary.w_noise": np.zeros((a, d_in, b), dtype=self.dtype),
         }
-        self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
+        self._gate_grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         if experts is None:
             experts = LocalExperts(a * b, d_model, d_hidden, activation=activation, rng=rng, dtype=self.dtype)
         self.set_experts(experts)
@@ -167,12 +168,11 @@ class HierarchicalMoELayer:
         """Use this expert group (local bank or remote shards) of a*b experts of width d_model."""
         check_expert_group(experts, self.n_experts, self.d_model)
         self.experts = experts
-        for store in (self.params, self.grads):
-            for n in [n for n in store if n.startswith("experts.")]:
-                del store[n]
+        for n in [n for n in self.params if n.startswith("experts.")]:
+            del self.params[n]
         params, grads = expert_entries(experts)
         self.params.update(params)
-        self.grads.update(grads)
+        self.grads = Joined([("", self._gate_grads), ("experts.", grads)])
 
     @property
     def gate_param_names(self) -> list[str]:
@@ -185,16 +185,20 @@ class HierarchicalMoELayer:
         task_emb: np.ndarray | None = None,
         train: bool = True,
         rng: np.random.Generator | None = None,
+        grad: bool | None = None,
     ) -> tuple[np.ndarray, Routing]:
-        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing over a*b experts)."""
+        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing over a*b experts).
+
+        grad: keep what backward needs (default: when training), as MoELayer.forward."""
+        keep = train if grad is None else grad
         x_gate = gate_input(x, task_emb, self.d_model, self.d_gate_extra, self.dtype)  # [B, d_in]
         st = self._route(x_gate, train, rng if rng is not None else self.rng)
         importance, load, aux = self._balance(st, train)  # [a, b], [a, b], float
         B, b = x.shape[0], self.experts_per_group
         expert_index = (st.gi[:, :, None] * b + st.si).reshape(B, self.k).astype(np.int32)  # [B, k]
         gates = (st.gp[:, :, None] * st.gs).reshape(B, self.k)  # [B, k] before capacity
-        y, plan, kept = self.dispatch.forward(x, expert_index, gates, self.experts)  # [B, d], _, [B, k]
-        self._cache = st
+        y, plan, kept = self.dispatch.forward(x, expert_index, gates, self.experts, keep)  # [B, d], _, [B, k]
+        self._cache = st if keep else None
         routing = Routing(
             expert_index=expert_index,
             gates=kept,
@@ -265,7 +269,8 @@ class HierarchicalMoELayer:
         The task-embedding gradient (when routing on one) is left in `grad_task_emb`.
         """
         if self._cache is None:
-            raise ValueError("backward called before forward (or twice for one forward)")
+            raise ValueError("backward called before forward (or twice for one forward, or after a "
+                             "forward with grad=False: train=False forwards need grad=True)")
         st = self._cache
         B = st.x_gate.shape[0]
         if dy.shape != (B, self.d_model) or dy.dtype != self.dtype:

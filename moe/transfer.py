@@ -104,7 +104,7 @@ def _train(model, params, grads, task, rows, *, lr, weight_decay, epochs=None, s
     fit_chunk = [Chunk(task.name, task.x_train[rows], task.y_train[rows])]
     best, best_epoch = np.inf, 0
     for epoch in range(1, (epochs or 10_000) + 1):
-        out = model.forward(fit_chunk, train=False)
+        out = model.forward(fit_chunk, train=False, grad=True)  # no gate noise, but a backward
         model.backward([loss_and_grad(kind, out.outputs[0], fit_chunk[0].y)[1]])
         opt.step(grads, lr)
         if stop_rows is None:

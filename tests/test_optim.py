@@ -46,7 +46,9 @@ def test_lazy_adam_updates_only_touched_rows_with_their_own_step_count():
             g_rows[r].append(g[r])
         opt.step({"w": g}, lr=0.05, rows=np.array(rows))
     np.testing.assert_array_equal(params["w"][[1, 2, 4]], p0[[1, 2, 4]])  # never touched
-    assert not opt.m["w"][[1, 2, 4]].any()
+    np.testing.assert_array_equal(opt.state_rows(), [0, 3])  # only touched rows have moments
+    m, v = opt.moments("w")
+    assert not m[[1, 2, 4]].any() and not v[[1, 2, 4]].any()
     np.testing.assert_array_equal(opt.t, [2, 0, 0, 4, 0])
     for r in (0, 3):  # each touched row is plain Adam over its own steps
         np.testing.assert_allclose(params["w"][r], reference_adam(p0[r], g_rows[r], 0.05), rtol=1e-12)
@@ -113,7 +115,7 @@ def test_adam_float32_stays_float32():
     params = {"w": np.ones((4, 2), dtype=np.float32)}
     opt = Adam(params, AdamConfig(), lazy_rows=True)
     opt.step({"w": np.full((4, 2), 1e-30, dtype=np.float32)}, 0.1, rows=np.array([1]))
-    assert params["w"].dtype == np.float32 and opt.m["w"].dtype == np.float32
+    assert params["w"].dtype == np.float32 and opt.state_dict()["m.w"].dtype == np.float32
 
 
 def test_schedule_and_clipping():
@@ -234,9 +236,227 @@ def _check_fused_lazy_adam(dtype):
         runs[backend] = (params, opt)
     (pn, on), (pc, oc) = runs["numpy"], runs["compiled"]
     np.testing.assert_array_equal(on.t, oc.t)
-    tol = 1e-6 if dtype == np.float32 else 1e-12
-    for n in p0:
-        np.testing.assert_allclose(pc[n], pn[n], rtol=tol, atol=tol)
-        np.testing.assert_allclose(oc.m[n], on.m[n], rtol=tol, atol=tol)
-        np.testing.assert_allclose(oc.v[n], on.v[n], rtol=tol, atol=tol)
+    sn, sc = on.state_dict(), oc.state_dict()
+    for n in p0:  # the same float operations in the same order: the same bits
+        np.testing.assert_array_equal(pc[n], pn[n])
+        np.testing.assert_array_equal(sc[f"m.{n}"], sn[f"m.{n}"])
+        np.testing.assert_array_equal(sc[f"v.{n}"], sn[f"v.{n}"])
     assert not np.array_equal(pc["w"], p0["w"])
+
+
+# ----------------------------------------------------------------------------- lazy moment storage
+def _lazy(n_rows=6, seed=5, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.normal(size=(n_rows, 3, 2)).astype(dtype), "b": rng.normal(size=(n_rows, 2)).astype(dtype)}
+    return params, Adam(params, AdamConfig(weight_decay=0.01), lazy_rows=True), rng
+
+
+def test_lazy_adam_allocates_moments_only_for_rows_it_updates():
+    params, opt, rng = _lazy()
+    assert opt.state_bytes() == 0 and opt.state_rows().size == 0  # built: no moments at all
+    row_bytes = 2 * 4 * (3 * 2 + 2)  # m and v of one row of w and b, float32
+    for rows, have in (([1, 4], [1, 4]), ([4, 5], [1, 4, 5]), ([1], [1, 4, 5])):
+        g = {n: rng.normal(size=p.shape).astype(p.dtype) for n, p in params.items()}
+        opt.step(g, 0.01, rows=np.array(rows))
+        np.testing.assert_array_equal(opt.state_rows(), have)
+        assert opt.state_bytes() == row_bytes * len(have)
+    sd = opt.state_dict("x.")
+    assert sd["x.m.w"].shape == (3, 3, 2) and sd["x.v.b"].shape == (3, 2)  # absent rows: absent
+    np.testing.assert_array_equal(np.flatnonzero(sd["x.t"]), [1, 4, 5])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_packed_gradients_give_the_bits_of_full_ones(backend):
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    (pa, oa, rng), (pb, ob, _) = _lazy(), _lazy()
+    with bindings.use_backend(backend):
+        for rows in ([0, 2, 5], [2, 3], [0, 5]):
+            rows = np.array(rows)
+            full = {n: rng.normal(size=p.shape).astype(p.dtype) for n, p in pa.items()}
+            oa.step(full, 0.02, 0.5, rows=rows)
+            ob.step({n: g[rows].copy() for n, g in full.items()}, 0.02, 0.5, rows=rows, packed=True)
+    for n in pa:
+        np.testing.assert_array_equal(pa[n], pb[n])
+    for k, v in oa.state_dict().items():
+        np.testing.assert_array_equal(ob.state_dict()[k], v)
+
+
+def test_lazy_state_round_trip_continues_like_an_uninterrupted_run():
+    (pa, oa, rng), (pb, _, _) = _lazy(), _lazy()
+    steps = [(np.array(r), {n: rng.normal(size=p.shape).astype(p.dtype) for n, p in pa.items()})
+             for r in ([1, 2], [2], [0, 2, 5], [5])]
+    for rows, g in steps[:2]:
+        oa.step(g, 0.01, rows=rows)
+    sd = {k: v.copy() for k, v in oa.state_dict().items()}
+    for n in pb:
+        pb[n][...] = pa[n]
+    ob = Adam(pb, AdamConfig(weight_decay=0.01), lazy_rows=True)
+    ob.load_state_dict(sd)
+    np.testing.assert_array_equal(ob.state_rows(), [1, 2])
+    for rows, g in steps[2:]:
+        oa.step(g, 0.01, rows=rows)
+        ob.step(g, 0.01, rows=rows)
+    for n in pa:
+        np.testing.assert_array_equal(pa[n], pb[n])
+    for k, v in oa.state_dict().items():
+        np.testing.assert_array_equal(ob.state_dict()[k], v)
+
+
+def test_lazy_adam_refuses_bad_rows_and_bad_state():
+    params, opt, rng = _lazy()
+    g = {n: np.zeros_like(p) for n, p in params.items()}
+    with pytest.raises(ValueError, match="distinct"):
+        opt.step(g, 0.1, rows=np.array([2, 1, 2]))
+    with pytest.raises(ValueError, match=r"row ids in \[0, 6\)"):
+        opt.step(g, 0.1, rows=np.array([6]))
+    with pytest.raises(ValueError, match=r"gradient 'w': expected float32\[2, 3, 2\], got float32\[6, 3, 2\]"):
+        opt.step(g, 0.1, rows=np.array([0, 1]), packed=True)
+    assert opt.state_rows().size == 0 and not opt.t.any(), "a refused step changes nothing"
+    opt.step(g, 0.1, rows=np.array([0, 1]))
+    sd = opt.state_dict()
+    sd["t"][3] = 1  # claims a third row with state, but the moments hold two
+    with pytest.raises(ValueError, match=r"'m.w': expected float32\[3, 3, 2\], got float32\[2, 3, 2\]"):
+        opt.load_state_dict(sd)
+    sd["t"][3] = -1
+    with pytest.raises(ValueError, match="step counts must be >= 0"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.kernels
+def test_dense_adam_through_the_fused_kernel_gives_the_numpy_bits():
+    from moe import bindings
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(8)
+    p0 = {"w": rng.normal(size=(5, 3, 4)).astype(np.float32), "g": rng.normal(size=7).astype(np.float32),
+          "view": rng.normal(size=(4, 6)).astype(np.float32)[:, ::2]}  # not contiguous: numpy path
+    grads = [{n: rng.normal(size=a.shape).astype(np.float32) for n, a in p0.items()} for _ in range(4)]
+    runs = {}
+    for backend in ("numpy", "compiled"):
+        params = {n: a.copy() for n, a in p0.items()}
+        params["view"] = np.zeros((4, 6), np.float32)[:, ::2]
+        params["view"][...] = p0["view"]
+        assert not params["view"].flags.c_contiguous
+        opt = Adam(params, AdamConfig(weight_decay=0.1))
+        with bindings.use_backend(backend):
+            for g in grads:
+                opt.step(g, 0.01, 0.8)
+        runs[backend] = (params, opt)
+    (pn, on), (pc, oc) = runs["numpy"], runs["compiled"]
+    for n in p0:
+        np.testing.assert_array_equal(pc[n], pn[n])
+        np.testing.assert_array_equal(oc.m[n], on.m[n])
+        np.testing.assert_array_equal(oc.v[n], on.v[n])
+    assert not np.array_equal(pc["w"], p0["w"])
+
+
+def test_lazy_moments_growing_over_many_steps_keep_each_row_plain_adam():
+    """Rows touched for the first time over many steps (the moments grow block by block):
+    every row is still plain Adam over its own steps, and a state round trip (one block)
+    continues with the same bits as the grown layout."""
+    rng = np.random.default_rng(9)
+    p0 = rng.normal(size=(300, 2, 3))
+    params = {"w": p0.copy()}
+    opt = Adam(params, AdamConfig(), lazy_rows=True)
+    seen: dict[int, list[np.ndarray]] = {}
+    steps = []
+    for i in range(40):
+        rows = np.unique(np.concatenate([rng.choice(300, size=9, replace=False), [i % 7]]))
+        steps.append((rows, rng.normal(size=(300, 2, 3))))
+    for rows, g in steps[:30]:
+        opt.step({"w": g}, lr=0.05, rows=rows)
+        for r in rows:
+            seen.setdefault(int(r), []).append(g[r])
+    assert opt.state_rows().size > 150  # grown many times from 16 places
+    for r, gs in seen.items():
+        np.testing.assert_allclose(params["w"][r], reference_adam(p0[r], gs, 0.05), rtol=1e-12)
+    untouched = np.setdiff1d(np.arange(300), list(seen))
+    np.testing.assert_array_equal(params["w"][untouched], p0[untouched])
+    again = {"w": params["w"].copy()}
+    packed = Adam(again, AdamConfig(), lazy_rows=True)
+    packed.load_state_dict({k: v.copy() for k, v in opt.state_dict().items()})
+    for rows, g in steps[30:]:
+        opt.step({"w": g}, lr=0.05, rows=rows)
+        packed.step({"w": g}, lr=0.05, rows=rows)
+    np.testing.assert_array_equal(again["w"], params["w"])
+    for k, v in opt.state_dict().items():
+        np.testing.assert_array_equal(packed.state_dict()[k], v)
+
+
+# ----------------------------------------------------------------------------- low-rank gradients
+def _lowrank(rng, dtype, n_rows=7, a=3, b=5):
+    """Gradients of 4 of n_rows rows as sums of 1..4 outer products (one row with u = ones)."""
+    from moe.optim import LowRank
+
+    counts = np.array([1, 3, 4, 2])
+    starts = np.array([0, 1, 4, 8])
+    N = int(starts[-1] + counts[-1]) + 1  # one unused factor row at the end
+    u, v = rng.normal(size=(N, a)).astype(dtype), rng.normal(size=(N, b)).astype(dtype)
+    return LowRank(u, v, starts, counts, (a, b)), LowRank(None, v, starts, counts, (b,))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lowrank_gradients_are_sums_of_outer_products_and_their_norms(dtype):
+    from moe import bindings
+
+    w, bias = _lowrank(np.random.default_rng(10), dtype)
+    for g in (w, bias):
+        want = np.stack([sum(np.outer(np.ones(1) if g.u is None else g.u[s + r], g.v[s + r]).reshape(g.row_shape)
+                             for r in range(c)) for s, c in zip(g.starts, g.counts, strict=True)])
+        with bindings.use_backend("numpy"):
+            got = g.materialize()
+        assert got.dtype == dtype and got.shape == (4, *g.row_shape)
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+        if bindings.HAVE_COMPILED:  # the same additions in the same order: the same bits
+            np.testing.assert_array_equal(g.materialize(), got)
+        sq = np.sum(got.reshape(4, -1).astype(np.float64) ** 2, axis=1)
+        np.testing.assert_allclose(g.sq_norms(), sq, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lazy_adam_on_lowrank_gradients_gives_the_bits_of_materialized_ones(backend, dtype):
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(11)
+    p0 = {"w": rng.normal(size=(7, 3, 5)).astype(dtype), "b": rng.normal(size=(7, 5)).astype(dtype)}
+    (pa, pb) = ({n: a.copy() for n, a in p0.items()} for _ in range(2))
+    oa, ob = (Adam(p, AdamConfig(weight_decay=0.01), lazy_rows=True) for p in (pa, pb))
+    with bindings.use_backend(backend):
+        for rows in ([0, 2, 3, 6], [1, 2, 4, 6], [0, 3, 5, 6]):
+            w, bias = _lowrank(rng, dtype)
+            with bindings.use_backend("numpy"):  # the oracle's own bits
+                full = {"w": w.materialize(), "b": bias.materialize()}
+            oa.step({"w": w, "b": bias}, 0.02, 0.6, rows=np.array(rows), packed=True)
+            ob.step(full, 0.02, 0.6, rows=np.array(rows), packed=True)
+    for n in p0:
+        np.testing.assert_array_equal(pa[n], pb[n])
+        assert not np.array_equal(pa[n], p0[n])
+    for k, v in oa.state_dict().items():
+        np.testing.assert_array_equal(ob.state_dict()[k], v)
+
+
+def test_lowrank_gradients_are_checked():
+    from moe.optim import LowRank
+
+    params, opt, rng = _lazy()
+    u, v = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
+    good = {"w": LowRank(u, v, np.array([0, 2]), np.array([2, 2]), (3, 2)),
+            "b": LowRank(None, v, np.array([0, 2]), np.array([2, 2]), (2,))}
+    with pytest.raises(ValueError, match="a LowRank gradient is packed"):
+        opt.step(good, 0.1, rows=np.array([1, 3]))
+    with pytest.raises(ValueError, match=r"start \+ count <= N = 4"):
+        LowRank(u, v, np.array([0, 3]), np.array([2, 2]), (3, 2))
+    with pytest.raises(ValueError, match=r"outer products of \[3\] and \[2\] do not give rows of \[4\]"):
+        LowRank(u, v, np.array([0, 2]), np.array([2, 2]), (4,))
+    with pytest.raises(ValueError, match=r"gradient 'w': expected float32\[2, 3, 2\], got float32\[2, 2, 6\]"):
+        opt.step(dict(good, w=LowRank(u, np.ones((4, 4), np.float32), np.array([0, 2]), np.array([2, 2]), (2, 6))),
+                 0.1, rows=np.array([1, 3]), packed=True)
+    opt.step(good, 0.1, rows=np.array([1, 3]), packed=True)
+    np.testing.assert_array_equal(opt.state_rows(), [1, 3])

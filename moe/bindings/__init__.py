@@ -76,13 +76,14 @@ def combine_backward(dy: np.ndarray, out: np.ndarray, slot: np.ndarray, weights:
     return _mod(_dispatch, out.dtype).combine_backward(dy, out, slot, weights)
 
 
-def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str):
-    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation)
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str, keep: bool = True):
+    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep)
 
 
-def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2):
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2,
+                 d_pre=None, implicit: int = 0):
     return _mod(_grouped, packed.dtype).ffn_backward(
-        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2
+        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2, d_pre, implicit
     )
 
 
@@ -92,14 +93,25 @@ def compiled_gates(dtype: np.dtype):
     return _gates if _mod(_gates, dtype) is _gates else None
 
 
+def lowrank_rows(u, v, starts, counts, out):
+    return _mod(_optim, out.dtype).lowrank_rows(u, v, starts, counts, out)
+
+
 def compiled_adam_rows():
     """The fused lazy-Adam kernel when the compiled path is live, else None (numpy path)."""
     return _optim.adam_rows if _backend == "compiled" else None
 
 
+def compiled_adam_lowrank():
+    """The fused lazy-Adam kernel for low-rank gradients (moe.optim.LowRank), or None."""
+    return _optim.adam_lowrank if _backend == "compiled" else None
+
+
 __all__ = [
     "compiled_adam_rows",
     "compiled_gates",
+    "compiled_adam_lowrank",
+    "lowrank_rows",
     "HAVE_COMPILED",
     "backend",
     "use_backend",

@@ -51,7 +51,8 @@ def _child_runs_parallel_sized_kernels() -> None:
     _optim._configure(parallel_min_elements=0)
 
     p, m, v = np.ones((64, 300), np.float32), np.zeros((64, 300), np.float32), np.zeros((64, 300), np.float32)
-    _optim.adam_rows(p, m, v, np.ones_like(p), np.arange(64), np.ones(64, np.int64), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0)
+    rows = np.arange(64)
+    _optim.adam_rows(p, m, v, np.ones_like(p), rows, rows, rows, np.ones(64, np.int64), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0)
     assert np.allclose(p, 0.9)
 
 

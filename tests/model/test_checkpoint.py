@@ -81,10 +81,32 @@ def test_a_truncated_file_is_refused(saved):
     assert msg == f"checkpoint '<ckpt>': params.safetensors has {size - 10} bytes, manifest says {size} (truncated?)"
 
 
-def test_a_missing_file_is_refused(saved):
+@pytest.mark.parametrize("fname", ["params.safetensors", "experts-l0.safetensors"])
+def test_a_missing_file_is_refused(saved, fname):
     _, where = saved
+    (where / fname).unlink()
+    assert refusal(where) == f"checkpoint '<ckpt>': file '{fname}' is missing"
+
+
+def test_an_inference_load_leaves_the_optimizer_files_unread(saved):
+    """moe.load (eval, profile, add-task) reads the weights only: optimizer files may even be
+    gone or damaged; a training load (every file) still refuses them."""
+    model, where = saved
+    manifest = ckpt.read_manifest(where)
+    adam = [f for f, e in manifest["files"].items() if e.get("kind") == "experts-adam"]
+    assert adam == ["experts-l0.adam.safetensors"]
     (where / "optim.safetensors").unlink()
-    assert refusal(where) == "checkpoint '<ckpt>': file 'optim.safetensors' is missing"
+    data = bytearray((where / adam[0]).read_bytes())
+    data[-1] ^= 0x01
+    (where / adam[0]).write_bytes(bytes(data))
+    again = load(where)
+    for n, p in model.params.items():
+        assert np.array_equal(p, again.params[n]), n
+    assert again.layers[0].experts.memory()["adam_bytes"] == 0
+    with pytest.raises(ckpt.CheckpointError, match="optim.safetensors' is missing"):
+        ckpt.load_checkpoint(where)
+    with pytest.raises(ckpt.CheckpointError, match="adam.safetensors does not match its sha256"):
+        again.layers[0].experts.load_part(where, manifest["files"], 0)
 
 
 def test_a_folder_without_manifest_is_not_a_checkpoint(saved, tmp_path):
@@ -156,7 +178,7 @@ def test_a_tensor_of_another_dtype_or_shape_is_refused_not_cast(saved, change, e
 def test_an_expert_part_of_another_dtype_or_shape_is_refused(saved, change, expected):
     _, where = saved
     rewrite(where, "experts-l0.safetensors", lambda t: {**t, "w1": change(t["w1"])})
-    assert refusal(where) == f"expert 'w1': {expected}"
+    assert refusal(where) == f"experts-l0.safetensors tensor 'w1': {expected}"
 
 
 def test_a_path_that_does_not_exist(tmp_path):
@@ -166,9 +188,9 @@ def test_a_path_that_does_not_exist(tmp_path):
 @pytest.mark.parametrize(
     "manifest,expected",
     [
-        ([1, 2], "checkpoint '<ckpt>': expected format 'moe.checkpoint/1', got 'list'"),
-        ({"format": "moe.checkpoint/1", "files": []}, "checkpoint '<ckpt>': manifest lists no files"),
-        ({"format": "moe.checkpoint/1"}, "checkpoint '<ckpt>': manifest lists no files"),
+        ([1, 2], f"checkpoint '<ckpt>': expected format '{ckpt.FORMAT}', got 'list'"),
+        ({"format": ckpt.FORMAT, "files": []}, "checkpoint '<ckpt>': manifest lists no files"),
+        ({"format": ckpt.FORMAT}, "checkpoint '<ckpt>': manifest lists no files"),
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_refused(saved, manifest, expected):
@@ -192,7 +214,7 @@ def test_expert_parts_are_read_only_when_asked(saved):
     _, files, _ = ckpt.load_checkpoint(where)
     assert sorted(files) == ["optim", "params"]
     _, files, _ = ckpt.load_checkpoint(where, load_experts=True)
-    assert sorted(files) == ["experts-l0", "optim", "params"]
+    assert sorted(files) == ["experts-l0", "experts-l0.adam", "optim", "params"]
 
 
 def _save(root, step, value):

@@ -11,7 +11,8 @@ import pytest
 from moe.layer import MoELayer
 from moe.routing.balance import cv_squared
 from moe.routing.capacity import expert_capacity, validate_capacity_factor
-from moe.routing.gates import GateOutput, TopKGate, TopKRows, logsumexp, make_gate, softmax
+from moe.routing.gates import GateOutput, TopKGate, TopKRows, make_gate, softmax
+from moe.routing.gates import logsumexp_rows as logsumexp
 from moe.routing.types import Routing
 
 pytestmark = pytest.mark.unit
