@@ -61,15 +61,19 @@ class TaskSampler:
                 self.epoch[d.name] += 1
         return np.concatenate(taken)
 
-    def next_batch(self) -> list[Chunk]:
+    def next_indices(self) -> list[tuple[TaskData, np.ndarray]]:
+        """The next batch as (task, indices into its training split), in batch order, without
+        reading any example: a process that needs only some rows gathers only those."""
         counts = self.rng.multinomial(self.batch_size, self.probs)  # [T]
-        chunks = []
+        parts = []
         for d, n in zip(self.data, counts, strict=True):
             if n:
-                idx = self._take(d, int(n))
-                chunks.append(Chunk(d.name, d.x_train[idx], d.y_train[idx]))
+                parts.append((d, self._take(d, int(n))))
                 self.seen[d.name] += int(n)
-        return chunks
+        return parts
+
+    def next_batch(self) -> list[Chunk]:
+        return [Chunk(d.name, d.x_train[idx], d.y_train[idx]) for d, idx in self.next_indices()]
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {f"data.order.{name}": o for name, o in self.order.items()}

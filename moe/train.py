@@ -157,7 +157,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
         start = time.perf_counter()
-        bar = self._progress(t.steps)
+        bar = self.progress_bar(t.steps)
         last = self.step
         last_t = time.perf_counter()
         if self.remote and self.save_checkpoints and not ckpt.list_checkpoints(self.ckpt_root):
@@ -179,7 +179,7 @@ class Trainer:
                     last, last_t = self.step, now
                 bar.update(1)
             if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
-                self._log_eval(log_path, m)
+                self.log_eval(log_path, m)
             if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == end):
                 self.save()
         if bar is not None:
@@ -206,14 +206,17 @@ class Trainer:
             self.on_failure(error)
         self.restore(found[-1])
 
-    def _progress(self, total: int):
+    def progress_bar(self, total: int):
+        """A tqdm bar from the current step to `total` (None when train.progress is off)."""
         if not self.config.train.progress:
             return None
         from tqdm import tqdm
 
         return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _log_eval(self, path: Path, m: dict[str, float]) -> None:
+    def log_eval(self, path: Path, m: dict[str, float]) -> None:
+        """Evaluate self.model on the val split and append one record (step, the step's
+        metrics `m`, every task's scores) to the metrics log (and TensorBoard if enabled)."""
         val = evaluate_tasks(self.model, self.data, "val")
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from moe.accel.jax_layer import LayerSpec, moe_layer
+from moe.accel.jax_layer import ROWS, LayerSpec, moe_layer
 from moe.model import Chunk, MultiTaskMoE
 
 LN_EPS = 1e-5  # moe.nn.LayerNorm's default
@@ -100,6 +102,17 @@ def pack_batch(spec: ModelSpec, chunks: list[Chunk]) -> tuple[np.ndarray, np.nda
             y[r : r + n, : (1 if yy.ndim == 1 else yy.shape[1])] = yy.reshape(n, -1)
         r += n
     return tid, x, y
+
+
+def draw_noise(spec: ModelSpec, mesh, key, B: int) -> tuple:
+    """Per layer: standard normal gate noise [B, E] (noisy gates) or None, split over the rows
+    of the mesh. Draws depend on (key, layer, B, E) only, not on the mesh: threefry is
+    partitionable, so every layout and process count sees the same noise."""
+    rows = NamedSharding(mesh, P(ROWS))
+    return tuple(
+        jax.lax.with_sharding_constraint(jax.random.normal(jax.random.fold_in(key, i), (B, layer.n_experts)), rows)
+        if layer.noisy else None
+        for i, layer in enumerate(spec.layers))
 
 
 def layer_norm(x, g, b):
