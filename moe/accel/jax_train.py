@@ -188,7 +188,7 @@ class JaxTrainer:
         self.steps_run = 0  # steps taken by this object (not those before a resume)
         self.state: dict = {}
         self._load_optimizer_state()
-        self._step = make_step(self.jm.spec, self.mesh, self.adam, float(config.train.clip_norm), self.n_micro)
+        self.compiled_step = make_step(self.jm.spec, self.mesh, self.adam, float(config.train.clip_norm), self.n_micro)
 
     @property
     def step(self) -> int:
@@ -270,7 +270,7 @@ class JaxTrainer:
         tid, x, y = self._batch()
         lr = lr_at(tr.step, lr=t.lr, warmup=t.warmup, total=t.steps, min_ratio=t.min_lr_ratio)
         key = jax.random.fold_in(self.key, tr.step)
-        self.state, met = self._step(self.state, tid, x, y, key, jnp.float32(lr))
+        self.state, met = self.compiled_step(self.state, tid, x, y, key, jnp.float32(lr))
         self.jm.params = self.state["params"]
         norm = float(host(met["grad_norm"]))
         if not np.isfinite(norm):
