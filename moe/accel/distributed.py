@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLL_S = 0.1
+EXIT_LOST_PEER = 3  # a worker whose collective failed because another process is gone
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def death_reason(rc: int, log_text: str) -> str:
         return f"process {ids} of the run stopped sending heartbeats (dead or stalled)"
     if "Failed to send RPC to coordination service" in log_text or "leader task was preempted/died" in log_text:
         return "lost the coordinator (process 0 is gone)"
+    if "moe: a collective failed:" in log_text:
+        return "another process of the run dropped its connection (it died or was killed)"
     if rc < 0:
         try:
             name = signal.Signals(-rc).name
@@ -258,7 +261,7 @@ class Workers:
         of = f" of {total}" if total else ""
         print(f"{self.label}: error: process {w.index}{of} (pid {pid}) stopped: {what}{stopped} "
               f"(log: {w.log})", file=sys.stderr, flush=True)
-        return rc if rc > 0 else 1
+        return 2 if rc == 2 else 1
 
     def stop(self) -> None:
         """SIGKILL every live worker and reap it. Nothing is lost: checkpoints are written

@@ -3,9 +3,11 @@ process of a multi-host run (`--coordinator`), see moe.accel.distributed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from moe.accel.distributed import (
+    EXIT_LOST_PEER,
     Distributed,
     force_cpu_devices,
     initialize,
@@ -72,14 +74,27 @@ def train(args, config, data, source, out: Path, header: str, *, say, report) ->
     main = jax.process_index() == 0
     echo = (lambda m: say(args, m)) if main else (lambda m: None)
     echo(header)
-    result, trainer = train_with_jax(config, data, out, data_source=source, resume=args.resume,
-                                     stop_at=args.stop_at, echo=echo, layout=layout)
-    if jax.process_count() > 1:
-        echo(share_line(trainer))
+    try:
+        result, trainer = train_with_jax(config, data, out, data_source=source, resume=args.resume,
+                                         stop_at=args.stop_at, echo=echo, layout=layout)
+        if jax.process_count() > 1:
+            echo(share_line(trainer))
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1:
+            lost_peer(e)
+        raise
     shutdown()  # every process leaves the run here; process 0 alone reports
     if not main:
         return 0
     return report(args, trainer.config, data, result, trainer.model)
+
+
+def lost_peer(error: Exception) -> None:
+    """A collective failed because another process is gone: say so in the native log (the
+    parent reads it and prints the one line) and leave at once, without JAX's shutdown
+    barrier, which would wait for the dead process."""
+    os.write(2, f"moe: a collective failed: {error}\n".encode(errors="replace"))
+    os._exit(EXIT_LOST_PEER)
 
 
 def share_line(trainer) -> str:
