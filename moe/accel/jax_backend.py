@@ -221,14 +221,11 @@ class JaxMoE:
         return out
 
     def _split(self, chunks: list[Chunk], outs) -> list[np.ndarray]:
-        res, r = [], 0
-        full = [None] * len(outs)
+        """The padded outputs [B, n_max] back into one [n_t, n_outputs_t] per chunk."""
+        full, res, r = host(outs), [], 0
         for ch in chunks:
             n = ch.x.shape[0]
-            t = self.spec.task_id(ch.task)
-            if full[t] is None:
-                full[t] = host(outs[t])
-            res.append(full[t][r : r + n])
+            res.append(full[r : r + n, : self.spec.tasks[self.spec.task_id(ch.task)].n_outputs])
             r += n
         return res
 

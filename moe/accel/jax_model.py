@@ -4,14 +4,23 @@ A mixed-task batch travels as one fixed-shape triple so a training run compiles 
     tid int32 [B]          the task of each row (index into ModelSpec.tasks)
     x   float32 [B, Din]   inputs, zero-padded to the widest task
     y   float32 [B, Ymax]  targets, zero-padded (multiclass: the class id in column 0)
-Per-task adapters, heads and losses are computed on every row and selected by tid with
-`where`, which is exact (the unselected rows contribute exact zeros to every gradient).
 Parameter names are those of MultiTaskMoE.params (experts included), so converting either
 way is a dict copy.
+
+Per-task work touches only each row's own task (moe.model's tables): every row gathers its
+own row of the encoder table of its input width and of its head table (`take` by a
+row -> table-row index, then a batched product), so the program holds one product per
+encoder width and per head shape, whatever the number of tasks, and a step costs
+B x d_in x d per width (not tasks x B). Rows of other widths or head shapes are masked with
+`where`, which is exact (they add exact zeros to every gradient). Outputs are padded to the
+widest head [B, n_max]; the losses mask the padding. Why gathers and not the alternatives
+(per-task `where` over all rows, one-hot products, `lax.ragged_dot`, which XLA:CPU expands
+to every group on every row): bench/jax_backend.py --tasks, recorded in bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -34,6 +43,9 @@ class TaskInfo:
     n_outputs: int
     loss_weight: float
     head_hidden: int  # 0: linear head
+    head_key: str  # the head table (moe.model.head_key) and the task's row in it
+    head_row: int
+    enc_row: int  # the task's input space's row in the encoder table of its width
 
 
 @dataclass(frozen=True)
@@ -52,14 +64,71 @@ class ModelSpec:
         return max(t.n_inputs for t in self.tasks)
 
     @property
+    def n_out_max(self) -> int:
+        return max(t.n_outputs for t in self.tasks)
+
+    @property
     def y_width(self) -> int:
         return max(1 if t.kind == "multiclass" else t.n_outputs for t in self.tasks)
 
+    @functools.cached_property
+    def _ids(self) -> dict[str, int]:
+        return {t.name: i for i, t in enumerate(self.tasks)}
+
     def task_id(self, name: str) -> int:
-        for i, t in enumerate(self.tasks):
-            if t.name == name:
-                return i
-        raise ValueError(f"unknown task {name!r}; known tasks: {[t.name for t in self.tasks]}")
+        if name not in self._ids:
+            raise ValueError(f"unknown task {name!r}; the model has {len(self.tasks)} tasks "
+                             f"(e.g. {[t.name for t in self.tasks[:5]]})")
+        return self._ids[name]
+
+    @functools.cached_property
+    def widths(self) -> tuple[int, ...]:
+        """Input widths: one encoder table each."""
+        return tuple(sorted({t.n_inputs for t in self.tasks}))
+
+    @functools.cached_property
+    def head_keys(self) -> tuple[str, ...]:
+        """Head shapes: one head table each."""
+        return tuple(sorted({t.head_key for t in self.tasks}))
+
+    @functools.cached_property
+    def lut(self) -> dict[str, np.ndarray]:
+        """Per-task constants the program indexes by tid: int32 / float32 [T]."""
+        T = self.tasks
+        out = {"width": np.array([t.n_inputs for t in T], np.int32),
+               "enc_row": np.array([t.enc_row for t in T], np.int32),
+               "head": np.array([self.head_keys.index(t.head_key) for t in T], np.int32),
+               "head_row": np.array([t.head_row for t in T], np.int32),
+               "n_out": np.array([t.n_outputs for t in T], np.int32),
+               "kind": np.array([KINDS.index(t.kind) for t in T], np.int32),
+               "weight": np.array([t.loss_weight for t in T], np.float32)}
+        return out
+
+
+KINDS = ("multiclass", "binary", "multilabel", "regression")
+
+
+def table_rows(spec: ModelSpec, tid) -> dict[str, tuple]:
+    """Per table (by the prefix of its parameter names): (each row's index into it [B], which
+    rows use it [B] bool). Rows of other tables get index 0, masked out."""
+    lut = {k: jnp.asarray(v) for k, v in spec.lut.items()}
+    out = {"task.emb": (tid, jnp.ones(tid.shape, bool))}
+    for w in spec.widths:
+        use = lut["width"][tid] == w  # [B]
+        out[f"enc.{w}"] = (jnp.where(use, lut["enc_row"][tid], 0), use)
+    for k, key in enumerate(spec.head_keys):
+        use = lut["head"][tid] == k  # [B]
+        out[f"head.{key}"] = (jnp.where(use, lut["head_row"][tid], 0), use)
+    return out
+
+
+def touched_rows(spec: ModelSpec, params: dict, tid) -> dict[str, jax.Array]:
+    """Per table: bool [R], the rows this batch uses (what lazy row-Adam updates)."""
+    out = {}
+    for prefix, (rows, use) in table_rows(spec, tid).items():
+        R = next(v.shape[0] for n, v in params.items() if n.startswith(prefix + "."))
+        out[prefix] = jnp.zeros(R, bool).at[jnp.where(use, rows, R)].set(True, mode="drop")
+    return out
 
 
 def spec_of(model: MultiTaskMoE) -> ModelSpec:
@@ -71,8 +140,8 @@ def spec_of(model: MultiTaskMoE) -> ModelSpec:
     )
     tasks = tuple(
         TaskInfo(s.name, s.kind, s.n_inputs, s.n_outputs, float(s.loss_weight),
-                 int(model.head_hidden.get(s.name, 0)))
-        for s in model.tasks
+                 int(model.head_hidden.get(s.name, 0)), *model.head_row[i], model.space_row[s.input_space])
+        for i, s in enumerate(model.tasks)
     )
     return ModelSpec(c.d_model, c.d_task_emb, c.route_by in ("example+task", "task"),
                      c.route_by != "task", layers, tasks)
@@ -122,25 +191,43 @@ def layer_norm(x, g, b):
     return xc * inv * g + b  # [B, d]
 
 
-def _head(info: TaskInfo, params, hf):
-    p = f"task.{info.name}.head"
-    if info.head_hidden:
-        a = jax.nn.relu(hf @ params[f"{p}.w1"] + params[f"{p}.b1"])  # [B, h]
-        return a @ params[f"{p}.w2"] + params[f"{p}.b2"]  # [B, n_out]
-    return hf @ params[f"{p}.w"] + params[f"{p}.b"]  # [B, n_out]
+def _rowwise(x, w, b):
+    """Each row through its own gathered weights: x [B, i], w [B, i, o], b [B, o] -> [B, o]."""
+    return jnp.einsum("bi,bio->bo", x, w) + b
+
+
+def encode(spec: ModelSpec, params, rows: dict, x):
+    """Inputs through each row's encoder row -> h [B, d]."""
+    h = jnp.zeros((x.shape[0], spec.d_model), x.dtype)  # [B, d]
+    for w in spec.widths:
+        r, use = rows[f"enc.{w}"]
+        a = _rowwise(x[:, :w], params[f"enc.{w}.w"][r], params[f"enc.{w}.b"][r])  # [B, d]
+        h = jnp.where(use[:, None], a, h)
+    return h
+
+
+def heads(spec: ModelSpec, params, rows: dict, hf):
+    """hf [B, d] through each row's head row -> [B, n_max] (columns past the task's outputs are 0)."""
+    out = jnp.zeros((hf.shape[0], spec.n_out_max), hf.dtype)  # [B, n_max]
+    for key in spec.head_keys:
+        p, (r, use) = f"head.{key}", rows[f"head.{key}"]
+        if f"{p}.w1" in params:
+            a = jax.nn.relu(_rowwise(hf, params[f"{p}.w1"][r], params[f"{p}.b1"][r]))  # [B, h]
+            o = _rowwise(a, params[f"{p}.w2"][r], params[f"{p}.b2"][r])  # [B, n_out]
+        else:
+            o = _rowwise(hf, params[f"{p}.w"][r], params[f"{p}.b"][r])  # [B, n_out]
+        o = jnp.pad(o, ((0, 0), (0, spec.n_out_max - o.shape[1])))  # [B, n_max]
+        out = jnp.where(use[:, None], o, out)
+    return out
 
 
 def forward(spec: ModelSpec, mesh, params: dict, tid, x, eps: tuple):
-    """(params, batch) -> (outputs: per task [B, n_out_t] on every row, aux, routings).
+    """(params, batch) -> (outputs [B, n_max] padded per row to its task's outputs, aux, routings).
 
     eps: one entry per layer, the gate noise [B, E] (noisy gates while training) or None."""
-    h = jnp.zeros((x.shape[0], spec.d_model), x.dtype)  # [B, d]
-    for t, info in enumerate(spec.tasks):
-        p = f"task.{info.name}.adapter"
-        a = x[:, : info.n_inputs] @ params[f"{p}.w"] + params[f"{p}.b"]  # [B, d]
-        h = jnp.where((tid == t)[:, None], a, h)
-    embs = jnp.stack([params[f"task.{info.name}.emb"] for info in spec.tasks])  # [T, d_t]
-    emb = embs[tid]  # [B, d_t]
+    rows = table_rows(spec, tid)
+    h = encode(spec, params, rows, x)  # [B, d]
+    emb = params["task.emb.e"][tid]  # [B, d_t]
     aux = jnp.zeros((), x.dtype)
     routings = []
     for i, lspec in enumerate(spec.layers):
@@ -156,31 +243,29 @@ def forward(spec: ModelSpec, mesh, params: dict, tid, x, eps: tuple):
         aux = aux + a_l
         routings.append(r)
     hf = layer_norm(h, params["final_ln.g"], params["final_ln.b"])  # [B, d]
-    outs = [_head(info, params, hf) for info in spec.tasks]
-    return outs, aux, routings
+    return heads(spec, params, rows, hf), aux, routings
 
 
-def _row_loss(info: TaskInfo, out, y):
-    """Per-row loss of one task on every row (moe.tasks.losses conventions)."""
-    if info.kind == "multiclass":
-        cls = jnp.clip(y[:, 0].astype(jnp.int32), 0, info.n_outputs - 1)  # [B]
-        picked = jnp.take_along_axis(out, cls[:, None], axis=1)[:, 0]  # [B]
-        return jax.nn.logsumexp(out, axis=1) - picked
-    yy = y[:, : info.n_outputs]  # [B, L]
-    if info.kind == "regression":
-        return 0.5 * jnp.sum(jnp.square(out - yy), axis=1)
-    per = jnp.maximum(out, 0) - out * yy + jnp.log1p(jnp.exp(-jnp.abs(out)))  # [B, L] BCE with logits
-    return per.sum(axis=1)
+def row_losses(spec: ModelSpec, out, tid, y):
+    """Each row's loss under its task's kind (moe.tasks.losses conventions), padding masked: [B]."""
+    lut = {k: jnp.asarray(v) for k, v in spec.lut.items()}
+    kind = lut["kind"][tid]  # [B]
+    valid = jnp.arange(out.shape[1])[None, :] < lut["n_out"][tid][:, None]  # [B, n_max]
+    logits = jnp.where(valid, out, jnp.finfo(out.dtype).min)  # [B, n_max]
+    cls = jnp.clip(y[:, 0].astype(jnp.int32), 0, lut["n_out"][tid] - 1)  # [B]
+    xent = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(out, cls[:, None], axis=1)[:, 0]  # [B]
+    yy = jnp.pad(y, ((0, 0), (0, max(out.shape[1] - y.shape[1], 0))))[:, : out.shape[1]]  # [B, n_max]
+    sq = 0.5 * jnp.sum(jnp.where(valid, jnp.square(out - yy), 0.0), axis=1)  # [B]
+    bce = jnp.maximum(out, 0) - out * yy + jnp.log1p(jnp.exp(-jnp.abs(out)))  # [B, n_max] BCE with logits
+    bce = jnp.sum(jnp.where(valid, bce, 0.0), axis=1)  # [B]
+    return jnp.where(kind == KINDS.index("multiclass"), xent,
+                     jnp.where(kind == KINDS.index("regression"), sq, bce))
 
 
-def task_loss(spec: ModelSpec, outs, tid, y):
-    """sum_t w_t * (n_t / B) * mean_t(loss) = sum_rows w_task(row) * loss(row) / B (moe.train.task_loss)."""
-    B = tid.shape[0]
-    total = jnp.zeros((), y.dtype)
-    for t, info in enumerate(spec.tasks):
-        rows = jnp.where(tid == t, _row_loss(info, outs[t], y), 0.0)  # [B]
-        total = total + info.loss_weight * rows.sum() / B
-    return total
+def task_loss(spec: ModelSpec, out, tid, y):
+    """sum_rows w_task(row) * loss(row) / B (moe.train.task_loss)."""
+    w = jnp.asarray(spec.lut["weight"])[tid]  # [B]
+    return jnp.sum(w * row_losses(spec, out, tid, y)) / tid.shape[0]
 
 
 def loss_fn(spec: ModelSpec, mesh, params, tid, x, y, eps):

@@ -3,8 +3,9 @@
 What is the same as moe.train.Trainer: initial weights (the Trainer builds them from the
 seed), the batches (its TaskSampler, so the same task mix and example order), the loss
 (weighted per-task means + aux), the schedule (warmup + cosine), global-norm clipping, Adam
-with decoupled weight decay (dense Adam for the dense parameters, lazy Adam for the experts:
-only experts that received rows move, each with its own step count), the checkpoint layout
+with decoupled weight decay (dense Adam for the shared parameters, lazy row-Adam for the
+experts and for the per-task / per-domain tables: only experts that received rows and only
+the tasks and domains in the batch move, each row with its own step count), the checkpoint layout
 (written by the Trainer itself, so `moe.load`, `moe eval` and `--resume` read it) and the
 metrics log.
 
@@ -47,7 +48,7 @@ from moe.accel.jax_backend import (
     to_devices,
 )
 from moe.accel.jax_layer import EXPERT, ROWS
-from moe.accel.jax_model import draw_noise, loss_fn, pack_batch
+from moe.accel.jax_model import draw_noise, loss_fn, pack_batch, touched_rows
 from moe.accel.layout import Layout
 from moe.config import Config
 from moe.model import Chunk
@@ -68,27 +69,36 @@ def _adam(p, m, v, g, lr, t, cfg: AdamConfig):
     return p - lr * upd, mm, vv
 
 
-def adam_step(state: dict, grads: dict, touched: dict, lr, clip_norm: float, cfg: AdamConfig):
-    """Global-norm clipping, then dense Adam for the dense parameters (one shared step count)
-    and lazy Adam for the experts: rows of experts that received no rows keep their weights,
-    moments and step count. Skipped whole if the norm is not finite.
+def row_group(name: str, tables: tuple[str, ...]) -> str | None:
+    """The lazily updated group a parameter belongs to: its MoE block's experts ("block<i>"),
+    a per-task / per-domain table (its prefix), or None (shared: every step moves it)."""
+    if is_expert_param(name):
+        return name.split(".", 1)[0]
+    prefix = name.rsplit(".", 1)[0]
+    return prefix if prefix in tables else None
 
-    state: params, m, v (dicts by name), t (int32 scalar), t_experts (block -> int32 [E]);
-    touched: block -> bool [E]."""
+
+def adam_step(state: dict, grads: dict, touched: dict, lr, clip_norm: float, cfg: AdamConfig):
+    """Global-norm clipping, then dense Adam for the shared parameters (one step count) and
+    lazy row-Adam for experts and tables (moe.optim): rows the batch did not use keep their
+    weights, moments and step count. Skipped whole if the norm is not finite.
+
+    state: params, m, v (dicts by name), t (int32 scalar), t_rows (group -> int32 [R]);
+    touched: group -> bool [R]."""
     sq = sum(jnp.sum(jnp.square(g)) for g in grads.values())
     norm = jnp.sqrt(sq)
     scale = jnp.where((clip_norm > 0) & (norm > clip_norm), clip_norm / norm, 1.0) if clip_norm > 0 else 1.0
     ok = jnp.isfinite(norm)
     t1 = state["t"] + 1
-    t_exp = {b: t + touched[b].astype(t.dtype) for b, t in state["t_experts"].items()}
+    t_rows = {g: t + touched[g].astype(t.dtype) for g, t in state["t_rows"].items()}
     new = {"params": {}, "m": {}, "v": {}}
     for n, p in state["params"].items():
         g, m, v = grads[n] * scale, state["m"][n], state["v"][n]
-        if is_expert_param(n):
-            block = n.split(".", 1)[0]
+        group = row_group(n, tuple(t_rows))
+        if group is not None:
             rows = (-1,) + (1,) * (p.ndim - 1)
-            hit = touched[block].reshape(rows) & ok  # [E, 1, ...]
-            p2, m2, v2 = _adam(p, m, v, g, lr, jnp.maximum(t_exp[block], 1).reshape(rows), cfg)
+            hit = touched[group].reshape(rows) & ok  # [R, 1, ...]
+            p2, m2, v2 = _adam(p, m, v, g, lr, jnp.maximum(t_rows[group], 1).reshape(rows), cfg)
         else:
             hit = ok
             p2, m2, v2 = _adam(p, m, v, g, lr, t1, cfg)
@@ -96,7 +106,7 @@ def adam_step(state: dict, grads: dict, touched: dict, lr, clip_norm: float, cfg
         new["m"][n] = jnp.where(hit, m2, m)
         new["v"][n] = jnp.where(hit, v2, v)
     new["t"] = jnp.where(ok, t1, state["t"])
-    new["t_experts"] = {b: jnp.where(ok, t_exp[b], state["t_experts"][b]) for b in t_exp}
+    new["t_rows"] = {g: jnp.where(ok, t_rows[g], state["t_rows"][g]) for g in t_rows}
     return new, norm
 
 
@@ -137,7 +147,8 @@ def make_step(spec, mesh, adam: AdamConfig, clip: float, n_micro: int):
             (g, scalars, counts, load), _ = jax.lax.scan(body, zero, (tid, x, y, keys))
             g = jax.tree.map(lambda a: a / n_micro, g)
             scalars, load = scalars / n_micro, load / n_micro
-        touched = {f"block{i}": counts[i] > 0 for i in range(len(spec.layers))}
+        touched = touched_rows(spec, params, tid.reshape(-1))  # tables: rows of any micro-batch
+        touched.update({f"block{i}": counts[i] > 0 for i in range(len(spec.layers))})
         new, norm = adam_step(state, g, touched, lr, clip, adam)
         return new, {"loss": scalars[0], "task_loss": scalars[1], "aux_loss": scalars[2],
                      "grad_norm": norm, "load0": load}
@@ -195,33 +206,36 @@ class JaxTrainer:
         return self.trainer.step
 
     # ------------------------------------------------------------------ state in and out
-    def _expert_opts(self):
-        """(block name, that block's expert optimizer) for every MoE block."""
-        return [(f"block{i}", layer.experts.optimizer) for i, layer in enumerate(self.model.layers)]
+    def _row_groups(self) -> dict[str, Any]:
+        """Lazily updated parameters by group, with the numpy optimizer that holds their state:
+        each MoE block's experts ("block<i>") and each per-task / per-domain table (its prefix)."""
+        groups = {f"block{i}": layer.experts.optimizer for i, layer in enumerate(self.model.layers)}
+        groups.update(self.trainer.table_optimizers)
+        return groups
+
+    def _slot(self, name: str) -> tuple[str | None, str]:
+        """(row group or None for a shared parameter, the key its optimizer knows it by)."""
+        if is_expert_param(name):
+            block, _, _, local = name.split(".")  # block<i>.moe.experts.<w>
+            return block, local
+        prefix, local = name.rsplit(".", 1)
+        return (prefix, local) if prefix in self.trainer.table_optimizers else (None, name)
 
     def _load_optimizer_state(self) -> None:
         """Parameters and Adam state from the numpy model and optimizers (zeros on a fresh run) onto the mesh."""
-        dense, opts = self.trainer.optimizer, dict(self._expert_opts())
+        dense, groups = self.trainer.optimizer, self._row_groups()
         m, v = {}, {}
         for n in self.model.params:
-            if is_expert_param(n):
-                block, local = self._expert_slot(n)
-                m[n], v[n] = opts[block].m[local], opts[block].v[local]
-            else:
-                m[n], v[n] = dense.m[n], dense.v[n]
+            group, key = self._slot(n)
+            opt = dense if group is None else groups[group]
+            m[n], v[n] = opt.m[key], opt.v[key]
         jm = self.jm
-        split = NamedSharding(self.mesh, P(EXPERT))
-        self.state = {
-            "params": jm.put_params(self.model.params), "m": jm.put_params(m), "v": jm.put_params(v),
-            "t": to_devices(np.asarray(dense.t[0], np.int32), NamedSharding(self.mesh, P())),
-            "t_experts": {b: to_devices(opt.t[jm.order].astype(np.int32), split) for b, opt in opts.items()},
-        }
+        split, rep = NamedSharding(self.mesh, P(EXPERT)), NamedSharding(self.mesh, P())
+        t_rows = {g: to_devices(opt.t[jm.order].astype(np.int32), split) if g.startswith("block")
+                  else to_devices(opt.t.astype(np.int32), rep) for g, opt in groups.items()}
+        self.state = {"params": jm.put_params(self.model.params), "m": jm.put_params(m), "v": jm.put_params(v),
+                      "t": to_devices(np.asarray(dense.t[0], np.int32), rep), "t_rows": t_rows}
         self.jm.params = self.state["params"]
-
-    @staticmethod
-    def _expert_slot(name: str) -> tuple[str, str]:
-        block, _, _, local = name.split(".")  # block<i>.moe.experts.<w>
-        return block, local
 
     def sync(self) -> None:
         """Copy parameters and Adam state from the devices into the numpy model and
@@ -230,16 +244,15 @@ class JaxTrainer:
         jm.params = st["params"]
         jm.write_back(self.model)
         m, v = jm.get_params(st["m"]), jm.get_params(st["v"])
-        dense, opts = self.trainer.optimizer, dict(self._expert_opts())
+        dense, groups = self.trainer.optimizer, self._row_groups()
         dense.t[...] = int(host(st["t"]))
-        for b, opt in opts.items():
-            opt.t[...] = jm.experts_from_slots(host(st["t_experts"][b]))
+        for g, opt in groups.items():
+            t = host(st["t_rows"][g])
+            opt.t[...] = jm.experts_from_slots(t) if g.startswith("block") else t
         for n in self.model.params:
-            if is_expert_param(n):
-                block, local = self._expert_slot(n)
-                opts[block].m[local][...], opts[block].v[local][...] = m[n], v[n]
-            else:
-                dense.m[n][...], dense.v[n][...] = m[n], v[n]
+            group, key = self._slot(n)
+            opt = dense if group is None else groups[group]
+            opt.m[key][...], opt.v[key][...] = m[n], v[n]
 
     # ------------------------------------------------------------------ one step
     def _batch(self) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -60,6 +60,22 @@ def learnable_tasks(rng, sizes=(256, 64, 64)):
     return data
 
 
+def many_tasks(rng, n: int, n_train: int = 64):
+    """n small tasks over two domains (widths 5 and 7) and private inputs, two head shapes."""
+    from moe.tasks.spec import TaskData, TaskSpec
+
+    data = []
+    for i in range(n):
+        width, classes = (5, 3) if i % 2 else (7, 2)
+        domain = None if i % 3 == 2 else f"dom{width}"
+        s = TaskSpec(f"t{i}", "multiclass", width, classes, domain=domain)
+        x = [rng.standard_normal((m, width), dtype=np.float32) for m in (n_train, 16, 16)]
+        y = [np.argmax(xi[:, :classes] + 0.1 * i, axis=1).astype(np.int32) for xi in x]
+        data.append(TaskData(s, x[0], y[0], x[1], y[1], x[2], y[2], np.zeros(width, np.float32),
+                             np.ones(width, np.float32), classes=np.arange(classes)))
+    return data
+
+
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
