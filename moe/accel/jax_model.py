@@ -191,9 +191,13 @@ def layer_norm(x, g, b):
     return xc * inv * g + b  # [B, d]
 
 
-def _rowwise(x, w, b):
-    """Each row through its own gathered weights: x [B, i], w [B, i, o], b [B, o] -> [B, o]."""
-    return jnp.einsum("bi,bio->bo", x, w) + b
+def table_linear(x, w, b, rows):
+    """Each batch row through its own row of a linear table: x [B, i], w [R, i, o], b [R, o],
+    rows int [B] -> [B, o]. It gathers every batch row's weights ([B, i, o]) and does one
+    batched product, so the cost is B x i x o whatever R is (rows of other tables come with
+    index 0; the caller masks them). The seam where per-task work is laid out:
+    bench/jax_backend.py --tasks swaps in the alternatives it is measured against."""
+    return jnp.einsum("bi,bio->bo", x, w[rows]) + b[rows]  # [B, o]
 
 
 def encode(spec: ModelSpec, params, rows: dict, x):
@@ -201,7 +205,7 @@ def encode(spec: ModelSpec, params, rows: dict, x):
     h = jnp.zeros((x.shape[0], spec.d_model), x.dtype)  # [B, d]
     for w in spec.widths:
         r, use = rows[f"enc.{w}"]
-        a = _rowwise(x[:, :w], params[f"enc.{w}.w"][r], params[f"enc.{w}.b"][r])  # [B, d]
+        a = table_linear(x[:, :w], params[f"enc.{w}.w"], params[f"enc.{w}.b"], r)  # [B, d]
         h = jnp.where(use[:, None], a, h)
     return h
 
@@ -212,10 +216,10 @@ def heads(spec: ModelSpec, params, rows: dict, hf):
     for key in spec.head_keys:
         p, (r, use) = f"head.{key}", rows[f"head.{key}"]
         if f"{p}.w1" in params:
-            a = jax.nn.relu(_rowwise(hf, params[f"{p}.w1"][r], params[f"{p}.b1"][r]))  # [B, h]
-            o = _rowwise(a, params[f"{p}.w2"][r], params[f"{p}.b2"][r])  # [B, n_out]
+            a = jax.nn.relu(table_linear(hf, params[f"{p}.w1"], params[f"{p}.b1"], r))  # [B, h]
+            o = table_linear(a, params[f"{p}.w2"], params[f"{p}.b2"], r)  # [B, n_out]
         else:
-            o = _rowwise(hf, params[f"{p}.w"][r], params[f"{p}.b"][r])  # [B, n_out]
+            o = table_linear(hf, params[f"{p}.w"], params[f"{p}.b"], r)  # [B, n_out]
         o = jnp.pad(o, ((0, 0), (0, spec.n_out_max - o.shape[1])))  # [B, n_max]
         out = jnp.where(use[:, None], o, out)
     return out
