@@ -22,13 +22,14 @@ existed (imports and data loaded). Backends: numpy (moe.train.Trainer) and JAX
 (moe.accel.jax_train.JaxTrainer) with each way of laying out per-task work
 (`--impl`, see moe.accel.jax_model.table_linear):
 
-- gather: each batch row gathers its own table row, one batched product per table (the
-          backend's choice);
+- blocks: rows sorted by table row into static-shape blocks of one table row each, one
+          batched product over the blocks (the backend's choice);
+- gather: each batch row gathers its own table row's weights, one batched product;
 - ragged: rows sorted by table row, jax.lax.ragged_dot over the groups, unsorted back;
 - where:  every table row on every batch row, selected by `where` (how the backend worked
           before issue 12: cost grows with tasks x batch).
 
-    python bench/jax_backend.py --tasks 200,1000 --impl gather,ragged,where --steps 10
+    python bench/jax_backend.py --tasks 200,1000 --impl blocks,gather,ragged,where --steps 10
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def bench_model(mesh, E: int, T: int, steps: int, rng: np.random.Generator) -> f
 
 
 # ============================================================================ many tasks
+def _linear_gather(x, w, b, rows):
+    """Each batch row gathers its own weights [B, i, o], one batched product."""
+    return jnp.einsum("bi,bio->bo", x, w[rows]) + b[rows]
+
+
 def _linear_ragged(x, w, b, rows):
     """Rows sorted by table row, one ragged_dot over the groups, unsorted back."""
     perm = jnp.argsort(rows)  # [B]
@@ -120,7 +126,7 @@ def _linear_where(x, w, b, rows):
     return y
 
 
-IMPLS = {"ragged": _linear_ragged, "where": _linear_where}
+IMPLS = {"gather": _linear_gather, "ragged": _linear_ragged, "where": _linear_where}
 
 
 def _rss_mb() -> float:
@@ -154,7 +160,7 @@ def tasks_worker(n_tasks: int, impl: str, steps: int) -> dict:
             import moe.accel.jax_model as jax_model
             from moe.accel.jax_train import JaxTrainer
 
-            if impl != "gather":
+            if impl != "blocks":
                 jax_model.table_linear = IMPLS[impl]
             tr = JaxTrainer(config, data, tmp, save_checkpoints=False, echo=lambda m: None)
         t0 = time.perf_counter()
@@ -203,7 +209,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=None)
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--tasks", default=None, help="comma list of task counts: the many-tasks benchmark")
-    ap.add_argument("--impl", default="gather,ragged,where", help="with --tasks: JAX layouts of per-task work")
+    ap.add_argument("--impl", default="blocks,gather,ragged,where", help="with --tasks: JAX layouts of per-task work")
     ap.add_argument("--timeout", type=float, default=900, help="with --tasks: seconds per configuration")
     ap.add_argument("--tasks-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

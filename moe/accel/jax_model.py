@@ -7,15 +7,17 @@ A mixed-task batch travels as one fixed-shape triple so a training run compiles 
 Parameter names are those of MultiTaskMoE.params (experts included), so converting either
 way is a dict copy.
 
-Per-task work touches only each row's own task (moe.model's tables): every row gathers its
-own row of the encoder table of its input width and of its head table (`take` by a
-row -> table-row index, then a batched product), so the program holds one product per
-encoder width and per head shape, whatever the number of tasks, and a step costs
-B x d_in x d per width (not tasks x B). Rows of other widths or head shapes are masked with
-`where`, which is exact (they add exact zeros to every gradient). Outputs are padded to the
-widest head [B, n_max]; the losses mask the padding. Why gathers and not the alternatives
-(per-task `where` over all rows, one-hot products, `lax.ragged_dot`, which XLA:CPU expands
-to every group on every row): bench/jax_backend.py --tasks, recorded in bench/RESULTS.md.
+Per-task work touches only each row's own task (moe.model's tables): on each device (shard_map,
+its own rows), the rows are sorted by their row of the encoder table of their input width
+(and of their head table) and packed into static-shape blocks of one table row each, one
+batched product per table (table_linear). So the program holds one product per encoder
+width and per head shape whatever the number of tasks, and a step costs about
+2 x b x d_in x d per width (not tasks x b, nor the b x d_in x d bytes of gathering every
+row's weights). Rows of other widths or head shapes are masked with `where`, which is exact
+(they add exact zeros to every gradient). Outputs are padded to the widest head [B, n_max];
+the losses mask the padding. Why blocks and not the alternatives (per-task `where` over all
+rows, every row gathering its weights, `lax.ragged_dot`, which XLA:CPU expands to every
+group on every row): bench/jax_backend.py --tasks, recorded in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -191,46 +193,112 @@ def layer_norm(x, g, b):
     return xc * inv * g + b  # [B, d]
 
 
+def block_shape(n_rows: int, n_table: int) -> tuple[int, int]:
+    """(rows per block, blocks) for n_rows batch rows over a table of n_table rows.
+
+    A batch uses at most U = min(n_table, n_rows) table rows; blocks of ceil(n_rows / U)
+    rows each hold rows of one table row only, and sum_r ceil(n_r / blk) <= (n_rows - U) /
+    blk + U blocks always suffice (each used row wastes less than one block). So the blocks
+    hold at most about 2 x n_rows rows and gather at most about 2 x U weight rows."""
+    used = max(1, min(n_table, n_rows))
+    blk = -(-n_rows // used)
+    return blk, (n_rows - used) // blk + used
+
+
+@jax.custom_vjp
+def take_rows(x, idx, keep, back, back_keep):
+    """y[q] = x[idx[q]] where keep[q], else 0, for a map that reads each row of x at most
+    once; back[j] is the q that reads row j (back_keep[j]: whether one does). Its transpose is
+    the same kind of gather (dx[j] = dy[back[j]]), so neither direction is a scatter, which
+    XLA:CPU runs one row at a time."""
+    return jnp.where(keep[:, None], x[idx], 0)
+
+
+def _take_rows_fwd(x, idx, keep, back, back_keep):
+    return take_rows(x, idx, keep, back, back_keep), (idx, keep, back, back_keep)
+
+
+def _take_rows_bwd(res, dy):
+    idx, keep, back, back_keep = res
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731 (integer / bool inputs)
+    return (jnp.where(back_keep[:, None], dy[back], 0), zero(idx), zero(keep), zero(back), zero(back_keep))
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def table_linear(x, w, b, rows):
     """Each batch row through its own row of a linear table: x [B, i], w [R, i, o], b [R, o],
-    rows int [B] -> [B, o]. It gathers every batch row's weights ([B, i, o]) and does one
-    batched product, so the cost is B x i x o whatever R is (rows of other tables come with
-    index 0; the caller masks them). The seam where per-task work is laid out:
-    bench/jax_backend.py --tasks swaps in the alternatives it is measured against."""
-    return jnp.einsum("bi,bio->bo", x, w[rows]) + b[rows]  # [B, o]
+    rows int [B] -> [B, o] (rows of other tables come with index 0; the caller masks them).
+
+    Static-shape segments: the rows are sorted by table row and packed into blocks of one
+    table row each (block_shape), each block is one [blk, i] x [i, o] product with its
+    gathered weights, and the results go back to batch order. Cost: about 2 x B x i x o
+    FLOPs and min(R, B) weight rows gathered, whatever R is, where gathering every batch
+    row's weights would move B x i x o (too much for wide inputs) and running every table
+    row on every batch row would cost R x B x i x o. The seam where per-task work is laid
+    out: bench/jax_backend.py --tasks measures the alternatives."""
+    B, i = x.shape
+    blk, nb = block_shape(B, w.shape[0])
+    order = jnp.argsort(rows)  # [B] batch rows grouped by table row
+    srow = rows[order]  # [B]
+    count = jnp.bincount(rows, length=w.shape[0])  # [R]
+    pos = jnp.arange(B) - (jnp.cumsum(count) - count)[srow]  # [B] place within its table row's run
+    nblk = (count + blk - 1) // blk  # [R]
+    q = ((jnp.cumsum(nblk) - nblk)[srow] + pos // blk) * blk + pos % blk  # [B] place in the blocks, ascending
+    src = jnp.minimum(jnp.searchsorted(q, jnp.arange(nb * blk)), B - 1)  # [nb*blk] the sorted row there
+    filled = q[src] == jnp.arange(nb * blk)  # [nb*blk]
+    every, inv = jnp.ones(B, bool), jnp.argsort(order)  # [B]
+    xs = take_rows(x, order, every, inv, every)  # [B, i] sorted
+    xb = take_rows(xs, src, filled, q, every).reshape(nb, blk, i)  # [nb, blk, i]
+    brow = srow[src.reshape(nb, blk)[:, 0]]  # [nb] each block's table row (its first slot's)
+    yb = jnp.einsum("nbi,nio->nbo", xb, w[brow]) + b[brow][:, None, :]  # [nb, blk, o]
+    ys = take_rows(yb.reshape(nb * blk, -1), q, every, src, filled)  # [B, o] sorted
+    return take_rows(ys, inv, every, order, every)  # [B, o] batch order
 
 
-def encode(spec: ModelSpec, params, rows: dict, x):
-    """Inputs through each row's encoder row -> h [B, d]."""
-    h = jnp.zeros((x.shape[0], spec.d_model), x.dtype)  # [B, d]
+def encode(spec: ModelSpec, params, tid, x):
+    """One device's rows: inputs through each row's encoder row -> h [b, d]."""
+    rows = table_rows(spec, tid)
+    h = jnp.zeros((x.shape[0], spec.d_model), x.dtype)  # [b, d]
     for w in spec.widths:
         r, use = rows[f"enc.{w}"]
-        a = table_linear(x[:, :w], params[f"enc.{w}.w"], params[f"enc.{w}.b"], r)  # [B, d]
+        a = table_linear(x[:, :w], params[f"enc.{w}.w"], params[f"enc.{w}.b"], r)  # [b, d]
         h = jnp.where(use[:, None], a, h)
     return h
 
 
-def heads(spec: ModelSpec, params, rows: dict, hf):
-    """hf [B, d] through each row's head row -> [B, n_max] (columns past the task's outputs are 0)."""
-    out = jnp.zeros((hf.shape[0], spec.n_out_max), hf.dtype)  # [B, n_max]
+def heads(spec: ModelSpec, params, tid, hf):
+    """One device's rows: hf [b, d] through each row's head row -> [b, n_max] (columns past
+    the task's outputs are 0)."""
+    rows = table_rows(spec, tid)
+    out = jnp.zeros((hf.shape[0], spec.n_out_max), hf.dtype)  # [b, n_max]
     for key in spec.head_keys:
         p, (r, use) = f"head.{key}", rows[f"head.{key}"]
         if f"{p}.w1" in params:
-            a = jax.nn.relu(table_linear(hf, params[f"{p}.w1"], params[f"{p}.b1"], r))  # [B, h]
-            o = table_linear(a, params[f"{p}.w2"], params[f"{p}.b2"], r)  # [B, n_out]
+            a = jax.nn.relu(table_linear(hf, params[f"{p}.w1"], params[f"{p}.b1"], r))  # [b, h]
+            o = table_linear(a, params[f"{p}.w2"], params[f"{p}.b2"], r)  # [b, n_out]
         else:
-            o = table_linear(hf, params[f"{p}.w"], params[f"{p}.b"], r)  # [B, n_out]
-        o = jnp.pad(o, ((0, 0), (0, spec.n_out_max - o.shape[1])))  # [B, n_max]
+            o = table_linear(hf, params[f"{p}.w"], params[f"{p}.b"], r)  # [b, n_out]
+        o = jnp.pad(o, ((0, 0), (0, spec.n_out_max - o.shape[1])))  # [b, n_max]
         out = jnp.where(use[:, None], o, out)
     return out
+
+
+def on_rows(spec: ModelSpec, mesh, fn, prefix: str, params: dict, tid, a):
+    """fn(spec, the tables under `prefix`, tid, a) on each device's own rows (shard_map):
+    the sorting and blocking of table_linear stay local, where the partitioner would run
+    them on the whole batch on every device."""
+    tables = {n: v for n, v in params.items() if n.startswith(prefix)}
+    body = functools.partial(fn, spec)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(ROWS), P(ROWS)), out_specs=P(ROWS))(tables, tid, a)
 
 
 def forward(spec: ModelSpec, mesh, params: dict, tid, x, eps: tuple):
     """(params, batch) -> (outputs [B, n_max] padded per row to its task's outputs, aux, routings).
 
     eps: one entry per layer, the gate noise [B, E] (noisy gates while training) or None."""
-    rows = table_rows(spec, tid)
-    h = encode(spec, params, rows, x)  # [B, d]
+    h = on_rows(spec, mesh, encode, "enc.", params, tid, x)  # [B, d]
     emb = params["task.emb.e"][tid]  # [B, d_t]
     aux = jnp.zeros((), x.dtype)
     routings = []
@@ -247,7 +315,7 @@ def forward(spec: ModelSpec, mesh, params: dict, tid, x, eps: tuple):
         aux = aux + a_l
         routings.append(r)
     hf = layer_norm(h, params["final_ln.g"], params["final_ln.b"])  # [B, d]
-    return heads(spec, params, rows, hf), aux, routings
+    return on_rows(spec, mesh, heads, "head.", params, tid, hf), aux, routings
 
 
 def row_losses(spec: ModelSpec, out, tid, y):

@@ -1,5 +1,6 @@
-"""Per-task work only on its own rows (issue 12): the JAX program of a model with 200 tasks is
-the program of a model with 10 (same encoder widths and head shapes), its scratch memory
+"""Per-task work only on its own rows (issue 12): the JAX program of a model with 400 tasks has
+the operations of the program of a model with 200 (same encoder widths and head shapes,
+tables larger than a device's rows, so the same static block shapes), its scratch memory
 grows at most by the size of the added table rows, and it still equals the numpy model.
 
 Why these checks and not a timing: compile time and memory follow the program's size and
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.accel
 
 HAVE_JAX = importlib.util.find_spec("jax") is not None
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
-COUNTS = (10, 200)
+COUNTS = (200, 400)
 
 
 # ============================================================================ worker (subprocess)
@@ -71,7 +72,45 @@ def _worker(out_dir: str) -> dict:
                 and all(np.all(grads[f"head.{k}.{w}"][rows] == 0) for k, rows in heads.items() for w in ("w", "b")))
             res["absent_heads"] = sum(len(r) for r in heads.values())
         out[str(n)] = res
+    out["blocks"] = _blocks_case()
     return out
+
+
+def _blocks_case() -> dict:
+    """table_linear against gathering every row's own weights (the definition), forward and
+    gradients, on row distributions that stress the block bound: one table row for the whole
+    batch, every row its own, one big run and singletons, random, a one-row table."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from accel.jaxcheck import rel
+
+    from moe.accel.jax_model import block_shape, table_linear
+
+    rng = np.random.default_rng(9)
+    B, i, o = 48, 5, 3
+    cases = {"one_row": (7, np.full(B, 4)), "all_distinct": (B, rng.permutation(B)),
+             "run_and_singletons": (3, np.array([1] * (B - 2) + [0, 2])), "random": (200, rng.integers(0, 200, B)),
+             "one_row_table": (1, np.zeros(B, int)), "few_rows_interleaved": (5, np.arange(B) % 5)}
+    res = {}
+    for name, (R, rows) in cases.items():
+        rows = jnp.asarray(rows, jnp.int32)
+        x = jnp.asarray(rng.standard_normal((B, i), dtype=np.float32))
+        w = jnp.asarray(rng.standard_normal((R, i, o), dtype=np.float32))
+        b = jnp.asarray(rng.standard_normal((R, o), dtype=np.float32))
+        dy = jnp.asarray(rng.standard_normal((B, o), dtype=np.float32))
+
+        def ref(x, w, b, rows=rows):
+            return jnp.einsum("bi,bio->bo", x, w[rows]) + b[rows]
+
+        got = jax.jit(lambda x, w, b, rows=rows: table_linear(x, w, b, rows))(x, w, b)
+        g_got = jax.grad(lambda x, w, b, rows=rows, dy=dy: jnp.sum(table_linear(x, w, b, rows) * dy), (0, 1, 2))(x, w, b)
+        g_ref = jax.grad(lambda x, w, b, dy=dy: jnp.sum(ref(x, w, b) * dy), (0, 1, 2))(x, w, b)
+        blk, nb = block_shape(B, R)
+        need = int(np.sum(-(-np.bincount(np.asarray(rows), minlength=R) // blk)))  # blocks this batch fills
+        res[name] = {"out": rel(got, ref(x, w, b)), "grads": max(rel(a, c) for a, c in zip(g_got, g_ref, strict=True)),
+                     "blocks_needed": need, "blocks": nb, "padded_rows": nb * blk}
+    return res
 
 
 # ============================================================================ tests (pytest process)
@@ -87,14 +126,15 @@ def results(tmp_path_factory) -> dict:
 
 def test_program_does_not_grow_with_tasks(results):
     few, many = (results[str(n)] for n in COUNTS)
-    # the lookup tables of per-task constants differ; the program may not (a per-task layout
-    # adds a few instructions per task: thousands here)
+    # the same operations on larger tables: XLA's fusion and copy choices may move a few
+    # instructions with the sizes; a per-task layout adds instructions for every task
+    # (about a thousand each here)
     assert abs(many["instructions"] - few["instructions"]) <= 0.01 * few["instructions"], (few, many)
 
 
 def test_scratch_grows_at_most_by_the_added_rows(results):
     few, many = (results[str(n)] for n in COUNTS)
-    assert many["param_bytes"] > 3 * few["param_bytes"]  # the tables really grew
+    assert many["param_bytes"] > 1.5 * few["param_bytes"]  # the tables really grew
     assert many["temp_bytes"] - few["temp_bytes"] <= many["param_bytes"] - few["param_bytes"], (few, many)
 
 
@@ -106,6 +146,15 @@ def test_many_tasks_match_numpy(results):
     bad = {n: e for n, e in r["grads"].items() if e > GRAD_TOL}
     assert not bad, bad
     assert r["grad_max"]["enc.5.w"] > 0 and r["grad_max"]["enc.7.w"] > 0 and r["grad_max"]["head.o3.w"] > 0
+
+
+@pytest.mark.parametrize("case", ["one_row", "all_distinct", "run_and_singletons", "random", "one_row_table",
+                                  "few_rows_interleaved"])
+def test_blocks_equal_every_row_through_its_own_weights(results, case):
+    r = results["blocks"][case]
+    assert r["out"] <= FWD_TOL and r["grads"] <= FWD_TOL, r
+    assert r["blocks_needed"] <= r["blocks"]  # the static bound holds
+    assert r["padded_rows"] <= 2 * 48, r  # and costs at most 2 x the rows
 
 
 def test_tasks_absent_from_the_batch_get_exact_zero_gradients(results):
