@@ -57,7 +57,7 @@ def worker(n_devices: int, layouts: list[tuple[int, int]], steps: int) -> dict:
                         train=TrainConfig(steps=steps + 3, batch_size=lay.batch, progress=False, baseline=False))
         with tempfile.TemporaryDirectory() as tmp:
             tr = JaxTrainer(config, data, tmp, save_checkpoints=False, echo=lambda m: None, layout=lay)
-            tid, x, y = tr._batch()
+            tid, x, y = tr.next_batch()
             lr = jnp.float32(1e-3)
 
             def step(tr=tr, tid=tid, x=x, y=y, lr=lr):

@@ -255,7 +255,7 @@ class JaxTrainer:
             opt.m[key][...], opt.v[key][...] = m[n], v[n]
 
     # ------------------------------------------------------------------ one step
-    def _batch(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def next_batch(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The next step's n_micro micro-batches as global [n_micro, B, ...] arrays; this
         process gathers only the rows of its own devices."""
         tr, spec, M = self.trainer, self.jm.spec, self.n_micro
@@ -280,7 +280,7 @@ class JaxTrainer:
 
     def train_step(self) -> dict[str, float]:
         tr, t = self.trainer, self.config.train
-        tid, x, y = self._batch()
+        tid, x, y = self.next_batch()
         lr = lr_at(tr.step, lr=t.lr, warmup=t.warmup, total=t.steps, min_ratio=t.min_lr_ratio)
         key = jax.random.fold_in(self.key, tr.step)
         self.state, met = self.compiled_step(self.state, tid, x, y, key, jnp.float32(lr))
