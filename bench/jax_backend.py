@@ -17,7 +17,8 @@ Many tasks (issue 12): `--tasks 200,1000` trains the built-in benchmark with tha
 (7 built-in + a generated family, each family task with an encoder of its own; default
 config otherwise: d = 64, E = 64, batch 256) for --steps steps, each configuration in a
 fresh process, and prints per configuration the first step (trace + compile + one step),
-the median of the later steps, the peak RSS of the process and its RSS before the trainer
+its CPU time (all threads: a figure a busy machine changes less), the median of the later
+steps, the peak RSS of the process and its RSS before the trainer
 existed (imports and data loaded). Backends: numpy (moe.train.Trainer) and JAX
 (moe.accel.jax_train.JaxTrainer) with each way of laying out per-task work
 (`--impl`, see moe.accel.jax_model.table_linear):
@@ -163,16 +164,17 @@ def tasks_worker(n_tasks: int, impl: str, steps: int) -> dict:
             if impl != "blocks":
                 jax_model.table_linear = IMPLS[impl]
             tr = JaxTrainer(config, data, tmp, save_checkpoints=False, echo=lambda m: None)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss0 = tr.train_step()["loss"]
-        first = time.perf_counter() - t0
+        first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             loss = tr.train_step()["loss"]
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tasks": len(data), "impl": impl, "first_s": first, "step_s": statistics.median(times),
+    return {"tasks": len(data), "impl": impl, "first_s": first, "first_cpu_s": first_cpu,
+            "step_s": statistics.median(times),
             "peak_mb": peak, "base_mb": base, "loss_first": loss0, "loss_last": loss}
 
 
@@ -182,7 +184,7 @@ def bench_tasks(counts: list[int], impls: list[str], steps: int, timeout: float)
 
     print(f"many tasks: default config, batch 256, medians of {steps} steps after the first; "
           "each row a fresh process")
-    print(f"{'tasks':>6} {'backend':>12} {'first step s':>13} {'step ms':>9} {'peak RSS MB':>12} "
+    print(f"{'tasks':>6} {'backend':>12} {'first step s':>13} {'its CPU s':>10} {'step ms':>9} {'peak RSS MB':>12} "
           f"{'before MB':>10} {'loss first -> last':>19}")
     for n in counts:
         for impl in ["numpy", *impls]:
@@ -197,7 +199,7 @@ def bench_tasks(counts: list[int], impls: list[str], steps: int, timeout: float)
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             name = impl if impl == "numpy" else f"jax {impl}"
-            print(f"{r['tasks']:>6} {name:>12} {r['first_s']:>13.2f} {r['step_s'] * 1e3:>9.1f} {r['peak_mb']:>12.0f} "
+            print(f"{r['tasks']:>6} {name:>12} {r['first_s']:>13.2f} {r['first_cpu_s']:>10.2f} {r['step_s'] * 1e3:>9.1f} {r['peak_mb']:>12.0f} "
                   f"{r['base_mb']:>10.0f} {r['loss_first']:>9.3f} -> {r['loss_last']:.3f}", flush=True)
 
 
