@@ -182,7 +182,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
         start = time.perf_counter()
-        bar = self._progress(t.steps)
+        bar = self.progress_bar(t.steps)
         last = self.step
         last_t = time.perf_counter()
         if self.remote and self.save_checkpoints and not ckpt.list_checkpoints(self.ckpt_root):
@@ -201,7 +201,7 @@ class Trainer:
                 last, last_t = self.step, now
             bar.update(1)
             if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
-                self._log_eval(log_path, m)
+                self.log_eval(log_path, m)
             if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == end):
                 self.save()
         bar.close()
@@ -227,10 +227,13 @@ class Trainer:
             self.on_failure(error)
         self.restore(found[-1])
 
-    def _progress(self, total: int) -> Progress:
+    def progress_bar(self, total: int) -> Progress:
+        """The training progress display from the current step to `total` (moe.progress)."""
         return Progress(total, "train", initial=self.step, enabled=self.config.train.progress)
 
-    def _log_eval(self, path: Path, m: dict[str, float]) -> None:
+    def log_eval(self, path: Path, m: dict[str, float]) -> None:
+        """Evaluate self.model on the val split and append one record (step, the step's
+        metrics `m`, every task's scores) to the metrics log (and TensorBoard if enabled)."""
         val = evaluate_tasks(self.model, self.data, "val")
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
