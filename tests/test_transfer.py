@@ -52,7 +52,7 @@ def oracle_fit(model, views, task, fit, stop, *, max_epochs, patience, wd=WD):
         opt = AdamW(start, LR, wd)
         best, best_epoch = np.inf, 0
         for epoch in range(1, epochs + 1):
-            out = model.forward([Chunk(task.name, task.x_train[rows], task.y_train[rows])], train=False)
+            out = model.forward([Chunk(task.name, task.x_train[rows], task.y_train[rows])], train=False, grad=True)
             model.backward([loss_and_grad(task.spec.kind, out.outputs[0], task.y_train[rows])[1]])
             opt.step({n: g for n, (_, g) in views.items()})
             for n, (p, _) in views.items():

@@ -157,7 +157,8 @@ def test_resume_across_process_and_device_counts(runs):
 def test_one_checkpoint_that_numpy_eval_loads(runs):
     root = runs["root"]
     names = sorted(p.name for p in (root / "B" / "checkpoints" / "step-00000020").iterdir())
-    assert names == ["experts-l0.safetensors", "manifest.json", "optim.safetensors", "params.safetensors"]
+    assert names == ["experts-l0.adam.safetensors", "experts-l0.safetensors", "manifest.json", "optim.safetensors",
+                     "params.safetensors"]
     trained = json.loads(runs["B"].stdout)["tasks"]
     ev = ok(moe("eval", str(root / "B"), "--json"))
     scores = json.loads(ev.stdout)["tasks"]
