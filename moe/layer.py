@@ -212,6 +212,23 @@ class MoELayer:
         self.n_experts = E + m
         self._collect()
 
+    def keep_experts(self, n: int) -> None:
+        """Keep only the first n experts and their gate columns (undoes grow_experts)."""
+        if not self.k <= n <= self.n_experts:
+            raise ValueError(f"keep_experts needs k={self.k} <= n <= {self.n_experts}, got {n}")
+        if not isinstance(self.experts, LocalExperts):
+            raise ValueError("only local experts can be shrunk in place")
+        old = self.gate
+        self.gate = make_gate(
+            self.gate_name, old.d_in, n, self.k, w_importance=old.w_importance,
+            w_load=old.w_load, w_z=old.w_z, rng=np.random.default_rng(0), dtype=self.dtype,
+        )  # every weight is overwritten below
+        for name, p in old.params.items():
+            self.gate.params[name][...] = p[:, :n]
+        self.experts = self.experts.first(n)
+        self.n_experts = n
+        self._collect()
+
     @property
     def gate_param_names(self) -> list[str]:
         return [n for n in self.params if n.startswith("gate.")]
@@ -224,8 +241,12 @@ class MoELayer:
         rng: np.random.Generator | None = None,
         routing: str = "topk",
         balance_factor: float = 1.25,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, Routing]:
         """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing).
+
+        allowed (bool [B, E], optional): the experts each row may be routed to (experts grown
+        for one task are closed to the others); None: every expert.
 
         routing="balanced" (inference only) seats each example on k experts with at most
         ceil(balance_factor * B * k / E) examples per expert (moe.routing.balanced) instead of
@@ -234,10 +255,12 @@ class MoELayer:
             x, task_emb, self.d_model, self.d_gate_extra, self.dtype, self.route_on_x
         )  # [B, d_in]
         if routing == "balanced":
+            if allowed is not None:  # its seats would put rows on experts closed to them
+                raise ValueError("balanced routing does not support experts closed to some tasks (grown by add-task)")
             return self._forward_balanced(x, x_gate, train, balance_factor)
         if routing != "topk":
             raise ValueError(f"routing must be 'topk' or 'balanced', got {routing!r}")
-        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng)
+        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng, allowed=allowed)
         y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts)  # [B, d], _, [B, k]
         self._cache = x.shape[0]
         routing = Routing(

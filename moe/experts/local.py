@@ -55,6 +55,19 @@ class LocalExperts:
             new.optimizer.t[...] = self.optimizer.t
         return new
 
+    def first(self, n: int) -> LocalExperts:
+        """A copy holding only the first n experts, with their weights and optimizer state."""
+        new = LocalExperts(
+            n, self.d_model, self.d_hidden, activation=self.activation, rng=np.random.default_rng(0),
+            dtype=self.dtype, adam=self.optimizer.config, lazy=self.lazy,
+        )  # every weight is overwritten below
+        for name, p in self.params.items():
+            new.params[name][...] = p[:n]
+            new.optimizer.m[name][...] = self.optimizer.m[name][:n]
+            new.optimizer.v[name][...] = self.optimizer.v[name][:n]
+        new.optimizer.t[...] = self.optimizer.t[:n] if self.lazy else self.optimizer.t
+        return new
+
     def forward(self, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         return self.bank.forward(packed, offsets)
 

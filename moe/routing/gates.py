@@ -24,6 +24,20 @@ from moe.routing.balance import SmoothLoad, cv_squared, switch_balance
 
 GATE_TYPES = ("noisy_topk", "softmax_topk", "top1")
 
+# The clean logit of an expert a row may not use (an expert grown for another task). Finite,
+# so the noise, the load estimator and their gradients stay finite; far below any real
+# logit, so such an expert is never among the top k and its softmax share underflows to 0.
+MASKED_LOGIT = -1e4
+
+
+def mask_logits(clean: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """clean [B, E] with the entries not `allowed` (bool [B, E]) set to MASKED_LOGIT."""
+    if allowed is None:
+        return clean
+    if allowed.shape != clean.shape or allowed.dtype != np.bool_:
+        raise ValueError(f"allowed must be bool {list(clean.shape)}, got {allowed.dtype}{list(allowed.shape)}")
+    return np.where(allowed, clean, clean.dtype.type(MASKED_LOGIT))  # [B, E]
+
 
 def softplus(z: np.ndarray) -> np.ndarray:
     with np.errstate(under="ignore", over="ignore"):
@@ -175,11 +189,13 @@ class TopKGate:
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: np.ndarray, *, train: bool, rng: np.random.Generator | None
+        self, x: np.ndarray, *, train: bool, rng: np.random.Generator | None,
+        allowed: np.ndarray | None = None,
     ) -> GateOutput:
-        """x: [B, d_in] (the example, with the task embedding appended when used)."""
+        """x: [B, d_in] (the example, with the task embedding appended when used); allowed
+        (bool [B, E], optional): the experts each row may use, the rest are never chosen."""
         B, E = x.shape[0], self.n_experts
-        clean = x @ self.params["w_gate"]  # [B, E]
+        clean = mask_logits(x @ self.params["w_gate"], allowed)  # [B, E]
         noisy = self.noisy and train
         if noisy:
             if rng is None:
