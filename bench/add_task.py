@@ -39,7 +39,7 @@ def train_trunk(out: Path, steps: int, n_skills: int) -> Path:
     from moe.train import Trainer
 
     config = load_config(None, [f"steps={steps}", "n_family=8", f"n_skills={n_skills}", "progress=false",
-                                "baseline=none", f"checkpoint_every={steps}", f"eval_every={steps}"])
+                                "baseline=false", f"checkpoint_every={steps}", f"eval_every={steps}"])
     source = source_of(config.data)
     Trainer(config, load_source(source), out, data_source=source, echo=lambda _: None).train()
     return out

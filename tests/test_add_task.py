@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
 
 SMALL = ["n_family=2", "family_size=120", "n_skills=3", "skill_size=60", "model.d_model=16", "model.n_experts=8",
          "model.d_hidden=16", "batch_size=64", "steps=40", "checkpoint_every=40", "eval_every=40",
-         "baseline=none", "progress=false"]
+         "baseline=false", "progress=false"]
 FAST = dict(head_hidden=8)
 
 
