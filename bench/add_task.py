@@ -9,8 +9,8 @@ tasks over the shared "skills" domain. Then:
 - growth: a held-out skill task whose two skills no trained skill task uses (capacity the
   model does not have), learned from its training split, with --grow-experts 4 against no
   growth (same seeds); and `auto` on it and on digits_ge5 (10 shots), with its decision.
-- sequence: --sequence held-out skill tasks added one after another (auto growth, all their
-  training examples); after each, every earlier task's test outputs are compared bit for bit
+- sequence: --sequence held-out skill tasks added one after another (--sequence-grow, all
+  their training examples); after each, every earlier task's test outputs are compared bit for bit
   with before, the new task's score with scratch, and the parameters it added are printed.
   The model after the sequence is saved as a resumable checkpoint and trained on jointly
   for --resume-steps more steps (`moe train --resume`'s code path).
@@ -61,7 +61,7 @@ def unused_skill_tasks(n_trained: int, seed: int, count: int, skill_size: int) -
     return out[:count]
 
 
-def part_shots(trunk: Path, seeds: int) -> dict:
+def part_shots(trunk: Path, seeds: int, shot_counts: list[int]) -> dict:
     from moe.api import load
     from moe.config import Config
     from moe.datasets import load_added
@@ -69,7 +69,7 @@ def part_shots(trunk: Path, seeds: int) -> dict:
 
     task = load_added({"heldout": True, "name": "digits_ge5", "seed": 0})
     rows = {}
-    for shots in (1, 5, 10, 50):
+    for shots in shot_counts:
         gains, info = [], []
         for seed in range(seeds):
             model = load(trunk)
@@ -112,7 +112,7 @@ def part_growth(trunk: Path, seeds: int, n_skills: int, skill_size: int, shots: 
     return res
 
 
-def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_steps: int) -> dict:
+def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_steps: int, grow) -> dict:
     from moe import checkpoint as ckpt
     from moe.added import save_added
     from moe.api import load
@@ -130,7 +130,7 @@ def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_st
         rec = {"skill": t, "seed": 0, "size": skill_size, "name": f"skill_{t:03d}"}
         task = load_added(rec)
         before = outputs(model, data)
-        r = add_task(model, config, task, shots=None, rng=np.random.default_rng(i), grow_experts="auto")
+        r = add_task(model, config, task, shots=None, rng=np.random.default_rng(i), grow_experts=grow)
         after = outputs(model, data)
         changed = [k for k in before if not np.array_equal(before[k], after[k])]
         rec["train_rows"] = r.train_rows
@@ -165,9 +165,11 @@ def main() -> None:
     ap.add_argument("--n-skills", type=int, default=32)
     ap.add_argument("--skill-size", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--shots", default="1,5,10,50", help="shots per class for the shots part")
     ap.add_argument("--sequence", type=int, default=20)
     ap.add_argument("--growth-shots", type=int, default=None, help="examples for the growth task (default: its train split)")
     ap.add_argument("--resume-steps", type=int, default=50)
+    ap.add_argument("--sequence-grow", default="0", help="--grow-experts for each task of the sequence (M or auto)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     np.seterr(all="raise")
@@ -178,11 +180,12 @@ def main() -> None:
         out = {}
         parts = args.parts.split(",")
         if "shots" in parts:
-            out["shots"] = part_shots(trunk, args.seeds)
+            out["shots"] = part_shots(trunk, args.seeds, [int(s) for s in args.shots.split(",")])
         if "growth" in parts:
             out["growth"] = part_growth(trunk, args.seeds, args.n_skills, args.skill_size, args.growth_shots)
         if "sequence" in parts:
-            out["sequence"] = part_sequence(trunk, args.sequence, args.n_skills, args.skill_size, args.resume_steps)
+            grow = args.sequence_grow if args.sequence_grow == "auto" else int(args.sequence_grow)
+            out["sequence"] = part_sequence(trunk, args.sequence, args.n_skills, args.skill_size, args.resume_steps, grow)
     print(f"load average after: {os.getloadavg()}; {time.perf_counter() - t0:.0f}s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))

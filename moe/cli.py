@@ -358,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "grows only if that raises the held-out score on the shots")
     a.add_argument("--init-from", help="existing task whose embedding (and encoder) starts the new one "
                                        "(default: the one measured best on the shots)")
-    a.add_argument("--head-hidden", type=int, default=64, metavar="H",
-                   help="hidden width of the new task's MLP head (0: a linear head); default 64")
+    a.add_argument("--head-hidden", type=int, default=None, metavar="H",
+                   help="hidden width of the new task's MLP head (0: a linear head); default 64, or linear "
+                        "when a class has one example")
     a.add_argument("--seed", type=int, default=0, help="seed for shot selection and new weights")
     a.add_argument("--out", help="run folder for the new checkpoint (default: next to the source run)")
     a.add_argument("--json", action="store_true")

@@ -42,6 +42,10 @@ from moe.transfer_start import choose_start
 # epoch count at 2 to 5 shots per class on the held-out digits task (bench/add_task.py).
 FIXED_EPOCHS = 60
 AUTO_GROW = 4  # experts tried by grow_experts="auto"
+# The head's hidden width by default: an MLP, or a linear head when a class has one example
+# (an MLP fitted to two points overfits: 1 shot per class on digits_ge5 from the digits
+# start, 5 seeds, mean gain +0.057 with the MLP head, +0.100 with a linear one).
+HEAD_HIDDEN, ONE_SHOT_HEAD_HIDDEN = 64, 0
 
 
 @dataclass
@@ -218,20 +222,24 @@ def add_task(
     rng: np.random.Generator,
     grow_experts: int | str = 0,
     init_from: str | None = None,
-    head_hidden: int = 64,
+    head_hidden: int | None = None,
     rule: FitRule = FitRule(),
 ) -> AddTaskResult:
     """Add `task` to `model` in place (everything that existed stays bit for bit); return its
     test score next to a from-scratch model's on the same examples.
 
     init_from: force the start (default: the measured best). grow_experts: M experts, or
-    "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots)."""
+    "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots).
+    head_hidden: the new head's hidden width (None: HEAD_HIDDEN, or ONE_SHOT_HEAD_HIDDEN
+    when nothing can be held out)."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
     if not (grow_experts == "auto" or (isinstance(grow_experts, int) and grow_experts >= 0)):
         raise ValueError(f"grow_experts must be an int >= 0 or 'auto', got {grow_experts!r}")
     idx = select_shots(task, shots, rng)
     split = split_fit_stop(task, idx, rng)
+    if head_hidden is None:
+        head_hidden = HEAD_HIDDEN if split is not None else ONE_SHOT_HEAD_HIDDEN
     model.add_task(task.spec, rng=rng, head_hidden=head_hidden)
     x_shots, y_shots = task.x_train[idx], task.y_train[idx]
     start, similarity = choose_start(model, task.name, x_shots, y_shots, forced=init_from)

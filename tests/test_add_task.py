@@ -157,11 +157,14 @@ def test_added_checkpoint_is_verified_and_resumes_joint_training(trunk, tmp_path
     assert data[-1].x_train.shape[0] == len(res.train_rows)
     # continue joint training with the added task included
     cfg = Config.from_dict(manifest["config"])
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=manifest["step"] + 20))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=manifest["step"] + 20, sampling="uniform"))
     trainer = Trainer(cfg, data, tmp_path / "added", data_source=manifest["data_source"],
                       head_hidden=manifest["head_hidden"], expert_owners=manifest["expert_owners"], echo=lambda _: None)
+    head = {n: p.copy() for n, (p, _) in again.task_views(task.name, ("head",)).items()}  # as saved
     result = trainer.train(resume=True)
     assert result.step == manifest["step"] + 20 and result.seen[task.name] > 0
+    for n, (p, _) in trainer.model.task_views(task.name, ("head",)).items():
+        assert not np.array_equal(p, head[n]), n  # the added task trains jointly
     assert trainer.model.expert_owners() == {task.name: res.grown}
     # the same integrity checks as any training checkpoint
     (where / "optim.safetensors").write_bytes((where / "optim.safetensors").read_bytes()[:-1] + b"\x00")
