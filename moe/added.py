@@ -53,6 +53,8 @@ def _extend(dst: np.ndarray, src: np.ndarray, what: str) -> None:
 
 
 def _extend_adam(opt: Adam, state: dict[str, np.ndarray], prefix: str) -> None:
+    if f"{prefix}t" not in state:  # a table the added task created (a new head shape): fresh state
+        return
     _extend(opt.t, state[f"{prefix}t"], f"{prefix}t")
     for n in opt.params:
         _extend(opt.m[n], state[f"{prefix}m.{n}"], f"{prefix}m.{n}")

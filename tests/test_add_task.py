@@ -19,7 +19,7 @@ from moe.datasets import load_added, load_source, source_of
 from moe.model import Chunk
 from moe.tasks.skills import skill_task
 from moe.train import Trainer, predict_split
-from moe.transfer import FIXED_EPOCHS, add_task, with_added_record
+from moe.transfer import FIXED_EPOCHS, FitRule, add_task, with_added_record
 from moe.transfer_start import loo_ridge_error
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
 SMALL = ["n_family=2", "family_size=120", "n_skills=3", "skill_size=60", "model.d_model=16", "model.n_experts=8",
          "model.d_hidden=16", "batch_size=64", "steps=40", "checkpoint_every=40", "eval_every=40",
          "baseline=false", "progress=false"]
-FAST = dict(head_hidden=8)
+FAST = dict(head_hidden=8, rule=FitRule(max_epochs=60, patience=10))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,13 @@ def _outputs(model, data):
     return {d.name: predict_split(model, d, "test") for d in data}
 
 
+_SKILLS = {}
+
+
 def _skill(t: int):
-    return load_added({"skill": t, "seed": 0, "size": 60, "name": f"skill_{t:03d}"})
+    if t not in _SKILLS:  # building the skill bank takes a while: once per task
+        _SKILLS[t] = load_added({"skill": t, "seed": 0, "size": 60, "name": f"skill_{t:03d}"})
+    return _SKILLS[t]
 
 
 def test_closed_form_leave_one_out_matches_refitting():
