@@ -125,7 +125,7 @@ def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_st
     config = Config.from_dict(model.manifest["config"])
     source = model.manifest["data_source"]
     data = load_source(source)
-    added, rows = [], []
+    rows = []
     for i, t in enumerate(range(n_skills, n_skills + n)):
         rec = {"skill": t, "seed": 0, "size": skill_size, "name": f"skill_{t:03d}"}
         task = load_added(rec)

@@ -3,8 +3,10 @@
 add-task writes a full training checkpoint (the same writer and integrity checks as
 `moe train`'s), so `moe train --resume` continues joint training with the added tasks
 included. Its optimizer state is the source run's, extended: the added task's table rows
-and any grown experts and gate columns start with zero moments and step count 0 (lazy Adam
-counts steps per row), the source run's rows keep theirs bit for bit. The data cursor is the
+and any grown experts and gate columns start with no moments and step count 0 (lazy Adam
+counts steps per row), the source run's rows keep theirs bit for bit. The experts' Adam state
+is read from the source's expert Adam files (an inference load of the model reads only the
+weights). The data cursor is the
 source's for the old tasks; an added task's examples (the shots, recorded by their train
 rows in the data source) get a fresh order. A source checkpoint that is itself
 inference-only (written by `save_model`) has no optimizer state to extend: the result is
@@ -22,6 +24,7 @@ import numpy as np
 from moe import checkpoint as ckpt
 from moe.api import save_model
 from moe.config import Config
+from moe.experts import state
 from moe.model import MultiTaskMoE
 from moe.optim import Adam
 from moe.tasks.spec import TaskData
@@ -52,13 +55,24 @@ def _extend(dst: np.ndarray, src: np.ndarray, what: str) -> None:
     dst[tuple(slice(0, s) for s in src.shape)] = src
 
 
-def _extend_adam(opt: Adam, state: dict[str, np.ndarray], prefix: str) -> None:
-    if f"{prefix}t" not in state:  # a table the added task created (a new head shape): fresh state
+def _extend_adam(opt: Adam, saved: dict[str, np.ndarray], prefix: str) -> None:
+    if f"{prefix}t" not in saved:  # a table the added task created (a new head shape): fresh state
         return
-    _extend(opt.t, state[f"{prefix}t"], f"{prefix}t")
+    if opt.lazy_rows:  # rows added after the saved ones have no moments yet: step count 0
+        t = saved[f"{prefix}t"]
+        if t.ndim != 1 or t.shape[0] > opt.t.shape[0]:
+            raise ckpt.CheckpointError(f"{prefix}t: cannot extend {list(t.shape)} rows to {opt.t.shape[0]}")
+        keys = [f"{prefix}{k}.{n}" for n in opt.params for k in "mv"]
+        grown = np.concatenate([t, np.zeros(opt.t.shape[0] - t.shape[0], dtype=t.dtype)])
+        try:
+            opt.load_state_dict({f"{prefix}t": grown, **{k: saved[k] for k in keys}}, prefix)
+        except (KeyError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{prefix}: {e}") from None
+        return
+    _extend(opt.t, saved[f"{prefix}t"], f"{prefix}t")
     for n in opt.params:
-        _extend(opt.m[n], state[f"{prefix}m.{n}"], f"{prefix}m.{n}")
-        _extend(opt.v[n], state[f"{prefix}v.{n}"], f"{prefix}v.{n}")
+        _extend(opt.m[n], saved[f"{prefix}m.{n}"], f"{prefix}m.{n}")
+        _extend(opt.v[n], saved[f"{prefix}v.{n}"], f"{prefix}v.{n}")
 
 
 def save_added(
@@ -67,7 +81,7 @@ def save_added(
 ) -> tuple[Path, bool]:
     """Write `model` (source's model plus added tasks) under out/checkpoints; return (the
     checkpoint, whether it is resumable). data: every task, in the model's registry order."""
-    manifest, files, _ = ckpt.load_checkpoint(source)
+    manifest, files, where = ckpt.load_checkpoint(source)
     new_config = dataclasses.replace(config, model=model.config)
     if manifest.get("resumable") is False or "data_cursor" not in manifest:
         extra = {"data_source": data_source, "added_from": str(ckpt.resolve(source))}
@@ -78,8 +92,10 @@ def save_added(
                       expert_owners=model.expert_owners(), echo=lambda _: None)
     for n in trainer.dense_names:
         trainer.model.params[n][...] = model.params[n]
-    for mine, theirs in zip(trainer.model.layers, model.layers, strict=True):
-        mine.set_experts(theirs.experts)  # the source's expert optimizer state comes along
+    for i, (mine, theirs) in enumerate(zip(trainer.model.layers, model.layers, strict=True)):
+        mine.set_experts(theirs.experts)
+        # the source's expert Adam state; grown experts (absent from its files) have none
+        state.load_adam(where, manifest["files"], i, np.arange(theirs.n_experts), theirs.experts.optimizer)
     optim = files["optim"]
     _extend_adam(trainer.optimizer, optim, "dense.")
     for name, opt in trainer.table_optimizers.items():

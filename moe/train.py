@@ -21,8 +21,9 @@ from moe import checkpoint as ckpt
 from moe.config import Config
 from moe.experts.protocol import ExpertGroup, ExpertGroupFailure
 from moe.model import Chunk, MultiTaskMoE
-from moe.optim import Adam, AdamConfig, clip_scale, lr_at
+from moe.optim import Adam, AdamConfig, clip_scale, lr_at, noise_scale_at
 from moe.profiling.stats import cv
+from moe.progress import Progress
 from moe.sampler import TaskSampler
 from moe.tasks.losses import row_losses
 from moe.tasks.metrics import evaluate
@@ -146,6 +147,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.config.train
         chunks = self.sampler.next_batch()
+        noise = noise_scale_at(self.step, final=t.noise_final, total=t.steps)
+        self.model.set_noise_scale(noise)
         out = self.model.forward(chunks, train=True, rng=self.rng_noise)
         loss, d_outs = task_loss(self.model, chunks, out.outputs)
         self.model.backward(d_outs)
@@ -165,7 +168,8 @@ class Trainer:
         self.step += 1
         r = out.routings[0]
         return {"loss": loss + out.aux_loss, "task_loss": loss, "aux_loss": out.aux_loss,
-                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq))}
+                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq)),
+                "noise_scale": noise}
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
@@ -192,23 +196,19 @@ class Trainer:
                 m = self.train_step()
             except ExpertGroupFailure as e:
                 self._recover(e)
-                if bar is not None:
-                    bar.n = self.step
-                    bar.refresh()
+                bar.set_position(self.step)
                 continue
-            if bar is not None:
-                now = time.perf_counter()
-                if now - last_t > 0.5:
-                    rate = (self.step - last) * t.batch_size / (now - last_t)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:,.0f}", cv_load=f"{m['cv_load']:.3f}")
-                    last, last_t = self.step, now
-                bar.update(1)
+            now = time.perf_counter()
+            if now - last_t > 0.5:
+                rate = (self.step - last) * t.batch_size / (now - last_t)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:,.0f}", cv_load=f"{m['cv_load']:.3f}")
+                last, last_t = self.step, now
+            bar.update(1)
             if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
                 self._log_eval(log_path, m)
             if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == end):
                 self.save()
-        if bar is not None:
-            bar.close()
+        bar.close()
         test = evaluate_tasks(self.model, self.data, "test")
         where = ckpt.list_checkpoints(self.ckpt_root)[-1] if self.save_checkpoints else None
         return TrainResult(self.step, test, where, dict(self.sampler.seen), time.perf_counter() - start)
@@ -231,19 +231,17 @@ class Trainer:
             self.on_failure(error)
         self.restore(found[-1])
 
-    def _progress(self, total: int):
-        if not self.config.train.progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+    def _progress(self, total: int) -> Progress:
+        return Progress(total, "train", initial=self.step, enabled=self.config.train.progress)
 
     def _log_eval(self, path: Path, m: dict[str, float]) -> None:
         val = evaluate_tasks(self.model, self.data, "val")
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
-                  "lr": m["lr"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
-                  "tasks": val}
+                  "lr": m["lr"], "noise_scale": m["noise_scale"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
+                  "tasks": val,
+                  # cv_load is block 0 on this step's training batch, not the val split the scores are on
+                  "cv_load_split": "train", "cv_load_noise": self.model.config.gates[0] == "noisy_topk"}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.config.train.tensorboard:

@@ -31,6 +31,7 @@ from moe.baseline import baseline_config
 from moe.config import Config
 from moe.model import Chunk, MultiTaskMoE
 from moe.optim import Adam, AdamConfig
+from moe.progress import Progress
 from moe.tasks.losses import loss_and_grad
 from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
@@ -82,6 +83,21 @@ def select_shots(task: TaskData, shots: int | None, rng: np.random.Generator) ->
             picked.append(rng.choice(idx, size=min(shots, idx.size), replace=False))
         return np.sort(np.concatenate(picked))
     return np.sort(rng.choice(n, size=min(shots, n), replace=False))
+
+
+def shots_short(task: TaskData, shots: int | None) -> dict[str, int]:
+    """What select_shots cannot give: {class label: examples it has} for each class (or
+    {"in total": n} for a task without classes) whose train split holds fewer than `shots`."""
+    if shots is None:
+        return {}
+    kind = task.spec.kind
+    if kind in ("multiclass", "binary"):
+        labels = task.y_train if kind == "multiclass" else task.y_train[:, 0]
+        ids, have = np.unique(labels.astype(np.int64), return_counts=True)
+        names = task.decode_labels(ids) if task.classes is not None else ids
+        return {str(n): int(h) for n, h in zip(names.tolist(), have.tolist(), strict=True) if h < shots}
+    n = task.x_train.shape[0]
+    return {"in total": n} if n < shots else {}
 
 
 def split_fit_stop(task: TaskData, idx: np.ndarray, rng: np.random.Generator, frac: float = 0.3):
@@ -148,7 +164,7 @@ def _epochs(model, trainable: Trainable, task: TaskData, rows, rule: FitRule, *,
     chunk = [Chunk(task.name, task.x_train[rows], task.y_train[rows])]
     best, best_epoch, best_score = np.inf, 0, float("nan")
     for epoch in range(1, epochs + 1):
-        out = model.forward(chunk, train=False)
+        out = model.forward(chunk, train=False, grad=True)  # no gate noise, but a backward
         model.backward([loss_and_grad(kind, out.outputs[0], chunk[0].y)[1]])
         free.step({n: g for n, (_, g) in trainable.free.items()}, rule.lr)
         if anchored is not None:
@@ -224,6 +240,7 @@ def add_task(
     init_from: str | None = None,
     head_hidden: int | None = None,
     rule: FitRule = FitRule(),
+    progress: Progress | None = None,
 ) -> AddTaskResult:
     """Add `task` to `model` in place (everything that existed stays bit for bit); return its
     test score next to a from-scratch model's on the same examples.
@@ -231,7 +248,8 @@ def add_task(
     init_from: force the start (default: the measured best). grow_experts: M experts, or
     "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots).
     head_hidden: the new head's hidden width (None: HEAD_HIDDEN, or ONE_SHOT_HEAD_HIDDEN
-    when nothing can be held out)."""
+    when nothing can be held out). progress (2 units) advances after the new task's fit and
+    after the scratch model's."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
     if not (grow_experts == "auto" or (isinstance(grow_experts, int) and grow_experts >= 0)):
@@ -270,6 +288,8 @@ def add_task(
                     trainable, grown = task_trainable(model, task.name), []
                     growth = f"auto: declined; {verdict}"
     epochs, stop_rule = fit_few_shot(model, trainable, task, idx, split, rule)
+    if progress is not None:
+        progress.update(1)
     score = _score(model, task, "test")
     share = grown_share(model, task, grown) if grown else None
 
@@ -277,6 +297,8 @@ def add_task(
     scratch = MultiTaskMoE(scratch_cfg.model, TaskRegistry([task.spec]), rng=np.random.default_rng(rng.integers(2**32)))
     everything = Trainable({n: (p, scratch.grads[n]) for n, p in scratch.params.items()})
     fit_few_shot(scratch, everything, task, idx, split, rule)
+    if progress is not None:
+        progress.update(1)
     return AddTaskResult(
         task.name, task.spec.metric, score, _score(scratch, task, "test"), int(idx.size), start, epochs,
         stop_rule, similarity, grown, growth, share, trainable.size(), [int(i) for i in idx],

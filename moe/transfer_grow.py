@@ -36,7 +36,7 @@ def clone_experts(model: MultiTaskMoE, name: str, usage: list[np.ndarray], grown
         order = np.argsort(-counts[: grown[0]], kind="stable")  # most used first (old experts only)
         src = [int(order[i % max(1, int((counts > 0).sum()))]) for i in range(len(grown))]
         sources.append(src)
-        for n, p in layer.experts.params.items():
+        for p in layer.experts.params.values():
             spread = p[src].std(axis=tuple(range(1, p.ndim)), keepdims=True)  # [m, 1, ...]
             noise = rng.standard_normal(p[src].shape).astype(p.dtype) * (PERTURB * spread).astype(p.dtype)
             p[grown] = p[src] + noise

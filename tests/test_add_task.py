@@ -16,6 +16,7 @@ from moe.added import new_run_folder, save_added
 from moe.api import load
 from moe.config import Config, load_config
 from moe.datasets import load_added, load_source, source_of
+from moe.experts import state
 from moe.model import Chunk
 from moe.tasks.skills import skill_task
 from moe.train import Trainer, predict_split
@@ -69,11 +70,14 @@ def test_closed_form_leave_one_out_matches_refitting():
     assert loo_ridge_error(f.astype(np.float32), y) == pytest.approx(np.mean(errs), rel=1e-6)
 
 
-def test_grown_experts_are_used_by_the_new_task_and_closed_to_every_other(trunk):
+def test_grown_experts_are_used_by_the_new_task_and_closed_to_every_other(trunk, gate_backend):
     model = load(trunk)
     config = Config.from_dict(model.manifest["config"])
     data = load_source(model.manifest["data_source"])
     before = _outputs(model, data)
+    old = [Chunk(d.name, d.x_test) for d in data]
+    # a mixed batch's rows need not have a single-task batch's bits (grouping), so it has its own oracle
+    before_mixed = model.forward(old, train=False).outputs
     params = {n: p.copy() for n, p in model.params.items()}
     task = _skill(5)
     res = add_task(model, config, task, shots=None, rng=np.random.default_rng(1), grow_experts=2, **FAST)
@@ -84,14 +88,13 @@ def test_grown_experts_are_used_by_the_new_task_and_closed_to_every_other(trunk)
         assert np.array_equal(before[d.name], after[d.name]), d.name
     for n, p in params.items():  # what existed is unchanged (tables and experts grow only at the end)
         assert np.array_equal(p, model.params[n][tuple(slice(0, s) for s in p.shape)]), n
-    mixed = [Chunk(d.name, d.x_test) for d in data] + [Chunk(task.name, task.x_test)]
-    out = model.forward(mixed, train=False)
+    for d, o, b in zip(data, model.forward(old, train=False).outputs, before_mixed, strict=True):
+        assert np.array_equal(o, b), d.name
+    out = model.forward([*old, Chunk(task.name, task.x_test)], train=False)
     old_rows = sum(d.x_test.shape[0] for d in data)
     for r in out.routings:  # no other task's row reaches a grown expert, even in one batch with it
         assert not np.isin(r.expert_index[:old_rows], res.grown).any()
         assert np.isin(r.expert_index[old_rows:], res.grown).any()
-    for d, o in zip(data, out.outputs, strict=False):
-        assert np.array_equal(o, before[d.name]), d.name
 
 
 def test_auto_growth_undone_leaves_the_model_as_it_was(trunk):
@@ -156,6 +159,17 @@ def test_added_checkpoint_is_verified_and_resumes_joint_training(trunk, tmp_path
         rest = new.copy()
         rest[corner] = 0
         assert not rest.any(), key
+    # the experts' Adam state (their own files, which an inference load does not read): the
+    # source's for the old experts, none for the grown ones
+    src_manifest, _, src_where = ckpt.load_checkpoint(trunk)
+    n_old = len(res.grown) and res.grown[0]
+    for i in range(len(model.layers)):
+        old = state.read_rows(src_where, src_manifest["files"], i, np.arange(n_old))
+        got = state.read_rows(where, manifest["files"], i, np.arange(n_old + len(res.grown)))
+        assert old["adam.t"].any() and np.array_equal(got["adam.t"], np.concatenate([old["adam.t"], [0, 0]]))
+        for key in old:
+            if key.startswith("adam.") and key != "adam.t":
+                assert np.array_equal(got[key], old[key]), (i, key)
     again = load(where)
     data = load_source(manifest["data_source"])
     assert np.array_equal(predict_split(again, data[-1], "test"), predict_split(model, task, "test"))

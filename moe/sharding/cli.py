@@ -36,9 +36,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "needs --curve-dir")
     p.add_argument("--experts", required=True, help="global expert ids hosted here: '0-31' or '0,5,7'")
     p.add_argument("--layers", type=int, required=True, help="number of MoE layers (one bank per layer)")
-    p.add_argument("--d-model", type=int, required=True)
-    p.add_argument("--d-hidden", type=int, required=True)
-    p.add_argument("--activation", default="relu", choices=["relu", "gelu"])
+    p.add_argument("--d-model", type=int, required=True, help="model width (the coordinator's model.d_model)")
+    p.add_argument("--d-hidden", type=int, required=True, help="expert hidden width (the coordinator's model.d_hidden)")
+    p.add_argument("--activation", default="relu", choices=["relu", "gelu"], help="expert activation (default relu)")
     p.add_argument("--run", default=None,
                    help="run id to serve (default: adopt the run of the first 'load' the coordinator sends)")
     p.add_argument("--gen", type=int, default=0, help="starting generation (a restarted shard gets the new one)")
@@ -56,7 +56,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. forward@7); never use in production")
     p.add_argument("--max-message-bytes", type=int, default=wire.DEFAULT_LIMITS.max_message_bytes, metavar="N",
                    help="largest message accepted (frames above it are dropped by ZeroMQ); default 512 MiB")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log verbosity on stderr (default INFO)")
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
@@ -102,7 +103,9 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `shard serve` and `keys generate` to the `moe` parser (handlers return an exit code)."""
-    shard = subparsers.add_parser("shard", help="run an expert shard server")
+    shard = subparsers.add_parser("shard", help="run an expert shard server", description=(
+        "Expert shards: processes that hold some experts of every MoE block for a coordinator "
+        "(`moe train` with shards.endpoints). See `moe shard serve --help`."))
     ss = shard.add_subparsers(dest="shard_command", required=True, metavar="SUBCOMMAND")
     serve = ss.add_parser("serve", help="host experts for a coordinator (`moe train` with shards.endpoints)",
                           description="Serve a set of experts of every MoE layer over ZeroMQ (docs/PROTOCOL.md). "
@@ -110,10 +113,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "with several hosts that folder must be on a shared file system.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_shard_serve)
-    keys = subparsers.add_parser("keys", help="CURVE keys for shard servers")
+    keys = subparsers.add_parser("keys", help="CURVE keys for shard servers", description=(
+        "CURVE key pairs that authenticate and encrypt coordinator <-> shard traffic; required to bind "
+        "a shard to anything but loopback or ipc. See `moe keys generate --help`."))
     ks = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
-    gen = ks.add_parser("generate", help="make a server keypair, client keypairs and the allowlist in DIR")
-    gen.add_argument("dir")
+    gen = ks.add_parser("generate", help="make a server keypair, client keypairs and the allowlist in DIR",
+                        description="Write a server key pair, one key pair per --client and the allowlist of "
+                                    "client public keys into DIR (pass it as --curve-dir / shards.curve_dir).")
+    gen.add_argument("dir", help="folder to write the keys into")
     gen.add_argument("--client", action="append", default=None, metavar="NAME",
                      help="client key name (repeatable; default: client)")
     gen.set_defaults(func=cmd_keys_generate)

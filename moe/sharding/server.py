@@ -32,13 +32,15 @@ import zmq
 from moe.checkpoint import CheckpointError, fsync_dir
 from moe.experts import state
 from moe.experts.local import LocalExperts
+from moe.optim import Adam
+from moe.rss import resident
 from moe.sharding import security, wire
 from moe.sharding.wire import DEFAULT_LIMITS, Header, Limits, Message, WireError
 
 log = logging.getLogger("moe.shard")
 
 WORKER_OPS = ("forward", "backward", "update", "save", "load")
-PART_FILE = re.compile(r"experts-l(\d+)(-s\d+)?\.safetensors")
+PART_FILE = re.compile(r"experts-l(\d+)(-s\d+)?(\.adam)?\.safetensors")
 REPLAY_ENTRIES = 64
 REPLAY_BYTES = 256 << 20
 
@@ -196,17 +198,21 @@ class ExpertHost:
         bank = self._bank(layer)
         if not folder.is_dir():
             raise HostError(f"save folder {str(folder)!r} does not exist", "not_found")
-        name = f"experts-l{layer}-s{index}.safetensors"
-        rows = state.export_rows(bank.params, bank.optimizer, np.arange(self.ids.size), self.ids)
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        stem = state.part_stem(layer, index)
+        rows = state.export_rows(bank.params, bank.optimizer, self.ids)
+        tmp = folder / f".{stem}.tmp-{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
         try:
-            entry = state.write_part(tmp, rows, layer)  # written and fsynced
-            os.replace(tmp, folder / name)
+            entries = state.write_part(tmp, stem, rows, layer)  # written and fsynced
+            for name in entries:
+                os.replace(tmp / name, folder / name)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(folder)
-        return {"file": name, "sha256": entry["sha256"], "bytes": entry["bytes"],
-                "n_experts": entry["n_experts"]}
+        (name, w), (adam_name, a) = sorted(entries.items(), key=lambda kv: kv[1]["kind"])
+        return {"file": name, "sha256": w["sha256"], "bytes": w["bytes"], "n_experts": w["n_experts"],
+                "adam_file": adam_name, "adam_sha256": a["sha256"], "adam_bytes": a["bytes"],
+                "adam_n_experts": a["n_experts"]}
 
     def load(self, layer: int, folder: Path, files: tuple, hashes: tuple) -> None:
         bank = self._bank(layer)
@@ -216,11 +222,19 @@ class ExpertHost:
         for f, h in zip(files, hashes, strict=True):
             m = PART_FILE.fullmatch(f) if isinstance(f, str) else None
             if m is None or int(m.group(1)) != layer or not isinstance(h, str):
-                raise HostError(f"load files must be expert parts 'experts-l{layer}[-sN].safetensors', got {f!r}")
-            entries[f] = {"kind": "experts", "layer": layer, "sha256": h}
+                raise HostError(f"load files must be expert parts 'experts-l{layer}[-sN][.adam].safetensors', got {f!r}")
+            try:
+                size = os.stat(folder / f).st_size  # the sha256 is what protects the bytes
+            except FileNotFoundError:
+                raise HostError(f"load layer {layer} from {str(folder)!r}: {f} is missing", "not_found") from None
+            entries[f] = {"kind": state.ADAM if m.group(3) else state.WEIGHTS, "layer": layer, "sha256": h, "bytes": size}
         try:
-            rows = state.read_rows(folder, entries, layer, self.ids)
-            state.import_rows(bank.params, bank.optimizer, np.arange(self.ids.size), rows)
+            # verify everything before changing anything: a failed load keeps the old state
+            weights = {n: np.empty_like(p) for n, p in bank.params.items()}
+            state.load_weights(folder, entries, layer, self.ids, weights)
+            fresh = Adam(weights, bank.optimizer.config, lazy_rows=True)
+            state.load_adam(folder, entries, layer, self.ids, fresh)
+            bank.load_state_dict({**weights, **fresh.state_dict("adam.")})
         except (CheckpointError, FileNotFoundError) as e:
             raise HostError(f"load layer {layer} from {str(folder)!r}: {e}", "not_found") from None
         self.stash[layer] = None
@@ -494,7 +508,8 @@ class ShardServer:
         if h.meta.get("reset", False):
             self.host.rows[h.layer][:] = 0
         meta = {**self.counters, "uptime_s": time.monotonic() - self.started, "index": self.o.index,
-                "n_layers": self.o.n_layers, "d_model": self.o.d_model, "gen": self.gen}
+                "n_layers": self.o.n_layers, "d_model": self.o.d_model, "gen": self.gen,
+                **self.host.banks[h.layer].memory(), **resident()}
         return wire.encode_reply(h, [self.host.ids.astype(np.int32), rows], meta=meta, limits=self.o.limits)
 
     # ------------------------------------------------------------------ worker

@@ -59,7 +59,7 @@ def test_absent_task_gets_zero_grads_and_unknown_task_errors():
         model.forward([Chunk("a", rng.normal(size=(2, 5)))])
 
 
-def test_add_task_with_grown_experts_keeps_old_function():
+def test_add_task_with_grown_experts_keeps_old_function(gate_backend):
     model, rng = _model("example+task", layers=1, gate="softmax_topk")
     x = rng.normal(size=(6, 3))
     before = model.forward([Chunk("a", x)], train=False).outputs[0]

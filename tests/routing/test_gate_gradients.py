@@ -1,4 +1,5 @@
-"""Finite-difference checks (float64) for every gate, each balance loss alone, and z-loss.
+"""Finite-difference checks (float64) for every gate, each balance loss alone, and z-loss, on
+the numpy path and on the compiled kernels (the `gate_backend` fixture).
 
 Noise is held fixed by giving every forward the same seeded generator.
 """
@@ -32,11 +33,24 @@ def _gate(name, k, w, seed=0, E=6, d=5):
 
 @pytest.mark.parametrize("name,k", CASES)
 @pytest.mark.parametrize("w", WEIGHTS)
-def test_gate_backward_matches_finite_differences(name, k, w):
+def test_gate_backward_matches_finite_differences(name, k, w, gate_backend):
     gate, x, up = _gate(name, k, w)
+    _check_gradients(gate, x, up)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("scale", [0.4, 2.5])
+def test_noise_scale_gradients_match_finite_differences(k, scale, gate_backend):
+    """H = clean + s * eps * softplus(raw), and P(x, i) over the std s * softplus(raw)."""
+    gate, x, up = _gate("noisy_topk", k, (0.4, 0.7, 0.2))
+    gate.noise_scale = scale
+    _check_gradients(gate, x, up)
+
+
+def _check_gradients(gate, x, up, allowed=None):
 
     def loss():
-        out = gate.forward(x, train=True, rng=np.random.default_rng(3))
+        out = gate.forward(x, train=True, rng=np.random.default_rng(3), allowed=allowed)
         return float(np.sum(out.gates * up) + out.aux_loss)
 
     loss()
@@ -47,6 +61,16 @@ def test_gate_backward_matches_finite_differences(name, k, w):
         assert_close(analytic[n], numerical_grad(loss, p), name=n)
 
 
+def test_noise_scale_scales_the_noise():
+    gate, x, _ = _gate("noisy_topk", 2, (0.4, 0.3, 0.0))
+    a = gate.forward(x, train=True, rng=np.random.default_rng(3))
+    gate.noise_scale = 0.0
+    quiet = gate.forward(x, train=True, rng=np.random.default_rng(3))
+    clean = gate.forward(x, train=False, rng=None)
+    np.testing.assert_array_equal(quiet.expert_index, clean.expert_index)
+    assert not np.array_equal(a.expert_index, clean.expert_index)
+
+
 def test_routing_is_piecewise_constant_so_the_check_is_not_trivial():
     gate, x, up = _gate("noisy_topk", 2, (0.4, 0.3, 0.0))
     a = gate.forward(x, train=True, rng=np.random.default_rng(3))
@@ -55,7 +79,7 @@ def test_routing_is_piecewise_constant_so_the_check_is_not_trivial():
     assert a.aux_loss > 0
 
 
-def test_k1_gate_value_has_a_gradient():
+def test_k1_gate_value_has_a_gradient(gate_backend):
     """A softmax over one kept logit is 1 with zero gradient; our k=1 gate must not be."""
     for name in ("noisy_topk", "softmax_topk", "top1"):
         gate, x, up = _gate(name, 1, (0.0, 0.0, 0.0))
@@ -63,3 +87,56 @@ def test_k1_gate_value_has_a_gradient():
         assert np.all(out.gates < 1.0) and np.all(out.gates > 0.0)
         gate.backward(np.ones_like(out.gates))
         assert np.abs(gate.grads["w_gate"]).max() > 1e-3
+
+
+MASK_CASES = [("noisy_topk", 2), ("noisy_topk", 1), ("softmax_topk", 2), ("top1", 1)]
+
+
+def _mask(seed=5, B=11, E=6):
+    """Two experts closed to each row (a different pair per row), k+1 <= 4 left open."""
+    rng = np.random.default_rng(seed)
+    allowed = np.ones((B, E), dtype=bool)
+    for r in range(B):
+        allowed[r, rng.choice(E, size=2, replace=False)] = False
+    return allowed
+
+
+@pytest.mark.parametrize("name,k", MASK_CASES)
+def test_masked_experts_are_never_chosen_and_take_no_gradient(name, k, gate_backend):
+    gate, x, up = _gate(name, k, (0.4, 0.3, 0.2))
+    allowed = _mask()
+    out = gate.forward(x, train=True, rng=np.random.default_rng(3), allowed=allowed)
+    assert np.take_along_axis(allowed, out.expert_index, axis=1).all()
+    _check_gradients(gate, x, up, allowed)
+    allowed[:, 0] = False  # a column no row may use: exactly zero gradient
+    gate.forward(x, train=True, rng=np.random.default_rng(3), allowed=allowed)
+    gate.backward(up.copy())
+    assert not gate.grads["w_gate"][:, 0].any()
+
+
+@pytest.mark.parametrize("name,k", MASK_CASES)
+def test_a_mask_routes_as_a_gate_over_the_open_experts_alone(name, k, gate_backend):
+    """Every row closed to the same experts: the same choices and gate values as a gate that
+    only has the open experts' columns (no noise, so both see the same logits)."""
+    gate, x, _ = _gate(name, k, (0.0, 0.0, 0.0))
+    open_ = np.array([0, 2, 3, 5])
+    allowed = np.zeros((x.shape[0], 6), dtype=bool)
+    allowed[:, open_] = True
+    small = make_gate(name, 5, 4, k, rng=np.random.default_rng(0), dtype=np.float64)
+    for n, p in gate.params.items():
+        small.params[n][...] = p[:, open_]
+    a = gate.forward(x, train=False, rng=None, allowed=allowed)
+    b = small.forward(x, train=False, rng=None)
+    np.testing.assert_array_equal(a.expert_index, open_[b.expert_index])
+    np.testing.assert_allclose(a.gates, b.gates, rtol=1e-12)
+
+
+def test_the_kernels_mask_with_the_gates_constant():
+    from moe import bindings
+    from moe.routing.gates import MASKED_LOGIT
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("the compiled kernels are not built")
+    from moe.bindings import _gates
+
+    assert _gates.MASKED_LOGIT == MASKED_LOGIT
