@@ -28,7 +28,11 @@ def load(path: str | Path) -> MultiTaskMoE:
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"checkpoint {str(where)!r}: bad config or task registry ({e})") from None
     heads = {n: int(h) for n, h in manifest.get("head_hidden", {}).items()}
-    model = MultiTaskMoE(config.model, tasks, rng=np.random.default_rng(0), head_hidden=heads)  # weights replaced below
+    try:
+        model = MultiTaskMoE(config.model, tasks, rng=np.random.default_rng(0), head_hidden=heads,
+                             expert_owners=manifest.get("expert_owners"))  # weights replaced below
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {str(where)!r}: bad head_hidden or expert_owners ({e})") from None
     dense = {n: model.params[n] for n in model.dense_param_names()}
     ckpt.assign(dense, files["params"], f"checkpoint {str(where)!r} parameters")
     weights = {f: e for f, e in manifest["files"].items() if e.get("kind") != state.ADAM}
@@ -48,7 +52,7 @@ def save_model(
     optim = Adam(dense, AdamConfig()).state_dict("dense.")
     writers = [lambda folder, i=i, g=layer.experts: g.save_part(folder, i) for i, layer in enumerate(model.layers)]
     full = {**manifest, "config": config.to_dict(), "tasks": model.tasks.to_dict(), "resumable": False,
-            "head_hidden": dict(model.head_hidden)}
+            "head_hidden": dict(model.head_hidden), "expert_owners": model.expert_owners()}
     return ckpt.save_checkpoint(root, step, {"params": dense, "optim": optim}, full, writers=writers)
 
 

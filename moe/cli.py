@@ -97,20 +97,23 @@ def cmd_train(args) -> int:
             raise UserError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r}")
         manifest = ckpt.read_manifest(found[-1])
         if manifest.get("resumable") is False:
-            raise UserError(f"{str(found[-1])!r} was written by add-task; it cannot resume training")
+            raise UserError(f"{str(found[-1])!r} is an inference-only checkpoint (no training state); "
+                            "it cannot resume training")
         from moe.config import Config
 
         saved = Config.from_dict(manifest["config"])
-        if args.config is None and not args.overrides:
-            config = saved
-        elif (config.model, config.data) != (saved.model, saved.data):
+        if args.config is None:  # overrides (e.g. more steps) apply to the saved settings
+            config = load_config(None, args.overrides, base=saved)
+        if (config.model, config.data) != (saved.model, saved.data):
             raise UserError("--resume: the [model] and [data] settings must match the checkpoint's "
                             "(only [train] and [shards] settings may change)")
         source = manifest["data_source"]
+        added = {"head_hidden": manifest.get("head_hidden") or None, "expert_owners": manifest.get("expert_owners") or None}
     else:
         if ckpt.list_checkpoints(out / "checkpoints"):
             raise UserError(f"{str(out)!r} already holds checkpoints; pass --resume or choose another --out")
         source = source_of(config.data)
+        added = {}
     if shard_changes:
         config = dataclasses.replace(config, shards=dataclasses.replace(config.shards, **shard_changes))
     if args.progress is False:
@@ -125,17 +128,19 @@ def cmd_train(args) -> int:
         if args.backend == "jax":
             if config.shards.enabled:
                 raise UserError("--backend jax places experts on JAX devices; it does not use shard servers")
+            if any(added.values()):
+                raise UserError("--backend jax cannot resume a model with tasks added by add-task yet; use --backend numpy")
             from moe.accel.train_cli import train as train_jax
 
             return train_jax(args, config, data, source, out, header, say=say, report=_finish_training)
         say(args, header)
         if not config.shards.enabled:
-            return _train_and_report(args, config, data, source, out, None, None)
+            return _train_and_report(args, config, data, source, out, None, None, added)
         from moe.sharding.cli import open_expert_groups
 
         with contextlib.ExitStack() as stack:
             groups, on_failure = stack.enter_context(open_expert_groups(config, out, echo=lambda m: say(args, m)))
-            return _train_and_report(args, config, data, source, out, groups, on_failure)
+            return _train_and_report(args, config, data, source, out, groups, on_failure, added)
     except KeyboardInterrupt:
         from moe.progress import close_open
 
@@ -158,11 +163,11 @@ def interrupted_message(out: Path, steps: int, backend: str = "numpy") -> str:
             f"resume with: {command}")
 
 
-def _train_and_report(args, config, data, source, out, groups, on_failure) -> int:
+def _train_and_report(args, config, data, source, out, groups, on_failure, added) -> int:
     from moe.train import Trainer
 
     trainer = Trainer(config, data, out, data_source=source, expert_groups=groups, on_failure=on_failure,
-                      echo=lambda m: say(args, m))
+                      echo=lambda m: say(args, m), **added)
     result = trainer.train(resume=args.resume, stop_at=args.stop_at)
     return _finish_training(args, config, data, result, trainer.model)
 
@@ -351,17 +356,27 @@ def _added_record(args, manifest) -> dict[str, Any]:
 
 
 def cmd_add_task(args) -> int:
-    import dataclasses
-
-    from moe.api import load, save_model
+    from moe.added import new_run_folder, save_added
+    from moe.api import load
     from moe.config import Config
-    from moe.datasets import load_added
+    from moe.datasets import load_added, load_source
     from moe.progress import Progress
     from moe.transfer import add_task, shots_short, with_added_record
 
     model = load(args.checkpoint)
     manifest = model.manifest
     record = _added_record(args, manifest)
+    if record["name"] in model.tasks:
+        raise UserError(f"task {record['name']!r} is already in the model")
+    grow = args.grow_experts
+    if grow != "auto":
+        try:
+            grow = int(grow)
+        except ValueError:
+            raise UserError(f"--grow-experts must be a number >= 0 or 'auto', got {grow!r}") from None
+    source_ckpt = ckpt.resolve(args.checkpoint)
+    out, where_said = new_run_folder(source_ckpt.parent.parent / f"add-{record['name']}",
+                                     Path(args.out) if args.out else None)
     task = load_added(record)
     short = shots_short(task, args.shots)
     if short:
@@ -371,24 +386,32 @@ def cmd_add_task(args) -> int:
                   f"holds ({held}); all of those are used")
     config = Config.from_dict(manifest["config"])
     rng = np.random.default_rng(args.seed)
-    with Progress(2, f"add-task {task.name} (frozen trunk, then from scratch)", unit="fits",
+    with Progress(2, f"add-task {task.name} (the new task, then from scratch)", unit="fits",
                   enabled=args.progress) as bar:
-        res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=args.grow_experts,
+        res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=grow,
                        init_from=args.init_from, head_hidden=args.head_hidden, progress=bar)
-    new_config = dataclasses.replace(config, model=model.config)
-    out = Path(args.out) if args.out else ckpt.resolve(args.checkpoint).parent.parent / f"add-{task.name}"
+    record["train_rows"] = res.train_rows
     source = with_added_record(manifest["data_source"], record)
-    where = save_model(out / "checkpoints", int(manifest["step"]), model, new_config,
-                       {"data_source": source, "added_from": str(ckpt.resolve(args.checkpoint))})
-    say(args, f"added task {task.name!r} from {res.shots} examples (adapter started from {res.init_from!r}, "
-              f"best after {res.epochs} epochs)",
+    where, resumable = save_added(out, source_ckpt, model, config, load_source(source), source)
+    best = sorted(res.similarity.items(), key=lambda kv: kv[1])[:3]
+    say(args, f"added task {task.name!r} from {res.shots} examples; {res.params_added:,} parameters added",
+        f"start: {res.init_from or 'fresh'} (lowest leave-one-out probe error on the shots among "
+        f"{len(res.similarity)} candidates: " + ", ".join(f"{n} {v:.3f}" for n, v in best) + ")",
+        f"epochs: {res.epochs} ({res.stop_rule})",
+        f"growth: {res.growth}" + (f"; {100 * res.grown_share:.1f}% of its test assignments on grown experts"
+                                   if res.grown_share is not None else ""),
         f"{'':18s} {'metric':9s} {'moe+task':>9s} {'scratch':>9s} {'delta':>7s}",
         f"{task.name:18s} {res.metric:9s} {res.score:9.3f} {res.scratch_score:9.3f} {res.score - res.scratch_score:+7.3f}",
         *class_lines(model, [task]),
-        f"checkpoint: {where}")
+        f"{where_said}; checkpoint: {where} "
+        + ("(resumable: moe train --resume --out " + str(out) + " continues joint training)" if resumable
+           else "(inference only: the source checkpoint has no training state)"))
     emit_json(args, {"task": task.name, "metric": res.metric, "score": res.score,
                      "scratch_score": res.scratch_score, "shots": res.shots, "shots_short": short,
-                     "checkpoint": str(where)})
+                     "checkpoint": str(where), "resumable": resumable, "start": res.init_from,
+                     "similarity": res.similarity, "epochs": res.epochs, "stop_rule": res.stop_rule,
+                     "growth": res.growth, "grown": res.grown, "grown_share": res.grown_share,
+                     "params_added": res.params_added})
     return 0
 
 
@@ -539,20 +562,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     a = sub.add_parser("add-task", help="add a new task from a few examples (frozen trunk)", description=(
-        "Learn a new task's adapter, task embedding and head (and optionally fresh experts) with the "
-        "shared experts and routers frozen, early-stopped on a held-out part of the few examples, and "
-        "compare with a dense model trained from scratch on the same examples. Without --data this adds "
-        "the built-in held-out task digits_ge5 ('is the digit >= 5')."))
+        "Learn a new task's routing (task embedding, and its own encoder for a new input space) and head, "
+        "started from the existing task measured best on the shots, with every existing expert and task "
+        "frozen; optionally grow experts only it uses. Compares with a dense model trained from scratch "
+        "on the same examples. Writes a resumable checkpoint in a new folder (never over an earlier "
+        "result). Without --data this adds the built-in held-out task digits_ge5 ('is the digit >= 5')."))
     a.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
     add_data_arguments(a, "the new task")
     a.add_argument("--shots", type=int, default=10,
                    help="examples per class (or in total for regression) to learn from; default 10")
-    a.add_argument("--grow-experts", type=int, default=0, metavar="M", help="add M fresh experts only this task trains")
-    a.add_argument("--init-from", help="existing task whose adapter starts the new one (default: first with the same input width)")
-    a.add_argument("--head-hidden", type=int, default=64, metavar="H",
-                   help="hidden width of the new task's MLP head (0: a linear head); default 64")
+    a.add_argument("--grow-experts", default="0", metavar="M|auto",
+                   help="add M experts only this task routes to (copies of its most used ones); 'auto' "
+                        "grows only if that raises the held-out score on the shots")
+    a.add_argument("--init-from", help="existing task whose embedding (and encoder) starts the new one "
+                                       "(default: the one measured best on the shots)")
+    a.add_argument("--head-hidden", type=int, default=None, metavar="H",
+                   help="hidden width of the new task's MLP head (0: a linear head); default 64, or linear "
+                        "when a class has one example")
     a.add_argument("--seed", type=int, default=0, help="seed for shot selection, new weights and a table's split")
-    a.add_argument("--out", help="run folder for the new checkpoint (default: add-NAME next to the source run)")
+    a.add_argument("--out", help="run folder for the new checkpoint (default: add-NAME next to the source run, "
+                                 "add-NAME.v2, ... when taken)")
     a.add_argument("--no-progress", dest="progress", action="store_false", help="no progress display")
     _json_flag(a)
     a.set_defaults(func=cmd_add_task)

@@ -195,9 +195,12 @@ class Config:
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "shards": ShardConfig}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the TOML file, then `key=value` overrides ("model.n_experts=32" or "steps=100")."""
-    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: Config | None = None
+) -> Config:
+    """Defaults (or `base`), then the TOML file, then `key=value` overrides ("model.n_experts=32"
+    or "steps=100")."""
+    raw: dict[str, dict[str, Any]] = base.to_dict() if base is not None else {name: {} for name in SECTIONS}
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -6,11 +6,15 @@ A source is JSON: {"builtin": {"seed", "n_family", "family_size"} | None,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moe.config import DataConfig
 from moe.tasks.builtin import builtin_tasks, heldout_task
+from moe.tasks.skills import skill_task
 from moe.tasks.spec import TaskData
 from moe.tasks.userdata import load_table, load_task_file
 
@@ -45,11 +49,24 @@ def load_source(source: dict[str, Any]) -> list[TaskData]:
 
 
 def load_added(rec: dict[str, Any], shots: int | None = None) -> TaskData:
-    """A task added by add-task: the built-in held-out task, or a user table. `shots` limits train."""
+    """A task added by add-task: the built-in held-out task, a held-out skill task, or a user
+    table. `shots` limits train (held-out digits task); a record's `train_rows` (the examples
+    add-task learned from) keeps only those rows of the train split."""
     if rec.get("heldout"):
-        return heldout_task(seed=rec["seed"], shots_per_class=shots)
-    return load_table(
-        rec["path"], name=rec["name"], target=rec["target"], features=rec.get("features"),
-        kind=rec.get("kind"), seed=rec.get("seed", 0), loss_weight=rec.get("loss_weight", 1.0),
-        split=rec.get("split"),
-    )
+        task = heldout_task(seed=rec["seed"], shots_per_class=shots)
+    elif rec.get("skill") is not None:
+        task = skill_task(int(rec["skill"]), seed=rec["seed"], n_per_task=rec.get("size", 300))
+    else:
+        task = load_table(
+            rec["path"], name=rec["name"], target=rec["target"], features=rec.get("features"),
+            kind=rec.get("kind"), seed=rec.get("seed", 0), loss_weight=rec.get("loss_weight", 1.0),
+            split=rec.get("split"),
+        )
+    rows = rec.get("train_rows")
+    if rows is None:
+        return task
+    rows = np.asarray(rows, dtype=np.int64)
+    n = task.x_train.shape[0]
+    if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= n:
+        raise ValueError(f"added task {task.name!r}: train_rows must be indices in [0, {n}), got {rows.tolist()[:10]}")
+    return dataclasses.replace(task, x_train=task.x_train[rows], y_train=task.y_train[rows])

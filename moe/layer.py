@@ -211,10 +211,29 @@ class MoELayer:
             self.gate_name, old.d_in, E + m, self.k, w_importance=old.w_importance,
             w_load=old.w_load, w_z=old.w_z, rng=rng, dtype=self.dtype,
         )
+        self.gate.noise_scale = old.noise_scale  # the run's noise schedule carries on
         for n, p in old.params.items():
             self.gate.params[n][:, :E] = p
         self.experts = self.experts.grown(m, rng=rng)
         self.n_experts = E + m
+        self._collect()
+
+    def keep_experts(self, n: int) -> None:
+        """Keep only the first n experts and their gate columns (undoes grow_experts)."""
+        if not self.k <= n <= self.n_experts:
+            raise ValueError(f"keep_experts needs k={self.k} <= n <= {self.n_experts}, got {n}")
+        if not isinstance(self.experts, LocalExperts):
+            raise ValueError("only local experts can be shrunk in place")
+        old = self.gate
+        self.gate = make_gate(
+            self.gate_name, old.d_in, n, self.k, w_importance=old.w_importance,
+            w_load=old.w_load, w_z=old.w_z, rng=np.random.default_rng(0), dtype=self.dtype,
+        )  # every weight is overwritten below
+        self.gate.noise_scale = old.noise_scale
+        for name, p in old.params.items():
+            self.gate.params[name][...] = p[:, :n]
+        self.experts = self.experts.first(n)
+        self.n_experts = n
         self._collect()
 
     @property
@@ -230,11 +249,15 @@ class MoELayer:
         grad: bool | None = None,
         routing: str = "topk",
         balance_factor: float = 1.25,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, Routing]:
         """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing).
 
         grad: keep what backward needs (default: when training). An inference forward
         (train=False) keeps nothing, so it costs the weights plus this batch's activations.
+        allowed (bool [B, E], optional): the experts each row may be routed to (experts grown
+        for one task are closed to the others); None: every expert.
+
         routing="balanced" (inference only) seats each example on k experts with at most
         ceil(balance_factor * B * k / E) examples per expert (moe.routing.balanced) instead of
         the gate's top-k; the layer's capacity factor does not apply then (nothing is dropped)."""
@@ -243,10 +266,12 @@ class MoELayer:
             x, task_emb, self.d_model, self.d_gate_extra, self.dtype, self.route_on_x
         )  # [B, d_in]
         if routing == "balanced":
+            if allowed is not None:  # its seats would put rows on experts closed to them
+                raise ValueError("balanced routing does not support experts closed to some tasks (grown by add-task)")
             return self._forward_balanced(x, x_gate, train, balance_factor)
         if routing != "topk":
             raise ValueError(f"routing must be 'topk' or 'balanced', got {routing!r}")
-        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng)
+        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng, allowed=allowed)
         y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts, keep)  # [B, d], _, [B, k]
         self._cache = x.shape[0] if keep else None
         routing = Routing(

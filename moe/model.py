@@ -44,6 +44,7 @@ class ModelOutput:
     outputs: list[np.ndarray]  # one [n_t, n_outputs_t] per chunk
     routings: list[Routing]  # one per block (none when the blocks were switched off)
     aux_loss: float
+    features: np.ndarray | None = None  # [B, d_model]: what the heads read (final layer norm)
 
 
 def head_key(n_outputs: int, hidden: int) -> str:
@@ -73,9 +74,12 @@ class MultiTaskMoE:
         rng: np.random.Generator,
         expert_groups: list[ExpertGroup] | None = None,
         head_hidden: dict[str, int] | None = None,
+        expert_owners: dict[str, list[int]] | None = None,
         dtype=np.float32,
     ) -> None:
-        """head_hidden: tasks whose head is an MLP with this hidden width (others: linear)."""
+        """head_hidden: tasks whose head is an MLP with this hidden width (others: linear).
+        expert_owners: experts (ids, the same in every block) that only the named task may
+        use, as `add_task(grow_experts=)` makes them; every other expert is shared."""
         if len(tasks) == 0:
             raise ValueError("a model needs at least one task")
         self.config, self.dtype = config, np.dtype(dtype)
@@ -100,6 +104,13 @@ class MultiTaskMoE:
         self.space_row: dict[str, int] = {}  # input space -> its row in encoders[width]
         self.head_row: list[tuple[str, int]] = []  # task id -> (head key, row)
         self._build_tasks(list(tasks), rng)
+        # expert id -> the id of the only task that may route to it, -1 for a shared expert
+        self.expert_owner = np.full(c.n_experts, -1, dtype=np.int64)  # [E]
+        for name, ids in (expert_owners or {}).items():
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= c.n_experts):
+                raise ValueError(f"experts owned by {name!r} must be in [0, {c.n_experts}), got {ids.tolist()}")
+            self.expert_owner[ids] = self.tasks.id(name)
         self._collect()
         self._cache = None
 
@@ -161,6 +172,21 @@ class MultiTaskMoE:
         add("final_ln", self.final_ln)
         self.grads = Joined(parts)
 
+    def expert_owners(self) -> dict[str, list[int]]:
+        """{task: the experts only it may use} (the `expert_owners` manifest key)."""
+        out: dict[str, list[int]] = {}
+        for e in np.flatnonzero(self.expert_owner >= 0).tolist():
+            out.setdefault(self.tasks.names[int(self.expert_owner[e])], []).append(e)
+        return out
+
+    def _allowed(self, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+        """bool [B, E]: the experts each row may use (None when every expert is shared)."""
+        if not (self.expert_owner >= 0).any():
+            return None
+        row_task = np.repeat(ids, sizes)  # [B]
+        owner = self.expert_owner[None, :]  # [1, E]
+        return (owner < 0) | (owner == row_task[:, None])  # [B, E]
+
     @property
     def layers(self) -> list[MoELayer]:
         return [layer for _, layer in self.blocks]
@@ -213,7 +239,9 @@ class MultiTaskMoE:
         domain reads through that domain's encoder; a task with its own input space gets an
         encoder started from `init_from`'s (a task with the same input width) when given, else
         at random, and its embedding starts from `init_from`'s too. `grow_experts` adds that
-        many fresh experts to every block. Existing rows and experts are kept bit for bit."""
+        many fresh experts to every block, owned by the new task: no other task can route to
+        them, so every other task's outputs stay bit for bit. Existing rows and experts are
+        kept bit for bit."""
         if head_hidden:
             self.head_hidden[spec.name] = head_hidden
         if init_from is not None:
@@ -234,9 +262,28 @@ class MultiTaskMoE:
             e = self.task_emb.params["e"]
             e[new_id] = e[src_id]
         if grow_experts:
-            for layer in self.layers:
-                layer.grow_experts(grow_experts, rng=rng)
-            self.config = dataclasses.replace(self.config, n_experts=self.config.n_experts + grow_experts)
+            self.grow_experts(spec.name, grow_experts, rng=rng)
+        self._collect()
+
+    def grow_experts(self, name: str, m: int, *, rng: np.random.Generator) -> list[int]:
+        """Append m fresh experts to every block, owned by task `name`; return their ids."""
+        start = self.config.n_experts
+        for layer in self.layers:
+            layer.grow_experts(m, rng=rng)
+        self.config = dataclasses.replace(self.config, n_experts=start + m)
+        self.expert_owner = np.concatenate([self.expert_owner, np.full(m, self.tasks.id(name), dtype=np.int64)])
+        self._collect()
+        return list(range(start, start + m))
+
+    def drop_last_experts(self, m: int) -> None:
+        """Undo grow_experts: remove the last m experts of every block (the rest kept bit for bit)."""
+        keep = self.config.n_experts - m
+        if not 1 <= m <= self.config.n_experts - self.config.k or (self.expert_owner[keep:] < 0).any():
+            raise ValueError(f"can only drop grown experts (at most {int((self.expert_owner >= 0).sum())}), got {m}")
+        for layer in self.layers:
+            layer.keep_experts(keep)
+        self.config = dataclasses.replace(self.config, n_experts=keep)
+        self.expert_owner = self.expert_owner[:keep].copy()
         self._collect()
 
     # ------------------------------------------------------------------ forward / backward
@@ -322,10 +369,11 @@ class MultiTaskMoE:
         emb = self.task_emb.forward(Runs.of(ids, sizes)) if uses_emb else None  # [B, d_t]
         routings = []
         if not moe_off:
+            allowed = self._allowed(ids, sizes)  # [B, E] or None
             for ln, layer in self.blocks:
                 z = ln.forward(h)  # [B, d]
                 y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng,
-                                     grad=grad, routing=routing)
+                                     grad=grad, routing=routing, allowed=allowed)
                 h = h + y  # [B, d]
                 routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]
@@ -337,7 +385,7 @@ class MultiTaskMoE:
                 outs[i] = y[off : off + sizes[i]]
                 off += sizes[i]
         self._cache = (enc_groups, head_groups, bounds, moe_off, uses_emb)
-        return ModelOutput(outs, routings, float(sum(r.aux_loss for r in routings)))
+        return ModelOutput(outs, routings, float(sum(r.aux_loss for r in routings)), hf)
 
     def backward(self, d_outputs: list[np.ndarray]) -> None:
         """Gradients of (task losses + aux losses) into self.grads; d_outputs as from forward.

@@ -91,10 +91,13 @@ class Trainer:
         save_checkpoints: bool = True,
         on_failure: Callable[[Exception], None] | None = None,
         echo=print,
+        head_hidden: dict[str, int] | None = None,
+        expert_owners: dict[str, list[int]] | None = None,
     ) -> None:
         """expert_groups: one ExpertGroup per MoE block to use instead of in-process experts
         (they receive the same initial weights). on_failure is called after an
-        ExpertGroupFailure (e.g. to restart a dead shard) before rolling back."""
+        ExpertGroupFailure (e.g. to restart a dead shard) before rolling back. head_hidden and
+        expert_owners: as MultiTaskMoE's (a model that tasks were added to; see moe.added)."""
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.echo, self.save_checkpoints = echo, save_checkpoints
         self.data_source = data_source or {}
@@ -104,7 +107,8 @@ class Trainer:
         self.rng_data = np.random.default_rng([seed, 2])
         registry = TaskRegistry([d.spec for d in data])
         # Always initialise in this process, so the weights do not depend on where experts run.
-        self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init)
+        self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init, head_hidden=head_hidden,
+                                  expert_owners=expert_owners)
         self.on_failure = on_failure
         self._failures: list[float] = []
         self.remote = False  # experts live elsewhere: keep a rollback checkpoint from step 0
@@ -278,6 +282,8 @@ class Trainer:
             "data_source": self.data_source,
             "rng": {"init": self.rng_init.bit_generator.state, "noise": self.rng_noise.bit_generator.state},
             "data_cursor": cursor,
+            "head_hidden": dict(self.model.head_hidden),
+            "expert_owners": self.model.expert_owners(),
         }
 
     def save(self) -> Path:

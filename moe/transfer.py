@@ -1,23 +1,29 @@
-"""Add a task with little data: freeze the shared trunk, learn only what belongs to the new task.
+"""Add a task with little data through the experts the model already has.
 
-What is learned: the new task's head (a small MLP by default), its adapter and task
-embedding when no related task exists to start them from, and (with grow_experts) the
-fresh experts together with their gate columns. Experts, routers and layer norms that
-existed before stay bit for bit. When an existing task has the same input width, the new
-task's adapter and embedding are frozen copies of that task's: it is routed exactly as
-its source and sees the same features. Measured on the held-out digits task, retraining
-either from 20 examples lost most of the transfer (the embedding moves the routing away
-from the features the head learns on; the adapter overfits).
-
-Training is full-batch Adam with weight decay: early stopping on a held-out part of the
-few examples picks the number of epochs, then the same start is retrained on all of them.
+1. Start, chosen by a measurement on the shots: every candidate start (an existing task's
+   task embedding, and for a task with an input space of its own that task's encoder row
+   when the widths match; "fresh" is a candidate too) routes the shots through the frozen
+   model, and a ridge probe on the features the new head would read is scored by its
+   leave-one-out error (closed form, so it works from one example per class). The start
+   with the lowest error wins; every candidate's figure is reported (moe.transfer_start).
+2. Learned routing: the new task's embedding (and own encoder row) is trained from the
+   shots together with its head, pulled toward its start by an L2 anchor, so the routers
+   pick the experts that serve it without drifting far from what was measured.
+3. Growth (µ2Net's clone-and-mutate): grown experts start as perturbed copies of the
+   experts the new task uses most, with gate columns that rank each copy just above its
+   source for this task; only this task may route to them (model.expert_owner), so every
+   other task's outputs stay bit for bit. With `grow_experts="auto"` growth is kept only if
+   it raises the score on a held-out part of the shots.
+4. Epochs: when every class has at least two examples, early stopping on a held-out part
+   picks the epoch count and the start is retrained on all examples; with one example of a
+   class nothing can be held out, so a fixed budget (FIXED_EPOCHS) is used.
 The comparison is a dense model trained from scratch on exactly the same examples with the
 same rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +36,17 @@ from moe.tasks.losses import loss_and_grad
 from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
 from moe.train import predict_split
+from moe.transfer_grow import clone_experts, expert_usage, grown_share
+from moe.transfer_start import choose_start
+
+# Epochs when nothing can be held out (a class with one example). The median early-stopped
+# epoch count at 2 to 5 shots per class on the held-out digits task (bench/add_task.py).
+FIXED_EPOCHS = 60
+AUTO_GROW = 4  # experts tried by grow_experts="auto"
+# The head's hidden width by default: an MLP, or a linear head when a class has one example
+# (an MLP fitted to two points overfits: 1 shot per class on digits_ge5 from the digits
+# start, 5 seeds, mean gain +0.057 with the MLP head, +0.100 with a linear one).
+HEAD_HIDDEN, ONE_SHOT_HEAD_HIDDEN = 64, 0
 
 
 @dataclass
@@ -38,9 +55,16 @@ class AddTaskResult:
     metric: str
     score: float
     scratch_score: float
-    shots: int
-    init_from: str | None
+    shots: int  # examples used
+    init_from: str | None  # the start chosen (None: a fresh start)
     epochs: int
+    stop_rule: str  # how the epoch count was chosen
+    similarity: dict[str, float] = field(default_factory=dict)  # candidate -> leave-one-out error
+    grown: list[int] = field(default_factory=list)  # ids of the experts kept for this task
+    growth: str = "none"  # what growth did and why
+    grown_share: float | None = None  # share of the task's test assignments on its grown experts
+    params_added: int = 0
+    train_rows: list[int] = field(default_factory=list)  # the train-split rows used
 
 
 def select_shots(task: TaskData, shots: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -77,90 +101,132 @@ def shots_short(task: TaskData, shots: int | None) -> dict[str, int]:
 
 
 def split_fit_stop(task: TaskData, idx: np.ndarray, rng: np.random.Generator, frac: float = 0.3):
-    """Hold out ~frac of the few examples (at least one per class when possible) for early stopping."""
+    """Hold out ~frac of the examples for early stopping: (fit, stop), or None when a class
+    has a single example (or fewer than 4 examples in all) and nothing can be held out."""
     kind = task.spec.kind
     if kind in ("multiclass", "binary"):
         labels = task.y_train[idx] if kind == "multiclass" else task.y_train[idx, 0]
-        stop = []
-        for c in np.unique(labels):
-            members = idx[labels == c]
-            if members.size >= 2:
-                k = max(1, int(round(frac * members.size)))
-                stop.append(rng.choice(members, size=k, replace=False))
-        stop = np.sort(np.concatenate(stop)) if stop else idx[:0]
+        counts = [int((labels == c).sum()) for c in np.unique(labels)]
+        if min(counts) < 2:
+            return None
+        stop = [rng.choice(idx[labels == c], size=max(1, int(round(frac * n))), replace=False)
+                for c, n in zip(np.unique(labels), counts, strict=True)]
+        stop = np.sort(np.concatenate(stop))
     else:
-        k = max(1, int(round(frac * idx.size))) if idx.size >= 2 else 0
-        stop = np.sort(rng.choice(idx, size=k, replace=False))
-    fit = np.setdiff1d(idx, stop)
-    if fit.size == 0 or stop.size == 0:
-        raise ValueError(f"task {task.name!r}: {idx.size} examples are too few to hold some out for early stopping")
-    return fit, stop
+        if idx.size < 4:
+            return None
+        stop = np.sort(rng.choice(idx, size=max(1, int(round(frac * idx.size))), replace=False))
+    return np.setdiff1d(idx, stop), stop
 
 
-def _train(model, params, grads, task, rows, *, lr, weight_decay, epochs=None, stop_rows=None, patience=0):
-    """Full-batch Adam on rows; with stop_rows, return the epoch with the best held-out loss."""
-    opt = Adam(params, AdamConfig(weight_decay=weight_decay))
-    kind = task.spec.kind
-    fit_chunk = [Chunk(task.name, task.x_train[rows], task.y_train[rows])]
-    best, best_epoch = np.inf, 0
-    for epoch in range(1, (epochs or 10_000) + 1):
-        out = model.forward(fit_chunk, train=False, grad=True)  # no gate noise, but a backward
-        model.backward([loss_and_grad(kind, out.outputs[0], fit_chunk[0].y)[1]])
-        opt.step(grads, lr)
+@dataclass
+class Trainable:
+    """What add-task trains: free parameters (the head: weight decay toward 0) and anchored
+    ones (embedding, own encoder, grown experts and gate columns: an L2 pull toward their
+    start). Each is a (param view, grad view) pair; views stay valid because every backward
+    writes its gradients in place."""
+
+    free: dict[str, tuple[np.ndarray, np.ndarray]]
+    anchored: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {n: p for n, (p, _) in {**self.free, **self.anchored}.items()}
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return {n: p.copy() for n, p in self.arrays().items()}
+
+    def restore(self, saved: dict[str, np.ndarray]) -> None:
+        for n, p in self.arrays().items():
+            p[...] = saved[n]
+
+    def size(self) -> int:
+        return int(sum(p.size for p in self.arrays().values()))
+
+
+@dataclass(frozen=True)
+class FitRule:
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    anchor: float = 1e-2  # L2 pull of anchored parameters toward their start
+    max_epochs: int = 400
+    patience: int = 40
+
+
+def _epochs(model, trainable: Trainable, task: TaskData, rows, rule: FitRule, *, epochs: int,
+            stop_rows=None) -> tuple[int, float]:
+    """Full-batch Adam on rows for up to `epochs`; with stop_rows, stop when the held-out loss
+    has not improved for rule.patience epochs. Returns (best epoch, held-out score there)."""
+    free = Adam({n: p for n, (p, _) in trainable.free.items()}, AdamConfig(weight_decay=rule.weight_decay))
+    anch = {n: p for n, (p, _) in trainable.anchored.items()}
+    start = {n: p.copy() for n, p in anch.items()}
+    anchored = Adam(anch, AdamConfig(weight_decay=0.0)) if anch else None
+    kind, metric = task.spec.kind, task.spec.metric
+    chunk = [Chunk(task.name, task.x_train[rows], task.y_train[rows])]
+    best, best_epoch, best_score = np.inf, 0, float("nan")
+    for epoch in range(1, epochs + 1):
+        out = model.forward(chunk, train=False, grad=True)  # no gate noise, but a backward
+        model.backward([loss_and_grad(kind, out.outputs[0], chunk[0].y)[1]])
+        free.step({n: g for n, (_, g) in trainable.free.items()}, rule.lr)
+        if anchored is not None:
+            anchored.step({n: g + rule.anchor * (anch[n] - start[n]) for n, (_, g) in trainable.anchored.items()},
+                          rule.lr)
         if stop_rows is None:
             continue
         held_out = model.forward([Chunk(task.name, task.x_train[stop_rows])], train=False).outputs[0]
         held = loss_and_grad(kind, held_out, task.y_train[stop_rows])[0]
         if held < best - 1e-6:
             best, best_epoch = held, epoch
-        elif epoch - best_epoch >= patience:
+            best_score = evaluate(kind, held_out, task.y_train[stop_rows])[metric]
+        elif epoch - best_epoch >= rule.patience:
             break
-    return best_epoch
+    return (best_epoch if stop_rows is not None else epochs), float(best_score)
 
 
-def fit_few_shot(
-    model: MultiTaskMoE,
-    trainable: dict[str, tuple[np.ndarray, np.ndarray]],
-    task: TaskData,
-    fit: np.ndarray,
-    stop: np.ndarray,
-    *,
-    lr: float,
-    max_epochs: int,
-    patience: int,
-    weight_decay: float = 1e-2,
-) -> int:
-    """Choose the number of epochs by early stopping on `stop`, then retrain from the same
-    start on all the examples (fit + stop) for that many epochs. Returns the epoch count.
-
-    `trainable` maps names to (param view, grad view); views stay valid because every
-    backward writes its gradients in place."""
-    params = {n: p for n, (p, _) in trainable.items()}
-    grads = {n: g for n, (_, g) in trainable.items()}
-    start = {n: p.copy() for n, p in params.items()}
-    best_epoch = _train(model, params, grads, task, fit, lr=lr, weight_decay=weight_decay,
-                        epochs=max_epochs, stop_rows=stop, patience=patience)
-    for n, p in params.items():
-        p[...] = start[n]
-    _train(model, params, grads, task, np.union1d(fit, stop), lr=lr, weight_decay=weight_decay,
-           epochs=max(best_epoch, 1))
-    return best_epoch
+def fit_few_shot(model, trainable: Trainable, task: TaskData, idx: np.ndarray, split, rule: FitRule) -> tuple[int, str]:
+    """Train on the examples idx: the epoch count by early stopping on split's held-out part
+    (then retrained from the same start on all of idx), or FIXED_EPOCHS when split is None.
+    Returns (epochs, the rule used, in words)."""
+    if split is None:
+        _epochs(model, trainable, task, idx, rule, epochs=FIXED_EPOCHS)
+        return FIXED_EPOCHS, f"fixed budget of {FIXED_EPOCHS} epochs (a class has one example: nothing to hold out)"
+    fit, stop = split
+    start = trainable.snapshot()
+    best_epoch, _ = _epochs(model, trainable, task, fit, rule, epochs=rule.max_epochs, stop_rows=stop)
+    trainable.restore(start)
+    _epochs(model, trainable, task, idx, rule, epochs=max(best_epoch, 1))
+    return best_epoch, f"early stopping on {stop.size} held-out examples, then retrained on all {idx.size}"
 
 
-def trainable_views(
-    model: MultiTaskMoE, name: str, old_experts: int | None, copied: bool
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The new task's head (and its adapter and embedding unless they were copied from a
-    related task and stay frozen), plus any grown experts and their gate columns."""
-    views = model.task_views(name, ("head",) if copied else ("head", "emb", "encoder"))
-    if old_experts is not None:
-        for n, p in model.params.items():
-            g = model.grads[n]
-            if ".moe.gate." in n:
-                views[n] = (p[:, old_experts:], g[:, old_experts:])  # new gate columns
-            elif ".moe.experts." in n:
-                views[n] = (p[old_experts:], g[old_experts:])  # new experts
-    return views
+def task_trainable(model: MultiTaskMoE, name: str) -> Trainable:
+    """The new task's head (free) and its embedding and own encoder row (anchored)."""
+    views = model.task_views(name)
+    head = {n: v for n, v in views.items() if n.startswith("head.")}
+    return Trainable(head, {n: v for n, v in views.items() if n not in head})
+
+
+def with_grown(model: MultiTaskMoE, trainable: Trainable, ids: list[int]) -> Trainable:
+    """Add the grown experts' weights and gate columns (anchored) to what is trained."""
+    lo, hi = ids[0], ids[-1] + 1
+    anchored = dict(trainable.anchored)
+    for n, p in model.params.items():
+        g = model.grads[n]
+        if ".moe.gate." in n:
+            anchored[f"{n}[:, {lo}:{hi}]"] = (p[:, lo:hi], g[:, lo:hi])  # the new gate columns
+        elif ".moe.experts." in n:
+            anchored[f"{n}[{lo}:{hi}]"] = (p[lo:hi], g[lo:hi])  # the new experts
+    return Trainable(trainable.free, anchored)
+
+
+def _score(model, task: TaskData, split: str) -> float:
+    return float(evaluate(task.spec.kind, predict_split(model, task, split), task.split(split)[1])[task.spec.metric])
+
+
+def _held_out_score(model, trainable: Trainable, task: TaskData, split, rule: FitRule) -> float:
+    """The held-out score of training on split's fit part (the start is restored after)."""
+    start = trainable.snapshot()
+    _, score = _epochs(model, trainable, task, split[0], rule, epochs=rule.max_epochs, stop_rows=split[1])
+    trainable.restore(start)
+    return score
 
 
 def add_task(
@@ -170,43 +236,74 @@ def add_task(
     *,
     shots: int | None,
     rng: np.random.Generator,
-    grow_experts: int = 0,
+    grow_experts: int | str = 0,
     init_from: str | None = None,
-    head_hidden: int = 64,
-    lr: float = 3e-3,
-    max_epochs: int = 400,
-    patience: int = 40,
+    head_hidden: int | None = None,
+    rule: FitRule = FitRule(),
     progress: Progress | None = None,
 ) -> AddTaskResult:
-    """Add `task` to `model` in place (frozen trunk); return its test score next to from-scratch.
+    """Add `task` to `model` in place (everything that existed stays bit for bit); return its
+    test score next to a from-scratch model's on the same examples.
 
-    `progress` (2 units) advances after the new task's fit and after the scratch model's."""
+    init_from: force the start (default: the measured best). grow_experts: M experts, or
+    "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots).
+    head_hidden: the new head's hidden width (None: HEAD_HIDDEN, or ONE_SHOT_HEAD_HIDDEN
+    when nothing can be held out). progress (2 units) advances after the new task's fit and
+    after the scratch model's."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
-    if init_from is None:
-        same = [s.name for s in model.tasks if s.n_inputs == task.spec.n_inputs]
-        init_from = same[0] if same else None
+    if not (grow_experts == "auto" or (isinstance(grow_experts, int) and grow_experts >= 0)):
+        raise ValueError(f"grow_experts must be an int >= 0 or 'auto', got {grow_experts!r}")
     idx = select_shots(task, shots, rng)
-    fit, stop = split_fit_stop(task, idx, rng)
-    old_e = model.config.n_experts
-    model.add_task(task.spec, rng=rng, init_from=init_from, grow_experts=grow_experts, head_hidden=head_hidden)
-    views = trainable_views(model, task.name, old_e if grow_experts else None, copied=init_from is not None)
-    epochs = fit_few_shot(model, views, task, fit, stop, lr=lr, max_epochs=max_epochs, patience=patience)
+    split = split_fit_stop(task, idx, rng)
+    if head_hidden is None:
+        head_hidden = HEAD_HIDDEN if split is not None else ONE_SHOT_HEAD_HIDDEN
+    model.add_task(task.spec, rng=rng, head_hidden=head_hidden)
+    x_shots, y_shots = task.x_train[idx], task.y_train[idx]
+    start, similarity = choose_start(model, task.name, x_shots, y_shots, forced=init_from)
+    trainable = task_trainable(model, task.name)
+
+    grown: list[int] = []
+    growth = "none"
+    m = AUTO_GROW if grow_experts == "auto" else grow_experts
+    if m:
+        base_score = _held_out_score(model, trainable, task, split, rule) if grow_experts == "auto" and split else None
+        usage = expert_usage(model, task.name, x_shots)
+        grown = model.grow_experts(task.name, m, rng=rng)
+        sources = clone_experts(model, task.name, usage, grown, rng=rng)
+        trainable = with_grown(model, trainable, grown)
+        growth = f"grew {m} experts (copies of {sources})"
+        if grow_experts == "auto":
+            if split is None:
+                model.drop_last_experts(m)
+                trainable, grown = task_trainable(model, task.name), []
+                growth = "auto: declined (no held-out part to measure growth on: a class has one example)"
+            else:
+                grow_score = _held_out_score(model, trainable, task, split, rule)
+                verdict = f"held-out {task.spec.metric} {grow_score:.3f} with {m} grown experts vs {base_score:.3f} without"
+                if grow_score > base_score:
+                    growth = f"auto: kept {m} experts (copies of {sources}); {verdict}"
+                else:
+                    model.drop_last_experts(m)
+                    trainable, grown = task_trainable(model, task.name), []
+                    growth = f"auto: declined; {verdict}"
+    epochs, stop_rule = fit_few_shot(model, trainable, task, idx, split, rule)
     if progress is not None:
         progress.update(1)
-    metric = task.spec.metric
-    score = evaluate(task.spec.kind, predict_split(model, task, "test"), task.y_test)[metric]
+    score = _score(model, task, "test")
+    share = grown_share(model, task, grown) if grown else None
 
     scratch_cfg = baseline_config(config, examples=1)
     scratch = MultiTaskMoE(scratch_cfg.model, TaskRegistry([task.spec]), rng=np.random.default_rng(rng.integers(2**32)))
-    everything = {n: (p, scratch.grads[n]) for n, p in scratch.params.items()}
-    fit_few_shot(scratch, everything, task, fit, stop, lr=lr, max_epochs=max_epochs, patience=patience)
+    everything = Trainable({n: (p, scratch.grads[n]) for n, p in scratch.params.items()})
+    fit_few_shot(scratch, everything, task, idx, split, rule)
     if progress is not None:
         progress.update(1)
-    scratch_score = evaluate(task.spec.kind, predict_split(scratch, task, "test"), task.y_test)[metric]
-    return AddTaskResult(task.name, metric, float(score), float(scratch_score), int(idx.size), init_from, epochs)
+    return AddTaskResult(
+        task.name, task.spec.metric, score, _score(scratch, task, "test"), int(idx.size), start, epochs,
+        stop_rule, similarity, grown, growth, share, trainable.size(), [int(i) for i in idx],
+    )
 
 
 def with_added_record(source: dict, record: dict) -> dict:
     return {**source, "added": [*source.get("added", []), record]}
-

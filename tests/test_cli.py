@@ -200,6 +200,28 @@ def test_add_task_from_a_user_table_and_grow_experts(run, tmp_path):
     assert "t" in json.loads(r.stdout)["tasks"]
 
 
+def test_add_task_never_overwrites_and_its_result_resumes_joint_training(run):
+    out, _ = run
+    first = moe("add-task", str(out), "--shots", "1", "--json")
+    assert first.returncode == 0, first.stderr
+    a = json.loads(first.stdout)
+    assert Path(a["checkpoint"]).parent.parent == out / "add-digits_ge5" and a["resumable"]
+    assert a["shots"] == 2 and "fixed budget" in a["stop_rule"] and a["start"] in (None, *a["similarity"])
+    second = moe("add-task", str(out), "--shots", "1", "--seed", "1", "--json")
+    assert second.returncode == 0, second.stderr
+    b = json.loads(second.stdout)
+    assert Path(b["checkpoint"]).parent.parent == out / "add-digits_ge5.v2"
+    assert "add-digits_ge5 exists (kept as it is)" in second.stderr
+    assert Path(a["checkpoint"]).is_dir()  # the first result is still there
+    r = moe("add-task", str(out), "--out", str(out / "add-digits_ge5"))
+    assert r.returncode == 2 and "add-task never overwrites a result" in r.stderr and "Traceback" not in r.stderr
+    r = moe("train", "--resume", "--out", str(out / "add-digits_ge5"), "--no-progress", "--json", "steps=90",
+            "baseline=false")
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads(r.stdout)
+    assert "digits_ge5" in resumed["tasks"] and Path(resumed["checkpoint"]).name == "step-00000090"
+
+
 def test_text_class_labels_are_mapped_stored_and_shown(added):
     folder, res = added
     assert res["task"] == "grapes"

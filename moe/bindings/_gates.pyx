@@ -55,6 +55,9 @@ cdef Py_ssize_t DW_COLUMNS = 256  # column chunk of one weight-gradient GEMM
 cdef Py_ssize_t _parallel_min_logits = 1 << 17
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# The clean logit of an expert a row may not use: moe.routing.gates.MASKED_LOGIT (tested equal).
+MASKED_LOGIT = -1e4
+cdef double _MASKED = MASKED_LOGIT
 
 
 def _configure(parallel_min_logits=None) -> dict:
@@ -77,6 +80,7 @@ cdef struct Spec:
     bint want_lse   # logsumexp(clean) kept (z-loss)
     bint p_is_probs # k = 1 without noise: softmax(clean) is the gate's own probs
     double scale    # noise std multiplier s
+    const uint8_t* allowed  # [P, n], 0: the row may not use that expert (NULL: every expert)
 
 
 # ----------------------------------------------------------------------------- scalar math
@@ -280,7 +284,7 @@ cdef void _forward_block(
     floating* probs, floating* pc, floating* lse, double* load_part, double* psum_part,
 ) noexcept nogil:
     cdef Py_ssize_t n = s.n, d = s.d, k = s.k, kk = s.kk
-    cdef Py_ssize_t r0 = blk[3 * bi], r1 = blk[3 * bi + 1], g = blk[3 * bi + 2], R = r1 - r0, r, row
+    cdef Py_ssize_t r0 = blk[3 * bi], r1 = blk[3 * bi + 1], g = blk[3 * bi + 2], R = r1 - r0, r, row, i
     cdef floating* cl = buf  # [R, n]
     cdef floating* rw = buf + rmax * n  # [R, n]
     cdef floating* h = rw + rmax * n  # [n]
@@ -292,6 +296,11 @@ cdef void _forward_block(
     _gemm(c"N", c"N", <int>n, <int>R, <int>d, wg + g * d * n, <int>n, x + r0 * d, <int>d, cl, <int>n)
     if s.noisy:
         _gemm(c"N", c"N", <int>n, <int>R, <int>d, wn + g * d * n, <int>n, x + r0 * d, <int>d, rw, <int>n)
+    if s.allowed != NULL:  # masked experts: the constant MASKED_LOGIT as their clean logit
+        for r in range(R):
+            for i in range(n):
+                if s.allowed[(r0 + r) * n + i] == 0:
+                    cl[r * n + i] = <floating>_MASKED
     if lp != NULL:
         memset(lp, 0, n * sizeof(double))
     if pp != NULL:
@@ -318,7 +327,7 @@ cdef void _backward_block(
     floating* dh, floating* d_clean, floating* d_raw, floating* dx,
 ) noexcept nogil:
     cdef Py_ssize_t n = s.n, d = s.d, k = s.k, kk = s.kk
-    cdef Py_ssize_t r0 = blk[3 * bi], r1 = blk[3 * bi + 1], g = blk[3 * bi + 2], R = r1 - r0, r, row
+    cdef Py_ssize_t r0 = blk[3 * bi], r1 = blk[3 * bi + 1], g = blk[3 * bi + 2], R = r1 - r0, r, row, i
     cdef const floating* p_row = probs if s.p_is_probs else pc
     for r in range(R):
         row = r0 + r
@@ -331,6 +340,10 @@ cdef void _backward_block(
             probs + row * n if k == 1 else NULL, p_row + row * n if p_row != NULL else NULL,
             dh, d_clean + row * n, d_raw + row * n if s.noisy else NULL,
         )
+        if s.allowed != NULL:  # a masked logit is a constant: no gradient reaches W_g or x
+            for i in range(n):
+                if s.allowed[row * n + i] == 0:
+                    d_clean[row * n + i] = 0
     # dx [R, d] = d_clean W_g^T (+ d_raw W_noise^T)
     _gemm(c"T", c"N", <int>d, <int>R, <int>n, wg + g * d * n, <int>n, d_clean + r0 * n, <int>n,
           dx + r0 * d, <int>d)
@@ -572,7 +585,7 @@ cdef class GateForward:
     cdef public Py_ssize_t G, n_blocks, rmax, nthreads
     cdef public object blocks, dw_tasks, offsets, x, w_gate, w_noise
     cdef public object idx_full, gates, a, b, es, c, probs, pc, lse, load_part, psum_part
-    cdef public object index, importance, counts, load, p_sum
+    cdef public object index, importance, counts, load, p_sum, allowed
     cdef public bint done, blas_one  # blas_one: this call's GEMMs run BLAS on one thread
 
     @property
@@ -634,14 +647,16 @@ def _plan_dw_tasks(o, Py_ssize_t n):
     return np.stack([g, cs, np.minimum(cs + DW_COLUMNS, n)], axis=1).astype(np.int64).ravel()
 
 
-def forward(x, w_gate, w_noise, offsets, eps, k, *, noise_scale=1.0, softmax_clean=False, logsumexp=False):
+def forward(x, w_gate, w_noise, offsets, eps, k, *, noise_scale=1.0, softmax_clean=False, logsumexp=False,
+            allowed=None):
     """Route P rows of gate inputs x [P, d] (sorted into G groups by `offsets` [G+1]) with
     per-group gate weights w_gate [G, d, n] (and w_noise [G, d, n] for a noisy gate).
 
     eps [P, n] is the noise (None: no noise this forward, e.g. a noisy gate in eval mode);
     the noise std is noise_scale * softplus(x W_noise). softmax_clean keeps softmax(x W_g)
     (its per-group sum is returned and its gradient taken), logsumexp the z-loss's
-    logsumexp(x W_g) per row. Returns a GateForward: index int32 [P, k], gates [P, k],
+    logsumexp(x W_g) per row. allowed (bool [P, n], optional): the experts each row may use;
+    the others' clean logits are MASKED_LOGIT and get no gradient. Returns a GateForward: index int32 [P, k], gates [P, k],
     importance and counts [G, n] (float64, int64), load [G, n] float64 (the smooth estimator,
     None without it), p_sum [G, n] float64 (or None), lse [P] (or None).
     """
@@ -676,8 +691,19 @@ def forward(x, w_gate, w_noise, offsets, eps, k, *, noise_scale=1.0, softmax_cle
     if n > imax or d > imax or P > imax:
         raise ValueError(f"BLAS takes 32-bit sizes: P = {P}, d = {d} and n = {n} must fit")
     o = _check_offsets(offsets, G, P)
+    cdef const uint8_t[:, ::1] alw
+    if allowed is not None:
+        allowed = np.asarray(allowed)
+        if allowed.dtype != np.bool_ or allowed.shape != (P, n):
+            raise ValueError(f"allowed must be bool [P, n] = {[P, n]}, got {_describe(allowed)}")
+        allowed = np.ascontiguousarray(allowed).view(np.uint8)
 
     st = GateForward()
+    st.allowed = allowed
+    st.spec.allowed = NULL
+    if allowed is not None and P:
+        alw = allowed
+        st.spec.allowed = &alw[0, 0]
     st.spec.n, st.spec.k, st.spec.d = n, k, d
     st.spec.noisy = noisy
     st.spec.smooth = noisy and k < n

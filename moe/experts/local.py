@@ -58,6 +58,23 @@ class LocalExperts:
         new.optimizer.load_state_dict(sd)
         return new
 
+    def first(self, n: int) -> LocalExperts:
+        """A copy holding only the first n experts, with their weights and optimizer state."""
+        new = LocalExperts(
+            n, self.d_model, self.d_hidden, activation=self.activation, rng=np.random.default_rng(0),
+            dtype=self.dtype, adam=self.optimizer.config, lazy=self.lazy,
+        )  # every weight is overwritten below
+        for name, p in self.params.items():
+            new.params[name][...] = p[:n]
+        sd = self.optimizer.state_dict()
+        if self.lazy:  # moments are held for the rows with t > 0, in row order: keep those below n
+            have = int(np.count_nonzero(sd["t"][:n]))
+            sd = {k: (v[:n] if k == "t" else v[:have]) for k, v in sd.items()}
+        else:
+            sd = {k: (v if k == "t" else v[:n]) for k, v in sd.items()}
+        new.optimizer.load_state_dict(sd)
+        return new
+
     def forward(self, packed: np.ndarray, offsets: np.ndarray, keep: bool = True) -> np.ndarray:
         return self.bank.forward(packed, offsets, keep)
 

@@ -25,6 +25,20 @@ from moe.routing.balance import SmoothLoad, cv_squared, switch_balance
 
 GATE_TYPES = ("noisy_topk", "softmax_topk", "top1")
 
+# The clean logit of an expert a row may not use (an expert grown for another task). Finite,
+# so the noise, the load estimator and their gradients stay finite; far below any real
+# logit, so such an expert is never among the top k and its softmax share underflows to 0.
+MASKED_LOGIT = -1e4
+
+
+def mask_logits(clean: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """clean [B, E] with the entries not `allowed` (bool [B, E]) set to MASKED_LOGIT."""
+    if allowed is None:
+        return clean
+    if allowed.shape != clean.shape or allowed.dtype != np.bool_:
+        raise ValueError(f"allowed must be bool {list(clean.shape)}, got {allowed.dtype}{list(allowed.shape)}")
+    return np.where(allowed, clean, clean.dtype.type(MASKED_LOGIT))  # [B, E]
+
 
 def softplus(z: np.ndarray) -> np.ndarray:
     with np.errstate(under="ignore", over="ignore"):
@@ -182,25 +196,29 @@ class GroupedTopK:
         noise_scale: float = 1.0,
         softmax_clean: bool = False,
         logsumexp: bool = False,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, GroupSums]:
         """x [P, d], w_gate/w_noise [G, d, n], offsets [G+1], eps [P, n] (None: no noise)
         -> (index int32 [P, k], gates [P, k], GroupSums). w_noise without eps: a noisy gate
-        in eval mode (its gradient is zero)."""
+        in eval mode (its gradient is zero). allowed (bool [P, n], optional): the experts each
+        row may use; the others' clean logits are the constant MASKED_LOGIT (mask_logits), so
+        they get no gradient. Both paths mask the same way: a model keeps its path (and so its
+        bits) when experts closed to some tasks are added."""
         kern = bindings.compiled_gates(x.dtype)
         if kern is not None:
             st = kern.forward(x, w_gate, w_noise, offsets, eps, self.k, noise_scale=noise_scale,
-                              softmax_clean=softmax_clean, logsumexp=logsumexp)
+                              softmax_clean=softmax_clean, logsumexp=logsumexp, allowed=allowed)
             load = st.load
             if eps is not None and load is None:  # k = n: every expert always chosen, P = 1
                 load = np.repeat(np.diff(offsets).astype(np.float64)[:, None], self.n, axis=1)
             self._cache = ("compiled", st)
             return st.index, st.gates, GroupSums(st.importance, st.counts, load, st.p_sum, st.lse)
-        return self._forward_numpy(x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp)
+        return self._forward_numpy(x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp, allowed)
 
-    def _forward_numpy(self, x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp):
+    def _forward_numpy(self, x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp, allowed):
         G, n = w_gate.shape[0], self.n
         noisy = eps is not None
-        clean = self._logits(x, w_gate, offsets)  # [P, n]
+        clean = mask_logits(self._logits(x, w_gate, offsets), allowed)  # [P, n]
         raw = self._logits(x, w_noise, offsets) if noisy else None  # [P, n]
         index, gates, p_load = self.rows.forward(clean, raw, eps, noise_scale)  # [P, k] x2, [P, n]
         sizes = np.diff(offsets)  # [G]
@@ -215,7 +233,7 @@ class GroupedTopK:
             p = probs if (probs is not None and not noisy) else softmax(clean.copy())  # [P, n]
         p_sum = self._group_sum(p, offsets) if softmax_clean else None
         lse = logsumexp_rows(clean) if logsumexp else None  # [P]
-        self._cache = ("numpy", x, w_gate, w_noise, offsets, group, index, p)
+        self._cache = ("numpy", x, w_gate, w_noise, offsets, group, index, p, allowed)
         return index, gates, GroupSums(importance, counts, load, p_sum, lse)
 
     @staticmethod
@@ -268,7 +286,7 @@ class GroupedTopK:
             return self._backward_numpy(cache[1:], d_gates, d_importance, d_load, d_psum, d_lse, dw_gate, dw_noise)
 
     def _backward_numpy(self, cache, d_gates, d_importance, d_load, d_psum, d_lse, dw_gate, dw_noise):
-        x, w_gate, w_noise, offsets, group, index, p = cache
+        x, w_gate, w_noise, offsets, group, index, p, allowed = cache
         G, P, n = w_gate.shape[0], x.shape[0], self.n
         d_g = d_gates.astype(x.dtype, copy=True)  # [P, k]
         if d_importance is not None:  # importance sums the gate values
@@ -285,6 +303,8 @@ class GroupedTopK:
                 d_clean += p * (gr - (p * gr).sum(axis=1, keepdims=True))
         if d_lse is not None:
             d_clean += d_lse[:, None] * p  # d logsumexp = softmax
+        if allowed is not None:  # a masked logit is a constant: no gradient reaches w_gate or x
+            d_clean[~allowed] = 0
         if G == 1:
             dw_gate[0][...] = x.T @ d_clean  # [d, n]
             dx = d_clean @ w_gate[0].T  # [P, d]
@@ -361,9 +381,11 @@ class TopKGate:
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: np.ndarray, *, train: bool, rng: np.random.Generator | None
+        self, x: np.ndarray, *, train: bool, rng: np.random.Generator | None,
+        allowed: np.ndarray | None = None,
     ) -> GateOutput:
-        """x: [B, d_in] (the example, with the task embedding appended when used)."""
+        """x: [B, d_in] (the example, with the task embedding appended when used); allowed
+        (bool [B, E], optional): the experts each row may use, the rest are never chosen."""
         B, E = x.shape[0], self.n_experts
         noisy = self.noisy and train
         eps = None
@@ -376,7 +398,7 @@ class TopKGate:
         w_gate, w_noise = self._weights(self.params)
         index, gates, sums = self.rows.forward(
             x, w_gate, w_noise, np.array([0, B]), eps, noise_scale=self.noise_scale,
-            softmax_clean=switch, logsumexp=self.w_z > 0,
+            softmax_clean=switch, logsumexp=self.w_z > 0, allowed=allowed,
         )  # [B, k], [B, k], sums over the batch
         importance = sums_as(sums.importance[0], self.dtype)  # [E]
         counts = sums.counts[0].astype(self.dtype)  # [E]

@@ -122,6 +122,13 @@ def make_skill_tasks(n_tasks: int, n_per_task: int, seed: int, target_noise: flo
     return out
 
 
+def skill_task(t: int, n_per_task: int, seed: int) -> TaskData:
+    """Task skill_<t> alone, the same as make_skill_tasks(n > t, ...)[t] (a held-out skill task
+    when t is beyond the tasks a model trained on)."""
+    check_int("t", t, 0)
+    return make_skill_tasks(t + 1, n_per_task, seed)[t]
+
+
 def skill_relatedness(n_tasks: int, seed: int) -> Callable[[str, str], bool]:
     """related(a, b): both are skill tasks of this bank and read at least one common skill."""
     bank = make_bank(n_tasks, seed)

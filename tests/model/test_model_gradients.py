@@ -59,7 +59,7 @@ def test_absent_task_gets_zero_grads_and_unknown_task_errors():
         model.forward([Chunk("a", rng.normal(size=(2, 5)))])
 
 
-def test_add_task_with_grown_experts_keeps_old_function():
+def test_add_task_with_grown_experts_keeps_old_function(gate_backend):
     model, rng = _model("example+task", layers=1, gate="softmax_topk")
     x = rng.normal(size=(6, 3))
     before = model.forward([Chunk("a", x)], train=False).outputs[0]
@@ -68,9 +68,12 @@ def test_add_task_with_grown_experts_keeps_old_function():
     assert model.params["block0.moe.experts.w1"].shape[0] == 7
     enc = model.params["enc.3.w"]
     np.testing.assert_array_equal(enc[model.space_row["task:c"]], enc[model.space_row["task:a"]])
-    # new gate columns start like a fresh gate; old outputs only change if new experts win a slot
+    # grown experts belong to "c": task a never routes to them, so its outputs keep their bits
+    layer, e = model.layers[0], model.task_emb.params["e"][0]  # c started from a's embedding
+    w = layer.gate.params["w_gate"]
+    w[:, 5:] = 0
+    w[w.shape[0] - layer.d_gate_extra :, 5:] = (50 * e / (e @ e))[:, None]  # logit 50 for a's (and c's) rows
     out = model.forward([Chunk("a", x), Chunk("c", x)], train=False)
     assert out.outputs[1].shape == (6, 1)
-    routed_new = (out.routings[0].expert_index >= 5).any()
-    if not routed_new:
-        np.testing.assert_allclose(out.outputs[0], before, rtol=1e-12)
+    assert not (out.routings[0].expert_index[:6] >= 5).any() and (out.routings[0].expert_index[6:] >= 5).all()
+    np.testing.assert_array_equal(out.outputs[0], before)

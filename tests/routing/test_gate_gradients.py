@@ -47,10 +47,10 @@ def test_noise_scale_gradients_match_finite_differences(k, scale, gate_backend):
     _check_gradients(gate, x, up)
 
 
-def _check_gradients(gate, x, up):
+def _check_gradients(gate, x, up, allowed=None):
 
     def loss():
-        out = gate.forward(x, train=True, rng=np.random.default_rng(3))
+        out = gate.forward(x, train=True, rng=np.random.default_rng(3), allowed=allowed)
         return float(np.sum(out.gates * up) + out.aux_loss)
 
     loss()
@@ -87,3 +87,56 @@ def test_k1_gate_value_has_a_gradient(gate_backend):
         assert np.all(out.gates < 1.0) and np.all(out.gates > 0.0)
         gate.backward(np.ones_like(out.gates))
         assert np.abs(gate.grads["w_gate"]).max() > 1e-3
+
+
+MASK_CASES = [("noisy_topk", 2), ("noisy_topk", 1), ("softmax_topk", 2), ("top1", 1)]
+
+
+def _mask(seed=5, B=11, E=6):
+    """Two experts closed to each row (a different pair per row), k+1 <= 4 left open."""
+    rng = np.random.default_rng(seed)
+    allowed = np.ones((B, E), dtype=bool)
+    for r in range(B):
+        allowed[r, rng.choice(E, size=2, replace=False)] = False
+    return allowed
+
+
+@pytest.mark.parametrize("name,k", MASK_CASES)
+def test_masked_experts_are_never_chosen_and_take_no_gradient(name, k, gate_backend):
+    gate, x, up = _gate(name, k, (0.4, 0.3, 0.2))
+    allowed = _mask()
+    out = gate.forward(x, train=True, rng=np.random.default_rng(3), allowed=allowed)
+    assert np.take_along_axis(allowed, out.expert_index, axis=1).all()
+    _check_gradients(gate, x, up, allowed)
+    allowed[:, 0] = False  # a column no row may use: exactly zero gradient
+    gate.forward(x, train=True, rng=np.random.default_rng(3), allowed=allowed)
+    gate.backward(up.copy())
+    assert not gate.grads["w_gate"][:, 0].any()
+
+
+@pytest.mark.parametrize("name,k", MASK_CASES)
+def test_a_mask_routes_as_a_gate_over_the_open_experts_alone(name, k, gate_backend):
+    """Every row closed to the same experts: the same choices and gate values as a gate that
+    only has the open experts' columns (no noise, so both see the same logits)."""
+    gate, x, _ = _gate(name, k, (0.0, 0.0, 0.0))
+    open_ = np.array([0, 2, 3, 5])
+    allowed = np.zeros((x.shape[0], 6), dtype=bool)
+    allowed[:, open_] = True
+    small = make_gate(name, 5, 4, k, rng=np.random.default_rng(0), dtype=np.float64)
+    for n, p in gate.params.items():
+        small.params[n][...] = p[:, open_]
+    a = gate.forward(x, train=False, rng=None, allowed=allowed)
+    b = small.forward(x, train=False, rng=None)
+    np.testing.assert_array_equal(a.expert_index, open_[b.expert_index])
+    np.testing.assert_allclose(a.gates, b.gates, rtol=1e-12)
+
+
+def test_the_kernels_mask_with_the_gates_constant():
+    from moe import bindings
+    from moe.routing.gates import MASKED_LOGIT
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("the compiled kernels are not built")
+    from moe.bindings import _gates
+
+    assert _gates.MASKED_LOGIT == MASKED_LOGIT
