@@ -119,10 +119,10 @@ def cmd_train(args) -> int:
             say(args, f"stopped at step {result.step} of {config.train.steps}; checkpoint {result.checkpoint}")
             emit_json(args, {"step": result.step, "checkpoint": str(result.checkpoint)})
             return 0
-        return _report_training(args, config, data, result, trainer.model)
+        return _report_training(args, config, data, result, trainer.model, None)
     if not config.shards.enabled:
         return _train_and_report(args, config, data, source, out, None, None)
-    from moe.sharding.cli import open_expert_groups
+    from moe.sharding.coordinator import open_expert_groups
 
     with contextlib.ExitStack() as stack:
         groups, on_failure = stack.enter_context(open_expert_groups(config, out, echo=lambda m: say(args, m)))
@@ -139,11 +139,12 @@ def _train_and_report(args, config, data, source, out, groups, on_failure) -> in
         say(args, f"stopped at step {result.step} of {config.train.steps}; checkpoint {result.checkpoint}")
         emit_json(args, {"step": result.step, "checkpoint": str(result.checkpoint)})
         return 0
-    return _report_training(args, config, data, result, trainer.model)
+    return _report_training(args, config, data, result, trainer.model, trainer.recovering)
 
 
-def _report_training(args, config, data, result, model) -> int:
-    """Baselines, profile, the table and the JSON summary after a finished run."""
+def _report_training(args, config, data, result, model, recovering) -> int:
+    """Baselines, profile, the table and the JSON summary after a finished run. `recovering`
+    (Trainer.recovering, for experts on shards) repairs and repeats the profile after a failure."""
     from moe.baseline import train_baseline
     from moe.profile_model import balance_summary, collect_profile, write_profile
 
@@ -153,7 +154,10 @@ def _report_training(args, config, data, result, model) -> int:
         say(args, "training the per-task dense baselines on the same budget ...")
         for d in data:
             baselines[d.name] = train_baseline(config, d, result.seen[d.name])[d.spec.metric]
-    profile = collect_profile(model, data, split="train", batch_size=config.train.batch_size)
+    def route():
+        return collect_profile(model, data, split="train", batch_size=config.train.batch_size)
+
+    profile = route() if recovering is None else recovering(route, "profile")
     files = write_profile(profile, out / "profile")
     balance = balance_summary(profile)
     rows = [(d.name, d.spec.metric, result.test[d.name][d.spec.metric], baselines[d.name]) for d in data]
@@ -369,13 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_USER_ERROR = 2  # a mistake in what was asked (also: shards that cannot be started or reached)
+EXIT_GAVE_UP = 3  # experts failed more than shards.max_failures times within shards.failure_window_s
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moe.train import TooManyFailures
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"moe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except TooManyFailures as e:
+        print(f"moe {args.command}: gave up: {e}", file=sys.stderr)
+        return EXIT_GAVE_UP
     except KeyboardInterrupt:
         print(f"moe {args.command}: interrupted", file=sys.stderr)
         return 130

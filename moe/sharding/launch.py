@@ -1,9 +1,11 @@
 """Start N local shard processes, wait until each is ready, restart one, and always clean up.
 
-Each shard is `python -m moe.sharding.server ... --parent <our pid>`: it asks the kernel for
-SIGKILL when we die (prctl PR_SET_PDEATHSIG) and also polls its parent id, so a coordinator
-killed with -9 leaves no orphans. `stop()` (also on exceptions and Ctrl-C, via the context
-manager and an atexit hook) sends SIGTERM, then SIGKILL to whatever is still running.
+Each shard is `python -m moe.sharding.serve ... --parent <our pid> --secret-file -`: the run
+secret arrives on its standard input (never on a command line, where `ps` would show it), it
+asks the kernel for SIGTERM when we die (prctl PR_SET_PDEATHSIG) and also polls its parent
+id, so a coordinator killed with -9 leaves no orphans. A shard killed before it was ready is
+started again (START_ATTEMPTS in all). `stop()` (also on exceptions and Ctrl-C, via the
+context manager and an atexit hook) sends SIGTERM, then SIGKILL to whatever is still running.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import moe
-from moe.sharding.server import format_experts
+from moe.sharding.serve import format_experts
 
 READY_TIMEOUT_S = 60.0
+START_ATTEMPTS = 3  # a shard killed by a signal before READY is started again, this often in all
 
 
 class LaunchError(RuntimeError):
@@ -43,6 +46,7 @@ class LocalShards:
         d_hidden: int,
         activation: str = "relu",
         run: str,
+        secret: bytes,
         transport: str = "ipc",
         log_dir: str | Path | None = None,
         root: str | Path | None = None,
@@ -62,7 +66,8 @@ class LocalShards:
         self.n = len(self.expert_lists)
         self.common = ["--layers", str(n_layers), "--d-model", str(d_model), "--d-hidden", str(d_hidden),
                        "--activation", activation, "--run", run, "--heartbeat", repr(float(heartbeat_s)),
-                       "--parent", str(os.getpid())]
+                       "--parent", str(os.getpid()), "--secret-file", "-"]
+        self.secret = secret
         if idle_exit_s is not None:
             self.common += ["--idle-exit", repr(float(idle_exit_s))]
         if root is not None:
@@ -109,14 +114,30 @@ class LocalShards:
         for i in range(self.n):
             self._spawn(i, gen=0)
         for i in range(self.n):
-            self._wait_ready(i)
+            self._ready_or_retry(i, gen=0)
         return list(self.endpoints)
 
     def restart(self, i: int, gen: int) -> None:
         """Kill shard i if it still runs (dead or stalled), start it again on the same endpoint."""
         self._kill(i)
         self._spawn(i, gen=gen)
-        self._wait_ready(i)
+        self._ready_or_retry(i, gen=gen)
+
+    def _ready_or_retry(self, i: int, gen: int) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._wait_ready(i)
+                return
+            except LaunchError:
+                try:  # it printed no READY line: it exited (reap it), or it hangs (kill it)
+                    rc = self.procs[i].wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._kill(i)
+                    raise
+                if attempt == START_ATTEMPTS or rc >= 0:
+                    raise  # it exited by itself (a configuration it refuses): starting again will not help
+                self.echo(f"shard {i} was killed before it was ready (signal {-rc}); starting it again")
+                self._spawn(i, gen=gen, attempt=attempt)
 
     def alive(self, i: int) -> str | None:
         """None while shard i runs, else why not (for ShardLinks' liveness check)."""
@@ -159,20 +180,29 @@ class LocalShards:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ one process
-    def _spawn(self, i: int, gen: int) -> None:
-        args = [sys.executable, "-m", "moe.sharding.server", "--bind", self.endpoints[i],
+    def _spawn(self, i: int, gen: int, attempt: int = 0) -> None:
+        old = self.procs[i]
+        if old is not None and old.stdout is not None:
+            old.stdout.close()
+        args = [sys.executable, "-m", "moe.sharding.serve", "--bind", self.endpoints[i],
                 "--experts", format_experts(self.expert_lists[i]), "--index", str(i), "--gen", str(gen),
-                *self.common]
+                "--attempt", str(attempt), *self.common]
         if self.cpus[i] is not None:
             args += ["--cpus", ",".join(map(str, self.cpus[i]))]
         if self.extra_args is not None:
             args += self.extra_args(i)
         log = open(self.log_path(i), "ab")
         try:
-            self.procs[i] = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                             env=self.env, close_fds=True)
+            p = self.procs[i] = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                                 env=self.env, close_fds=True)
         finally:
             log.close()
+        try:
+            p.stdin.write(self.secret.hex().encode() + b"\n")
+            p.stdin.close()
+        except OSError:  # it died at once; _wait_ready says so
+            pass
+        p.stdin = None
         self.gens[i] = gen
 
     def _wait_ready(self, i: int, timeout: float = READY_TIMEOUT_S) -> None:
@@ -211,11 +241,13 @@ class LocalShards:
             pass
 
     def _tail(self, i: int) -> str:
+        """'; its log FILE ends: LAST LINE' (one line, for one-line errors)."""
         try:
-            text = self.log_path(i).read_text(errors="replace")[-2000:]
+            lines = self.log_path(i).read_text(errors="replace").strip().splitlines()
         except OSError:
-            return ""
-        return f"; log {self.log_path(i)}:\n{text}" if text else ""
+            lines = []
+        last = f" ends: {lines[-1][-300:]}" if lines else ""
+        return f"; its log {self.log_path(i)}{last}"
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:

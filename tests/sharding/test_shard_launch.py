@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from shardkit import pid_alive, wait_until
 
+from moe.sharding import session
 from moe.sharding.launch import LaunchError, LocalShards
 
 pytestmark = pytest.mark.distributed
+
+SECRET = session.new_secret()
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
 COORDINATOR = """
 import json, sys, time
 from moe.config import Config, ModelConfig, ShardConfig
-from moe.sharding.cli import open_expert_groups
+from moe.sharding.coordinator import open_expert_groups
 config = Config(model=ModelConfig(d_model=8, n_experts=4, d_hidden=8, k=2),
                 shards=ShardConfig(local=2, heartbeat_s=0.5))
 try:
@@ -33,21 +37,11 @@ except KeyboardInterrupt:
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead
-    except OSError:
-        return False
+_alive = pid_alive
 
 
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if not any(_alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
+def _wait_gone(pids: list[int], timeout_s: float = 60.0) -> bool:
+    return wait_until(lambda: not any(_alive(p) for p in pids), timeout_s)
 
 
 def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], list[str]]:
@@ -64,16 +58,18 @@ def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], lis
 @pytest.mark.timeout(90)
 def test_no_orphans_when_the_coordinator_is_killed_with_sigkill(tmp_path):
     p, pids, endpoints = _start_coordinator(tmp_path)
+    folder = Path(endpoints[0][len("ipc://"):]).parent
     try:
         p.kill()  # SIGKILL: no cleanup code runs in the coordinator
         p.wait(timeout=10)
         assert _wait_gone(pids), [q for q in pids if _alive(q)]
-        folder = Path(endpoints[0][len("ipc://"):]).parent
-        assert folder.name.startswith("moe-shards-") and not folder.exists()  # the shards tidied up
+        assert folder.name.startswith("moe-shards-")
+        assert not folder.exists(), sorted(os.listdir(folder))  # the exiting shards tidied up
     finally:
         for q in pids:
             if _alive(q):
                 os.kill(q, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)  # never leak it, even when the test fails
 
 
 @pytest.mark.timeout(90)
@@ -81,8 +77,12 @@ def test_no_orphans_after_ctrl_c(tmp_path):
     p, pids, _ = _start_coordinator(tmp_path)
     try:
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=20) == 130
-        assert _wait_gone(pids, timeout_s=2.0)  # stopped by the coordinator itself, not by a watchdog
+        assert p.wait(timeout=60) == 130
+        # The coordinator waits for its shards before it exits: they are gone now, and they
+        # stopped on its SIGTERM (not on a watchdog such as the parent-death signal or a kill).
+        assert not any(_alive(q) for q in pids)
+        logs = [(tmp_path / "run" / "shards" / f"shard-{i}.log").read_text() for i in range(2)]
+        assert all("stopped on SIGTERM (parent alive)" in text for text in logs), logs
     finally:
         p.kill()
         for q in pids:
@@ -92,7 +92,7 @@ def test_no_orphans_after_ctrl_c(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_shard_that_cannot_start_is_reported_and_nothing_is_left(tmp_path):
-    shards = LocalShards([[0], [1]], n_layers=1, d_model=4, d_hidden=4, run="r", log_dir=tmp_path,
+    shards = LocalShards([[0], [1]], n_layers=1, d_model=4, d_hidden=4, run="r", secret=SECRET, log_dir=tmp_path,
                          extra_args=lambda i: ["--bind", "tcp://0.0.0.0:59998"] if i == 1 else [])
     with pytest.raises(LaunchError, match="refusing to bind") as info:
         with shards:
@@ -103,10 +103,10 @@ def test_a_shard_that_cannot_start_is_reported_and_nothing_is_left(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_restart_keeps_the_endpoint_and_starts_the_new_generation(tmp_path):
-    with LocalShards([[0, 1]], n_layers=1, d_model=4, d_hidden=4, run="r", transport="tcp") as shards:
+    with LocalShards([[0, 1]], n_layers=1, d_model=4, d_hidden=4, run="r", secret=SECRET, transport="tcp") as shards:
         before, old_pid = shards.endpoints[0], shards.pids()[0]
         os.kill(old_pid, signal.SIGKILL)
-        time.sleep(0.1)
+        shards.procs[0].wait(timeout=30)  # reaped: the event alive() reports
         assert "killed by signal 9" in shards.alive(0)
         shards.restart(0, gen=3)
         assert shards.endpoints[0] == before and shards.pids()[0] != old_pid

@@ -18,7 +18,7 @@ import moe.api
 from moe import checkpoint as ckpt
 from moe.config import Config, ModelConfig, ShardConfig, TrainConfig
 from moe.experts import state
-from moe.sharding.cli import open_expert_groups
+from moe.sharding.coordinator import open_expert_groups
 from moe.tasks.family import make_family
 from moe.train import Trainer
 
