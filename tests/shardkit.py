@@ -10,10 +10,16 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
+import numpy as np
 import zmq
 
+import moe.api
+from moe import checkpoint as ckpt
+from moe.config import Config, ModelConfig, ShardConfig, TrainConfig
+from moe.experts import state
 from moe.sharding import wire
 
 SPEC_VERSION = 2
@@ -114,3 +120,46 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise ValueError(f"process {pid} has no VmRSS")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _expert_rows(where: Path, n_layers: int, n_experts: int) -> list[dict[str, np.ndarray]]:
+    manifest = ckpt.read_manifest(where)
+    return [state.read_rows(where, manifest["files"], layer, np.arange(n_experts)) for layer in range(n_layers)]
+
+
+def assert_same_checkpoint(got: Path, want: Path) -> None:
+    a, b = moe.api.load(got), moe.api.load(want)
+    assert sorted(a.params) == sorted(b.params)
+    for name in a.params:  # dense params and (loaded in-process) expert params
+        assert a.params[name].dtype == np.float32
+        assert np.array_equal(a.params[name], b.params[name]), name
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for n in state.PARAM_NAMES:
+            assert np.array_equal(la.experts.params[n], lb.experts.params[n]), n
+    rows_a = _expert_rows(got, len(a.layers), a.layers[0].n_experts)
+    rows_b = _expert_rows(want, len(b.layers), b.layers[0].n_experts)
+    for ra, rb in zip(rows_a, rows_b, strict=True):  # Adam moments and step counts too
+        for k in rb:
+            assert ra[k].dtype == rb[k].dtype and np.array_equal(ra[k], rb[k]), k
+    _, fa, _ = ckpt.load_checkpoint(got)
+    _, fb, _ = ckpt.load_checkpoint(want)
+    for k in fb["optim"]:  # dense Adam state and data cursor arrays
+        assert np.array_equal(fa["optim"][k], fb["optim"][k]), k
+
+
+# ----------------------------------------------------------------------------- small sharded runs
+
+STEPS = 30
+
+
+def shard_config(local: int = 0, n_layers: int = 2, **shards) -> Config:
+    """The small run of the sharded-training tests (evaluations every 5 steps, checkpoints every 10)."""
+    return Config(
+        model=ModelConfig(d_model=16, n_experts=6, d_hidden=16, k=2, n_layers=n_layers),
+        train=TrainConfig(steps=STEPS, batch_size=64, checkpoint_every=10, eval_every=5, warmup=5,
+                          progress=False, keep_last=10),
+        shards=ShardConfig(local=local, deadline_s=3.0, heartbeat_s=0.5, **shards),
+    )

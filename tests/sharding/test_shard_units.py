@@ -11,10 +11,10 @@ import zmq
 
 from moe.experts.local import LocalExperts
 from moe.sharding import security, wire
-from moe.sharding.remote import contiguous_placement
-from moe.sharding.security import SecurityError
 from moe.sharding.host import ExpertHost, HostError
+from moe.sharding.remote import contiguous_placement
 from moe.sharding.replay import ReplayCache
+from moe.sharding.security import SecurityError
 from moe.sharding.serve import format_experts, parse_experts, parse_fault
 from moe.sharding.wire import Header, WireError
 
