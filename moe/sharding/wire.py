@@ -731,8 +731,9 @@ def _unpack_header(view: memoryview, limits: Limits) -> Any:
     except msgpack.OutOfData:
         raise WireError(f"header frame is truncated ({view.nbytes} bytes)") from None
     except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as e:
+        code = "too_large" if "exceeds max_" in str(e) else "bad_request"  # a bounded length, crossed
         raise WireError(
-            f"header frame is not valid msgpack within limits: {type(e).__name__}: {e}"
+            f"header frame is not valid msgpack within limits: {type(e).__name__}: {e}", code=code
         ) from None
     if unpacker.tell() != view.nbytes:
         raise WireError(
