@@ -32,6 +32,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from moe.processes import pid_alive
+
 FORMAT = "moe.checkpoint/2"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -79,15 +81,6 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return sha256_bytes(text.encode())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def remove_stale(root: str | Path) -> list[Path]:
     """Remove the `.step-*.tmp-PID` folders of writers that are gone (or of this process,
@@ -98,7 +91,7 @@ def remove_stale(root: str | Path) -> list[Path]:
     gone = []
     for p in root.iterdir():
         m = _TMP_DIR.match(p.name)
-        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p)
     return gone

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import moe
+from moe.processes import pid_alive
 from moe.sharding.serve import format_experts
 
 READY_TIMEOUT_S = 60.0
@@ -76,7 +77,9 @@ class LocalShards:
             self.common += ["--curve-dir", str(curve_dir)]
         self.transport, self.extra_args, self.echo = transport, extra_args, echo
         self.cpus = list(cpus) if cpus is not None else [None] * self.n
-        self.tmp = Path(tempfile.mkdtemp(prefix="moe-shards-"))  # short path: ipc names max ~100 bytes
+        remove_stale_launch_folders()
+        # short path (ipc names max ~100 bytes); the pid lets a later launcher tidy up after a -9
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"moe-shards-{os.getpid()}-"))
         self.log_dir = Path(log_dir) if log_dir is not None else self.tmp
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
@@ -94,6 +97,7 @@ class LocalShards:
             f"ipc://{self.tmp}/s{i}.ipc" if transport == "ipc" else "tcp://127.0.0.1:*" for i in range(self.n)
         ]
         self.gens = [0] * self.n
+        self.log_start = [0] * self.n
         self._closed = False
         atexit.register(self.stop)
 
@@ -192,6 +196,7 @@ class LocalShards:
         if self.extra_args is not None:
             args += self.extra_args(i)
         log = open(self.log_path(i), "ab")
+        self.log_start[i] = log.tell()  # this process's lines start here (for one-line errors)
         try:
             p = self.procs[i] = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                                  env=self.env, close_fds=True)
@@ -217,7 +222,11 @@ class LocalShards:
                 if left <= 0 or not sel.select(timeout=left):
                     raise LaunchError(f"shard {i} was not ready within {timeout:g} s{self._tail(i)}")
                 chunk = os.read(p.stdout.fileno(), 4096)
-                if not chunk:
+                if not chunk:  # its stdout closed: it is exiting; reap it to say how it ended
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
                     raise LaunchError(f"shard {i} exited before it was ready ({self.alive(i)}){self._tail(i)}")
                 line += chunk
         finally:
@@ -243,11 +252,26 @@ class LocalShards:
     def _tail(self, i: int) -> str:
         """'; its log FILE ends: LAST LINE' (one line, for one-line errors)."""
         try:
-            lines = self.log_path(i).read_text(errors="replace").strip().splitlines()
+            with open(self.log_path(i), "rb") as f:
+                f.seek(self.log_start[i])
+                lines = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
             lines = []
         last = f" ends: {lines[-1][-300:]}" if lines else ""
         return f"; its log {self.log_path(i)}{last}"
+
+
+def remove_stale_launch_folders() -> list[Path]:
+    """Remove `moe-shards-PID-*` folders whose launcher is gone (killed with -9 before any of its
+    shards could tidy up, e.g. while they were starting). Returns what was removed."""
+    gone = []
+    for p in Path(tempfile.gettempdir()).glob("moe-shards-*-*"):
+        pid = p.name.split("-")[2]
+        if pid.isdigit() and p.is_dir() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:

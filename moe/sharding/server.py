@@ -510,8 +510,9 @@ def _str_list(meta: Any, key: str) -> tuple:
 # ----------------------------------------------------------------------------- process entry
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Linux: get SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG); the poll is the fallback."""
+def die_with_parent(parent_pid: int) -> bool:
+    """Linux: get SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG); the poll is the fallback.
+    Returns False when the parent is already gone (it died before prctl took effect)."""
     try:
         import ctypes
 
@@ -519,8 +520,7 @@ def die_with_parent(parent_pid: int) -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: SIGTERM, so we still clean up
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
+    return os.getppid() == parent_pid
 
 
 def return_freed_memory() -> None:
@@ -539,7 +539,9 @@ def return_freed_memory() -> None:
 def run_server(options: ServerOptions, *, ready=print) -> int:
     """Build, announce (a 'READY <endpoint>' line) and serve; SIGTERM stops it cleanly."""
     if options.parent_pid is not None:
-        die_with_parent(options.parent_pid)
+        if not die_with_parent(options.parent_pid):
+            remove_launch_folder(options.bind, orphaned=True)
+            return 0
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which stops us
     if any(op == "start" and step == options.attempt and gen in (None, options.gen)
            for op, step, gen in options.faults):

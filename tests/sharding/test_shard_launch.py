@@ -112,3 +112,43 @@ def test_restart_keeps_the_endpoint_and_starts_the_new_generation(tmp_path):
         assert shards.endpoints[0] == before and shards.pids()[0] != old_pid
         assert shards.alive(0) is None and shards.gens[0] == 3
     assert not _alive(shards.pids()[0])
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_folder_of_a_dead_launcher_is_removed_by_the_next_launch():
+    import tempfile
+
+    stale = Path(tempfile.mkdtemp(prefix=f"moe-shards-{_dead_pid()}-"))  # a launcher killed with -9
+    (stale / "s0.ipc").write_bytes(b"")
+    mine = Path(tempfile.mkdtemp(prefix=f"moe-shards-{os.getpid()}-"))  # a live launcher's: kept
+    try:
+        shards = LocalShards([[0]], n_layers=1, d_model=4, d_hidden=4, run="r", secret=SECRET)
+        shards.stop()
+        assert not stale.exists() and mine.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_whose_launcher_died_before_it_started_removes_the_launch_folder():
+    """The coordinator was killed while this shard was starting: it exits at once and tidies up."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"moe-shards-{_dead_pid()}-"))
+    try:
+        cmd = [sys.executable, "-m", "moe.sharding.serve", "--bind", f"ipc://{folder}/s0.ipc", "--experts", "0",
+               "--layers", "1", "--d-model", "4", "--d-hidden", "4", "--run", "r", "--secret-file", "-",
+               "--parent", str(_dead_pid())]
+        done = subprocess.run(cmd, input=SECRET.hex() + "\n", capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+        assert done.returncode == 0 and "READY" not in done.stdout, done.stderr
+        assert not folder.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

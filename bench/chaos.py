@@ -1,0 +1,585 @@
+"""Chaos campaign against `moe train --shards 2` and `moe shard serve` (figures: docs/RELIABILITY.md).
+
+    python bench/chaos.py kills --runs 100        kill -9 a shard at uniformly random times
+    python bench/chaos.py coordinator --runs 20   kill -9 the coordinator, then `moe train --resume`
+    python bench/chaos.py sigstop --runs 10       SIGSTOP a shard: how long until the run notices
+    python bench/chaos.py giveup --runs 3         a shard killed again and again: one line, exit 3
+    python bench/chaos.py fuzz --frames 1000000   fuzzed frames at a live shard: up, RSS growth
+    python bench/chaos.py hijack                  a second local client against a live run
+    python bench/chaos.py quick                   a handful of each (the CI form is tests/sharding/test_chaos.py)
+
+Every run of a campaign is a real `moe train` process (a small model on the generated task
+family: 2 tasks, 30 steps, E = 6, 2 MoE blocks, evaluations every 5 steps, checkpoints every
+10, the final test evaluation and load profile), compared bit for bit with one uninterrupted
+run: every dense parameter, optimizer state, data-order array and every expert row (weights,
+Adam moments, step counts, by global id) of the final checkpoint, and the profile JSON. The
+coordinator runs with the `moe.train` log at DEBUG and every stderr line timestamped, so each
+kill is placed in the phase the trainer was in (the last `phase ...` record before it).
+Results are appended as JSON lines to --out (default bench/chaos-results.jsonl) and summed up.
+Run the long campaigns under the shared CPU lock: `flock -s /tmp/moe-cpu.lock python bench/chaos.py ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from moe import checkpoint as ckpt  # noqa: E402
+from moe.experts import state  # noqa: E402
+
+STEPS = 30
+OVERRIDES = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "model.n_layers=2", "model.k=2",
+             f"train.steps={STEPS}", "train.batch_size=64", "train.checkpoint_every=10", "train.eval_every=5",
+             "train.warmup=5", "train.keep_last=10", "train.baseline=false", "data.n_family=2",
+             "data.family_size=200", "data.builtin=false"]
+# The coordinator: `moe train` itself (moe.cli.main), with its trainer's phases logged and
+# every stderr line stamped with the wall clock, so a kill can be placed in its phase.
+HARNESS = r"""
+import logging, sys, time
+class Stamped:
+    def __init__(self, out): self.out, self.buf = out, ""
+    def write(self, s):
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.out.write(f"{time.time():.6f} {line}\n"); self.out.flush()
+        return len(s)
+    def flush(self): self.out.flush()
+sys.stderr = Stamped(sys.stderr)
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+logging.getLogger("moe.train").setLevel(logging.DEBUG)
+from moe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+PHASE = re.compile(r"^(\d+\.\d+) moe\.train phase (.+) at step (\d+)$")
+FAILED = re.compile(r"^(\d+\.\d+) (.+) failed: (.*); rolling back to (.+)$")
+
+
+# ----------------------------------------------------------------------------- running moe train
+
+
+def task_file(folder: Path) -> Path:
+    """The generated family as a task file (so every run reads the same CSVs)."""
+    from moe.tasks.family import make_family
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for d in make_family(2, 200, seed=0):
+        x = np.concatenate([d.x_train, d.x_val, d.x_test])
+        y = np.concatenate([d.y_train, d.y_val, d.y_test]).reshape(len(x))
+        cols = [f"f{i}" for i in range(x.shape[1])]
+        rows = "\n".join(",".join(f"{v:.9g}" for v in r) + f",{int(t)}" for r, t in zip(x, y, strict=True))
+        (folder / f"{d.name}.csv").write_text(",".join(cols) + ",y\n" + rows + "\n")
+        lines.append(f'[[task]]\nname = "{d.name}"\npath = "{d.name}.csv"\ntarget = "y"\nkind = "{d.spec.kind}"\n')
+    (folder / "tasks.toml").write_text("\n".join(lines))
+    return folder / "tasks.toml"
+
+
+class Run:
+    """One `moe train` process; its stderr is read by a thread into timestamped lines."""
+
+    def __init__(self, out: Path, tasks: Path, *, shards: int = 2, resume: bool = False, extra=()) -> None:
+        args = ["train", "--out", str(out), "--no-progress", "--json", *OVERRIDES, f"data.task_file={tasks}",
+                *extra]
+        if shards:
+            args[1:1] = ["--shards", str(shards)]
+        if resume:
+            args.insert(1, "--resume")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        self.started = time.time()
+        self.p = subprocess.Popen([sys.executable, "-c", HARNESS, *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.p.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait(self, timeout: float = 900) -> int:
+        rc = self.p.wait(timeout=timeout)
+        self.reader.join(timeout=30)
+        self.stdout = self.p.stdout.read()
+        return rc
+
+    def shard_pids(self) -> list[int]:
+        return children(self.p.pid)
+
+    def phase_at(self, t: float) -> tuple[str, int | None]:
+        phase, step = "launch", None  # before the trainer's first phase: shards starting, READY
+        for line in list(self.lines):
+            m = PHASE.match(line)
+            if m and float(m.group(1)) <= t:
+                phase, step = m.group(2), int(m.group(3))
+        return phase, step
+
+    def failures(self) -> list[tuple[float, str]]:
+        return [(float(m.group(1)), m.group(2)) for m in map(FAILED.match, self.lines) if m]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return sorted(out)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def leftover_launch_folders() -> set[str]:
+    tmp = Path(tempfile.gettempdir())
+    return {p.name for p in tmp.glob("moe-shards-*")}
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+def final_state(out: Path) -> dict[str, np.ndarray]:
+    where = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    manifest, files, _ = ckpt.load_checkpoint(where)
+    flat = {f"{k}/{n}": v for k, t in files.items() for n, v in t.items()}
+    layers = {e["layer"] for e in manifest["files"].values() if e.get("kind") == "experts"}
+    E = manifest["config"]["model"]["n_experts"]
+    for layer in sorted(layers):
+        for n, v in state.read_rows(where, manifest["files"], layer, np.arange(E)).items():
+            flat[f"experts-l{layer}/{n}"] = v
+    flat["step"] = np.array(manifest["step"])
+    flat["profile"] = np.frombuffer(json.dumps(json.loads((out / "profile" / "profile.json").read_text()),
+                                               sort_keys=True).encode(), dtype=np.uint8)
+    return flat
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
+    """The names whose bits differ (empty: identical)."""
+    diff = sorted(set(a) ^ set(b))
+    diff += [k for k in sorted(set(a) & set(b)) if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
+    return diff
+
+
+class Campaign:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="moe-chaos-"))
+        self.tasks = task_file(self.work / "tasks")
+        self.results = Path(args.out)
+        self.rows: list[dict] = []
+        self._reference: tuple[dict, float] | None = None
+
+    def reference(self) -> tuple[dict, float]:
+        """The uninterrupted sharded run: its final state and wall time."""
+        if self._reference is None:
+            out = self.work / "reference"
+            run = Run(out, self.tasks)
+            rc = run.wait()
+            duration = time.time() - run.started
+            if rc != 0:
+                raise SystemExit("the uninterrupted reference run failed:\n" + "\n".join(run.lines[-20:]))
+            inproc = self.work / "reference-inproc"
+            rc = Run(inproc, self.tasks, shards=0).wait()
+            ref = final_state(out)
+            if rc != 0 or same(ref, final_state(inproc)):
+                raise SystemExit("the sharded reference run differs from the in-process one")
+            self._reference = (ref, duration)
+        return self._reference
+
+    def record(self, kind: str, row: dict) -> None:
+        row = {"kind": kind, "time": time.time(), "load": os.getloadavg()[0], **row}
+        with open(self.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def out(self, name: str) -> Path:
+        out = self.work / name
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+
+
+# ----------------------------------------------------------------------------- campaigns
+
+
+def kill_shards(c: Campaign, runs: int, rng: random.Random) -> None:
+    """kill -9 of a shard at a uniformly random time in [0, the uninterrupted run's duration];
+    one run in four gets a second kill within 3 s of the first (to land in the recovery)."""
+    ref, duration = c.reference()
+    for i in range(runs):
+        out = c.out(f"kill-{i}")
+        run = Run(out, c.tasks)
+        when = [rng.uniform(0, duration)]
+        if rng.random() < 0.25:
+            when.append(when[0] + rng.uniform(0.05, 3.0))
+        kills = []
+        for t in when:
+            while time.time() < run.started + t and run.p.poll() is None:
+                time.sleep(0.005)
+            pids = run.shard_pids()
+            while not pids and run.p.poll() is None:  # no shard yet: the first one, as soon as it exists
+                time.sleep(0.002)
+                pids = run.shard_pids()
+            if run.p.poll() is not None or not pids:
+                kills.append({"at_s": round(time.time() - run.started, 3), "phase": "after the run"})
+                continue
+            victim = rng.choice(pids)
+            at = time.time()
+            os.kill(victim, signal.SIGKILL)
+            phase, step = run.phase_at(at)
+            kills.append({"at_s": round(at - run.started, 3), "phase": phase, "step": step})
+        rc = run.wait()
+        diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
+        failures = run.failures()
+        c.record("kill", {"run": i, "kills": kills, "exit": rc, "identical": not diff, "differs": diff[:5],
+                          "failures": [f for _, f in failures], "seconds": round(time.time() - run.started, 1),
+                          "restarted_before_ready": sum("before it was ready" in line for line in run.lines)})
+
+
+def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
+    """kill -9 of the coordinator at a uniformly random time, then `moe train --resume` (or a fresh
+    start when no checkpoint was committed): the same bits, no orphans, no stale folders kept."""
+    ref, duration = c.reference()
+    for i in range(runs):
+        out = c.out(f"coord-{i}")
+        before = leftover_launch_folders()
+        run = Run(out, c.tasks)
+        t = rng.uniform(0, duration)
+        while time.time() < run.started + t and run.p.poll() is None:
+            time.sleep(0.005)
+        shards = run.shard_pids()
+        at = time.time()
+        phase, step = run.phase_at(at)
+        if run.p.poll() is not None:
+            phase, step = "after the run", None
+        else:
+            os.kill(run.p.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.time() + 60
+        while any(alive(p) for p in shards) and time.time() < deadline:
+            time.sleep(0.05)
+        orphans = [p for p in shards if alive(p)]
+        stale = [p.name for p in (out / "checkpoints").glob(".step-*.tmp-*")] if (out / "checkpoints").exists() else []
+        resumed = bool(ckpt.list_checkpoints(out / "checkpoints"))
+        again = Run(out, c.tasks, resume=resumed)
+        rc = again.wait()
+        left = [p.name for p in (out / "checkpoints").glob(".step-*.tmp-*")]
+        diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
+        c.record("coordinator", {"run": i, "at_s": round(at - run.started, 3), "phase": phase, "step": step,
+                                 "resumed": resumed, "exit": rc, "identical": not diff, "differs": diff[:5],
+                                 "orphans": orphans, "stale_tmp_after_kill": len(stale),
+                                 "stale_tmp_after_resume": len(left),
+                                 "launch_folders_left": sorted(leftover_launch_folders() - before)})
+
+
+def sigstop(c: Campaign, runs: int, rng: random.Random) -> None:
+    """SIGSTOP a shard during training (default deadline 5 s, heartbeat 1 s): the time from the
+    signal to the coordinator's failure line; the run must then complete, bit-identical."""
+    ref, duration = c.reference()
+    for i in range(runs):
+        run = Run(c.out(f"stop-{i}"), c.tasks)
+        while run.phase_at(time.time())[0] != "step" and run.p.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 1.0))
+        pids = run.shard_pids()
+        victim = rng.choice(pids)
+        at = time.time()
+        os.kill(victim, signal.SIGSTOP)
+        phase, step = run.phase_at(at)
+        rc = run.wait()
+        seen = [t for t, _ in run.failures() if t >= at]
+        diff = same(final_state(c.work / f"stop-{i}"), ref) if rc == 0 else ["(no result)"]
+        c.record("sigstop", {"run": i, "phase": phase, "step": step, "detected_after_s":
+                             round(seen[0] - at, 3) if seen else None, "exit": rc, "identical": not diff,
+                             "failure": run.failures()[0][1] if run.failures() else None})
+
+
+def give_up(c: Campaign, runs: int, rng: random.Random) -> None:
+    """A shard killed each time it comes back: after shards.max_failures (3) the run gives up
+    with one line and exit status 3."""
+    for i in range(runs):
+        run = Run(c.out(f"giveup-{i}"), c.tasks)
+        killed = set()
+        while run.p.poll() is None:
+            if run.phase_at(time.time())[0] in ("step", "rollback", "start", "checkpoint save"):
+                for pid in run.shard_pids()[-1:]:
+                    if pid not in killed:
+                        killed.add(pid)
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        rc = run.wait()
+        texts = [line.split(" ", 1)[1] for line in run.lines]
+        final = [t for t in texts if t.startswith("moe train:")][-1:]
+        c.record("giveup", {"run": i, "exit": rc, "kills": len(killed), "final_line": final[0] if final else None,
+                            "tracebacks": sum("Traceback" in t for t in texts),
+                            "seconds": round(time.time() - run.started, 1)})
+
+
+def _serve(secret_file: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "moe.sharding.serve", "--bind", "tcp://127.0.0.1:*", "--experts", "0-3",
+           "--layers", "1", "--d-model", "8", "--d-hidden", "8", "--run", "fuzz-run", "--secret-file",
+           str(secret_file), "--log-level", "ERROR"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = p.stdout.readline().split()
+    return p, line[1]
+
+
+def _rss(pid: int) -> int:
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def fuzz(c: Campaign, frames: int, rng: random.Random) -> None:
+    """Random bytes and mutations of valid messages, from an admitted link (they reach the
+    decoder and the server's logic), from a link past the transport but not admitted, and raw
+    TCP noise. The shard must stay up; RSS growth after the warm-up must stay under 10 MB."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from shardkit import admitted, dealer, header, transport_password
+
+    from moe.sharding import session, wire
+
+    secret = session.new_secret()
+    secret_file = session.write_secret(c.work / "fuzz.secret", secret)
+    p, endpoint = _serve(secret_file)
+    try:
+        link = admitted(endpoint, secret, "fuzz-run")
+        stranger = dealer(endpoint, transport_password(secret))
+        valid = _valid_messages()
+        sent = replies = 0
+        counts: dict[str, int] = {}
+
+        def drain(sock, want: int) -> int:
+            got = 0
+            while got < want and sock.poll(2000):
+                msg = sock.recv_multipart()
+                got += 1
+                try:
+                    h = wire.decode(msg).header
+                    key = h.op if h.op != "error" else h.meta["code"]
+                except Exception:  # noqa: BLE001
+                    key = "undecodable"
+                counts[key] = counts.get(key, 0) + 1
+            return got
+
+        def one(sock) -> int:
+            kind = rng.random()
+            if kind < 0.3:  # random bytes, 1-4 frames
+                msg = [rng.randbytes(rng.randrange(0, 300)) for _ in range(rng.randrange(1, 5))]
+            else:  # a valid message, mutated
+                msg = [bytearray(f) for f in rng.choice(valid)]
+                for _ in range(rng.randrange(1, 6)):
+                    f = rng.randrange(len(msg))
+                    how = rng.random()
+                    if how < 0.5 and msg[f]:
+                        msg[f][rng.randrange(len(msg[f]))] = rng.randrange(256)
+                    elif how < 0.7:
+                        msg[f] = msg[f][: rng.randrange(len(msg[f]) + 1)]
+                    elif how < 0.85:
+                        msg[f] += rng.randbytes(rng.randrange(1, 16))
+                    else:
+                        msg.append(bytearray(rng.randbytes(rng.randrange(0, 64))))
+                msg = [bytes(f) for f in msg]
+            sock.send_multipart(msg)
+            return len(msg)
+
+        warm = 20_000
+        frames_sent = 0
+        t0 = time.time()
+        rss0 = None
+        while frames_sent < frames + warm:
+            sock = link if rng.random() < 0.8 else stranger
+            batch = 0
+            for _ in range(200):
+                frames_sent += one(sock)
+                batch += 1
+            sent += batch
+            replies += drain(sock, batch)
+            if rss0 is None and frames_sent >= warm:
+                rss0 = _rss(p.pid)
+            if frames_sent % 100_000 < 1000:
+                host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+                noise = socket.create_connection((host, int(port)))
+                try:
+                    noise.sendall(rng.randbytes(1 << 16))
+                except OSError:
+                    pass
+                noise.close()
+        rss1 = _rss(p.pid)
+        link.send(header("ping", "fuzz-run", seq=1 << 50))
+        ok = link.poll(10_000) and link.recv_multipart() is not None
+        c.record("fuzz", {"frames": frames_sent - warm, "messages": sent, "replies": replies, "alive": p.poll() is None
+                          and bool(ok), "rss_before_mb": round(rss0 / 2**20, 1), "rss_after_mb": round(rss1 / 2**20, 1),
+                          "rss_growth_mb": round((rss1 - rss0) / 2**20, 2), "codes": counts,
+                          "seconds": round(time.time() - t0, 1)})
+        link.close(linger=0)
+        stranger.close(linger=0)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def _valid_messages() -> list[list[bytes]]:
+    from moe.sharding import wire
+    from moe.sharding.wire import Header
+
+    rows = np.ones((3, 8), dtype=np.float32)
+    out = []
+    for h, arrays in [
+        (Header(op="forward", run="fuzz-run", gen=0, experts=(0, 2), offsets=(0, 2, 3)), [rows]),
+        (Header(op="backward", run="fuzz-run", gen=0, experts=(0, 2), offsets=(0, 2, 3)), [rows]),
+        (Header(op="update", run="fuzz-run", gen=0, step=1, meta={"lr": 0.1, "scale": 1.0}), []),
+        (Header(op="stats", run="fuzz-run", gen=0), []),
+        (Header(op="ping", run="fuzz-run", gen=0, meta={"t": 1.0}), [rows]),
+        (Header(op="save", run="fuzz-run", gen=0, meta={"dir": "/nonexistent", "tag": "l0"}), []),
+        (Header(op="load", run="fuzz-run", gen=0, meta={"dir": "/nonexistent", "tag": "l0", "files": [],
+                                                        "sha256": []}), []),
+        (Header(op="hello", run="fuzz-run", gen=0, meta={"nonce": "0" * 64}), []),
+        (Header(op="auth", run="fuzz-run", gen=0, meta={"proof": "0" * 64}), []),
+    ]:
+        out.append([bytes(f) for f in wire.encode(h, arrays)])
+    return out
+
+
+def hijack(c: Campaign, rng: random.Random) -> None:
+    """A second local client attacking a live `moe train --shards 2 shards.transport=tcp`: it can
+    read nothing, change nothing, stop nothing, and the run ends bit-identical, unslowed by it
+    (no deadline missed, no rollback)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from shardkit import dealer, header, reply
+
+    ref, _ = c.reference()
+    out = c.out("hijack")
+    run = Run(out, c.tasks, extra=["shards.transport=tcp"])
+    while run.phase_at(time.time())[0] in ("launch",) and run.p.poll() is None:
+        time.sleep(0.01)
+    ports = sorted({int(m.group(1)) for line in run.lines for m in [re.search(r"ready on tcp://127\.0\.0\.1:(\d+)",
+                                                                             line)] if m})
+    exposed = [pid for pid in run.shard_pids() + [run.p.pid] if _secret_visible(pid)]
+    tries = answered = 0
+    while run.p.poll() is None:
+        for port in ports:
+            for password in (None, os.urandom(32).hex().encode()):
+                s = dealer(f"tcp://127.0.0.1:{port}", password)
+                for op in ("stats", "shutdown", "update", "ping"):
+                    try:
+                        s.send(header(op, "guess", seq=rng.randrange(1, 70), meta={"lr": 1e3} if op == "update"
+                                      else {}), flags=1)
+                    except Exception:  # noqa: BLE001 - zmq.Again: never admitted to connect
+                        pass
+                    tries += 1
+                    answered += reply(s, 0.05) is not None
+                s.close(linger=0)
+    rc = run.wait()
+    diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
+    c.record("hijack", {"exit": rc, "identical": not diff, "attempts": tries, "answered": answered,
+                        "failures": [f for _, f in run.failures()], "ports": ports,
+                        "processes_showing_a_secret_in_argv_or_environ": exposed})
+
+
+def _secret_visible(pid: int) -> bool:
+    """Whether anything like a 32-byte hex secret is in the process's command line or environment
+    (what `ps e` and /proc show to other processes of the user)."""
+    for name in ("cmdline", "environ"):
+        try:
+            text = (Path("/proc") / str(pid) / name).read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if re.search(r"[0-9a-f]{64}", text):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summary(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    kills = [r for r in rows if r["kind"] == "kill"]
+    if kills:
+        phases: dict[str, int] = {}
+        for r in kills:
+            for k in r["kills"]:
+                phases[k["phase"]] = phases.get(k["phase"], 0) + 1
+        ok = sum(r["exit"] == 0 and r["identical"] for r in kills)
+        print(f"shard kill -9: {len(kills)} runs, {sum(len(r['kills']) for r in kills)} kills, "
+              f"{ok}/{len(kills)} completed bit-identical; kills per phase {phases}")
+    coord = [r for r in rows if r["kind"] == "coordinator"]
+    if coord:
+        ok = sum(r["exit"] == 0 and r["identical"] for r in coord)
+        print(f"coordinator kill -9 + resume: {ok}/{len(coord)} bit-identical; orphans "
+              f"{sum(len(r['orphans']) for r in coord)}; stale tmp folders after the kill "
+              f"{sum(r['stale_tmp_after_kill'] for r in coord)}, after the resume "
+              f"{sum(r['stale_tmp_after_resume'] for r in coord)}; launch folders left "
+              f"{sum(len(r['launch_folders_left']) for r in coord)}")
+    stops = [r for r in rows if r["kind"] == "sigstop" and r["detected_after_s"] is not None]
+    if stops:
+        t = [r["detected_after_s"] for r in stops]
+        print(f"SIGSTOP: {len(stops)} runs, detected after median {statistics.median(t):.2f} s, max {max(t):.2f} s; "
+              f"{sum(r['identical'] for r in stops)} bit-identical")
+    for r in rows:
+        if r["kind"] in ("giveup", "fuzz", "hijack"):
+            print(r["kind"], {k: v for k, v in r.items() if k not in ("kind", "time")})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["kills", "coordinator", "sigstop", "giveup", "fuzz", "hijack", "quick", "summary"])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--frames", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "chaos-results.jsonl"))
+    args = p.parse_args()
+    if args.what == "summary":
+        summary(Path(args.out))
+        return
+    rng = random.Random(args.seed)
+    c = Campaign(args)
+    try:
+        if args.what in ("kills", "quick"):
+            kill_shards(c, args.runs if args.what == "kills" else 4, rng)
+        if args.what in ("coordinator", "quick"):
+            kill_coordinator(c, args.runs if args.what == "coordinator" else 2, rng)
+        if args.what in ("sigstop", "quick"):
+            sigstop(c, args.runs if args.what == "sigstop" else 1, rng)
+        if args.what in ("giveup", "quick"):
+            give_up(c, args.runs if args.what == "giveup" else 1, rng)
+        if args.what in ("fuzz", "quick"):
+            fuzz(c, args.frames if args.what == "fuzz" else 20_000, rng)
+        if args.what in ("hijack", "quick"):
+            hijack(c, rng)
+    finally:
+        shutil.rmtree(c.work, ignore_errors=True)
+    summary(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
