@@ -156,9 +156,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def leftover_launch_folders() -> set[str]:
+def launch_folders(pids: list[int]) -> list[str]:
+    """The shard launch folders of these coordinators (named moe-shards-PID-*) still on disk."""
     tmp = Path(tempfile.gettempdir())
-    return {p.name for p in tmp.glob("moe-shards-*")}
+    return sorted(p.name for pid in pids for p in tmp.glob(f"moe-shards-{pid}-*"))
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -268,7 +269,6 @@ def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
     ref, duration = c.reference()
     for i in range(runs):
         out = c.out(f"coord-{i}")
-        before = leftover_launch_folders()
         run = Run(out, c.tasks)
         t = rng.uniform(0, duration)
         while time.time() < run.started + t and run.p.poll() is None:
@@ -295,7 +295,7 @@ def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
                                  "resumed": resumed, "exit": rc, "identical": not diff, "differs": diff[:5],
                                  "orphans": orphans, "stale_tmp_after_kill": len(stale),
                                  "stale_tmp_after_resume": len(left),
-                                 "launch_folders_left": sorted(leftover_launch_folders() - before)})
+                                 "launch_folders_left": launch_folders([run.p.pid, again.p.pid])})
 
 
 def sigstop(c: Campaign, runs: int, rng: random.Random) -> None:

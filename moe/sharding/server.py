@@ -40,7 +40,7 @@ log = logging.getLogger("moe.shard")
 
 WORKER_OPS = ("forward", "backward", "update", "save", "load")
 LINK_OPS = ("ping", "stats", "shutdown")  # answered by the I/O thread, in the link's order
-MAX_QUEUED = 8  # requests taken off the socket and not yet answered, over all links
+MAX_QUEUED = 8  # requests taken off the socket and not yet answered (any op), over all links
 RCVHWM = 16  # messages libzmq queues per connection before it stops reading that connection
 FAULT_OPS = ("start", *WORKER_OPS)
 
@@ -274,8 +274,12 @@ class ShardServer:
         return link
 
     def _answer(self, link: _Link, frames: list) -> None:
-        """A reply known at once, sent in the link's order (after the replies still pending)."""
-        self._enqueue(link, _Entry(None, frames=frames))
+        """A reply known at once, sent in the link's order (after the replies still pending);
+        when MAX_QUEUED requests are waiting it is sent at once instead (no unbounded queue)."""
+        if self.queued >= MAX_QUEUED:
+            self._send(link.ident, frames)
+        else:
+            self._enqueue(link, _Entry(None, frames=frames))
 
     def _handshake(self, ident: bytes, h: Header) -> None:
         """hello: a challenge; auth: admit this link (or the one generic refusal)."""
@@ -301,10 +305,10 @@ class ShardServer:
             self.cache.clear(self.gen)
             self.inflight.clear()
             for other in [i for i in self.links if not self.admission.admitted(i)]:
-                for entry in self.links.pop(other).queue:  # displaced: its requests do nothing
+                queue = self.links.pop(other).queue
+                self.queued -= len(queue)
+                for entry in queue:  # displaced: its requests do nothing
                     entry.cancelled = True
-                    if not entry.submitted:
-                        self.queued -= entry.job
         self._link(ident)
         self._send(ident, wire.encode_reply(h, meta={"proof": proof, "session": sid}, limits=self.o.limits))
 
@@ -333,7 +337,7 @@ class ShardServer:
     # ------------------------------------------------------------------ per-link order
     def _enqueue(self, link: _Link, entry: _Entry) -> None:
         link.queue.append(entry)
-        self.queued += entry.job
+        self.queued += 1
         self._pump(link)
 
     def _pump(self, link: _Link) -> None:
@@ -347,6 +351,7 @@ class ShardServer:
             if head.frames is None:
                 break  # a job still running
             q.popleft()
+            self.queued -= 1
             self._send(link.ident, head.frames)
         for entry in q:
             if not entry.job and entry.frames is None:
@@ -449,7 +454,6 @@ class ShardServer:
                 return
             h = entry.msg.header
             entry.msg, entry.frames = None, frames
-            self.queued -= 1
             if entry.cancelled:
                 self._send(link.ident, frames)
                 continue

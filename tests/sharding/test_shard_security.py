@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import zmq
-from shardkit import handshake
+from shardkit import handshake, wait_until
 
 from moe.sharding import security, session, wire
 from moe.sharding.launch import LocalShards
@@ -57,13 +56,9 @@ def _dealer(endpoint: str, curve: ClientCurve | None) -> zmq.Socket:
     return s
 
 
-def _log_has(shard: LocalShards, text: str, timeout_s: float = 3.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if text in shard.log_path(0).read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
+def _log_has(shard: LocalShards, text: str) -> bool:
+    """The event "the shard logged this", waited for (the timeout only stops a hang)."""
+    return wait_until(lambda: text in shard.log_path(0).read_text(errors="replace"), timeout_s=60.0)
 
 
 @pytest.mark.timeout(60)

@@ -8,12 +8,12 @@ be survived with the same final bits.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from shardkit import STEPS, assert_same_checkpoint, shard_config
+from shardkit import pid_alive as _alive
 
 import moe.api
 from moe import checkpoint as ckpt
@@ -22,6 +22,7 @@ from moe.sharding.coordinator import open_expert_groups
 from moe.train import Trainer
 
 pytestmark = pytest.mark.distributed
+
 
 def _train_sharded(config: Config, data, out: Path, **launch) -> tuple[Path, list[int], list[str]]:
     said: list[str] = []
@@ -35,18 +36,6 @@ def _train_sharded(config: Config, data, out: Path, **launch) -> tuple[Path, lis
 
 def _shard_pids(group) -> list[int]:
     return [int(p) for p in group.links.pids] if hasattr(group.links, "pids") else []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.timeout(120)
