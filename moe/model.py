@@ -1,8 +1,14 @@
-"""MultiTaskMoE: per-task adapters and heads around shared pre-norm residual MoE blocks.
+"""MultiTaskMoE: input encoders per domain, shared pre-norm residual MoE blocks, heads per task.
 
-    x_t [n_t, d_in_t] -> adapter_t -> h [B, d_model]            (tasks stacked in batch order)
-    for each block:  h = h + MoE(LayerNorm(h), task embedding)   (the gate sees the embedding)
+    x_t [n_t, d_in] -> encoder of t's input space -> h [B, d_model]   (tasks stacked in batch order)
+    for each block:  h = h + MoE(LayerNorm(h), task embedding)        (the gate sees the embedding)
     LayerNorm(h)[rows of t] -> head_t -> outputs of task t
+
+Tasks of one domain (the same images, the same feature table) share its encoder, so a task
+owns only its embedding and its head; a task without a domain has an encoder of its own.
+Per-task and per-domain parameters live in tables (moe.tables): encoders stacked by input
+width, heads stacked by shape, embeddings in one [T, d_t] table. A batch touches only the
+rows of the tasks and domains in it, whatever the number of tasks the model holds.
 
 A batch is a list of `Chunk`s, one per task present, so inputs of different widths travel
 together through the shared blocks.
@@ -18,8 +24,9 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.experts.protocol import ExpertGroup
 from moe.layer import MoELayer
-from moe.nn import MLP, LayerNorm, Linear
+from moe.nn import LayerNorm
 from moe.routing.types import Routing
+from moe.tables import EmbeddingTable, LinearTable, MLPTable, Runs
 from moe.tasks.spec import TaskRegistry, TaskSpec
 
 
@@ -35,8 +42,22 @@ class Chunk:
 @dataclass(frozen=True)
 class ModelOutput:
     outputs: list[np.ndarray]  # one [n_t, n_outputs_t] per chunk
-    routings: list[Routing]  # one per block
+    routings: list[Routing]  # one per block (none when the blocks were switched off)
     aux_loss: float
+
+
+def head_key(n_outputs: int, hidden: int) -> str:
+    """The head table a task's head lives in: linear ("o3") or an MLP ("h64o3")."""
+    return f"h{hidden}o{n_outputs}" if hidden else f"o{n_outputs}"
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The chunks of a batch that use one table: their positions in the batch and their runs."""
+
+    chunks: list[int]
+    pos: np.ndarray  # int64 [n_g]: batch rows, in the order the table sees them
+    runs: Runs
 
 
 class MultiTaskMoE:
@@ -55,7 +76,8 @@ class MultiTaskMoE:
         """head_hidden: tasks whose head is an MLP with this hidden width (others: linear)."""
         if len(tasks) == 0:
             raise ValueError("a model needs at least one task")
-        self.config, self.tasks, self.dtype = config, tasks, np.dtype(dtype)
+        self.config, self.dtype = config, np.dtype(dtype)
+        self.tasks = TaskRegistry()
         c = config
         uses_task = c.route_by in ("example+task", "task")
         self.blocks: list[tuple[LayerNorm, MoELayer]] = []
@@ -69,27 +91,55 @@ class MultiTaskMoE:
             )
             self.blocks.append((LayerNorm(c.d_model, dtype=self.dtype), layer))
         self.final_ln = LayerNorm(c.d_model, dtype=self.dtype)
-        self.adapters: dict[str, Linear] = {}
-        self.heads: dict[str, Linear | MLP] = {}
         self.head_hidden: dict[str, int] = dict(head_hidden or {})
-        self.task_emb: dict[str, np.ndarray] = {}
-        self.task_emb_grad: dict[str, np.ndarray] = {}
-        for spec in tasks:
-            self._build_task(spec, rng)
+        self.encoders: dict[int, LinearTable] = {}  # input width -> one row per input space
+        self.heads: dict[str, LinearTable | MLPTable] = {}  # head_key -> one row per task
+        self.task_emb = EmbeddingTable(np.zeros((0, c.d_task_emb), dtype=self.dtype))
+        self.space_row: dict[str, int] = {}  # input space -> its row in encoders[width]
+        self.head_row: list[tuple[str, int]] = []  # task id -> (head key, row)
+        self._build_tasks(list(tasks), rng)
         self._collect()
         self._cache = None
 
     # ------------------------------------------------------------------ structure
-    def _build_task(self, spec: TaskSpec, rng: np.random.Generator) -> None:
-        self.adapters[spec.name] = Linear(spec.n_inputs, self.config.d_model, rng=rng, dtype=self.dtype)
-        hidden = self.head_hidden.get(spec.name, 0)
+    def _build_tasks(self, specs: list[TaskSpec], rng: np.random.Generator) -> None:
+        """Register specs and draw their rows (per task: encoder if its space is new, head, embedding)."""
+        enc: dict[int, list] = {}
+        heads: dict[str, list] = {}
+        embs = []
+        for spec in specs:
+            self.tasks.add(spec)
+            if spec.input_space not in self.space_row:
+                w = enc.setdefault(spec.n_inputs, [])
+                base = self.encoders[spec.n_inputs].n_rows if spec.n_inputs in self.encoders else 0
+                self.space_row[spec.input_space] = base + len(w)
+                w.append(LinearTable.init_row(spec.n_inputs, self.config.d_model, rng, self.dtype))
+            hidden = self.head_hidden.get(spec.name, 0)
+            key = head_key(spec.n_outputs, hidden)
+            rows = heads.setdefault(key, [])
+            base = self.heads[key].n_rows if key in self.heads else 0
+            self.head_row.append((key, base + len(rows)))
+            rows.append(self._init_head(spec.n_outputs, hidden, rng))
+            embs.append(rng.standard_normal(self.config.d_task_emb, dtype=self.dtype))
+        for width, rows in enc.items():
+            self.encoders[width] = _extend(self.encoders.get(width), rows, _linear_table)
+        for key, rows in heads.items():
+            self.heads[key] = _extend(self.heads.get(key), rows, _head_table)
+        self.task_emb = EmbeddingTable(np.concatenate([self.task_emb.params["e"], np.stack(embs)]))
+
+    def _init_head(self, n_out: int, hidden: int, rng: np.random.Generator) -> tuple:
+        d = self.config.d_model
         if hidden:
-            self.heads[spec.name] = MLP(self.config.d_model, hidden, spec.n_outputs, rng=rng, dtype=self.dtype)
-        else:
-            self.heads[spec.name] = Linear(self.config.d_model, spec.n_outputs, rng=rng, dtype=self.dtype)
-        emb = rng.standard_normal(self.config.d_task_emb, dtype=self.dtype)
-        self.task_emb[spec.name] = emb
-        self.task_emb_grad[spec.name] = np.zeros_like(emb)
+            return (*LinearTable.init_row(d, hidden, rng, self.dtype, gain=2.0),
+                    *LinearTable.init_row(hidden, n_out, rng, self.dtype))
+        return LinearTable.init_row(d, n_out, rng, self.dtype)
+
+    def tables(self) -> dict[str, LinearTable | MLPTable | EmbeddingTable]:
+        """Every per-task and per-domain table, by the prefix of its parameter names."""
+        out: dict[str, LinearTable | MLPTable | EmbeddingTable] = {f"enc.{w}": t for w, t in self.encoders.items()}
+        out.update({f"head.{k}": t for k, t in self.heads.items()})
+        out["task.emb"] = self.task_emb
+        return out
 
     def _collect(self) -> None:
         """Rebuild the flat params/grads dicts (they hold the modules' arrays, not copies)."""
@@ -97,15 +147,13 @@ class MultiTaskMoE:
         self.grads: dict[str, np.ndarray] = {}
 
         def add(prefix: str, module) -> None:
-            for n in module.params:
-                self.params[f"{prefix}.{n}"] = module.params[n]
-                self.grads[f"{prefix}.{n}"] = module.grads[n]
+            params, grads = module.params, module.grads
+            for n in params:
+                self.params[f"{prefix}.{n}"] = params[n]
+                self.grads[f"{prefix}.{n}"] = grads[n]
 
-        for name in self.tasks.names:
-            add(f"task.{name}.adapter", self.adapters[name])
-            add(f"task.{name}.head", self.heads[name])
-            self.params[f"task.{name}.emb"] = self.task_emb[name]
-            self.grads[f"task.{name}.emb"] = self.task_emb_grad[name]
+        for prefix, table in self.tables().items():
+            add(prefix, table)
         for i, (ln, layer) in enumerate(self.blocks):
             add(f"block{i}.ln", ln)
             add(f"block{i}.moe", layer)
@@ -116,8 +164,34 @@ class MultiTaskMoE:
         return [layer for _, layer in self.blocks]
 
     def dense_param_names(self) -> list[str]:
-        """Everything the coordinator updates itself (not the experts, which update where they live)."""
+        """Everything the coordinator holds (not the experts, which live where they run)."""
         return [n for n in self.params if ".moe.experts." not in n]
+
+    def shared_param_names(self) -> list[str]:
+        """Coordinator parameters every step updates: gates and layer norms (not the tables)."""
+        prefixes = tuple(f"{p}." for p in self.tables())
+        return [n for n in self.dense_param_names() if not n.startswith(prefixes)]
+
+    def task_views(self, name: str, parts: tuple[str, ...] = ("head", "emb", "encoder")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Views (param, grad) of one task's own rows: its head, its embedding, and its encoder
+        when the task has an input space of its own (a shared domain encoder is not the task's).
+
+        The views stay valid until the tables grow (add_task)."""
+        spec = self.tasks.spec(name)
+        tid = self.tasks.id(name)
+        views = {}
+        if "head" in parts:
+            key, row = self.head_row[tid]
+            table = self.heads[key]
+            for n, p in table.params.items():
+                views[f"head.{key}.{n}[{row}]"] = (p[row], table.grads[n][row])
+        if "emb" in parts:
+            views[f"task.emb.e[{tid}]"] = (self.task_emb.params["e"][tid], self.task_emb.grads["e"][tid])
+        if "encoder" in parts and spec.domain is None:
+            row, table = self.space_row[spec.input_space], self.encoders[spec.n_inputs]
+            for n, p in table.params.items():
+                views[f"enc.{spec.n_inputs}.{n}[{row}]"] = (p[row], table.grads[n][row])
+        return views
 
     def add_task(
         self,
@@ -128,23 +202,30 @@ class MultiTaskMoE:
         grow_experts: int = 0,
         head_hidden: int = 0,
     ) -> None:
-        """Register a new task with a fresh head (an MLP when head_hidden > 0); its adapter and
-        embedding start from `init_from` (a task with the same input width) when given, else
-        at random. `grow_experts` adds that many fresh experts to every block."""
-        self.tasks.add(spec)
+        """Register a new task with a fresh head (an MLP when head_hidden > 0). A task of a known
+        domain reads through that domain's encoder; a task with its own input space gets an
+        encoder started from `init_from`'s (a task with the same input width) when given, else
+        at random, and its embedding starts from `init_from`'s too. `grow_experts` adds that
+        many fresh experts to every block. Existing rows and experts are kept bit for bit."""
         if head_hidden:
             self.head_hidden[spec.name] = head_hidden
-        self._build_task(spec, rng)
         if init_from is not None:
             src = self.tasks.spec(init_from)
             if src.n_inputs != spec.n_inputs:
                 raise ValueError(
-                    f"task {spec.name!r} has {spec.n_inputs} inputs; cannot start its adapter from "
+                    f"task {spec.name!r} has {spec.n_inputs} inputs; cannot start its encoder from "
                     f"{init_from!r} with {src.n_inputs}"
                 )
-            for n, p in self.adapters[init_from].params.items():
-                self.adapters[spec.name].params[n][...] = p
-            self.task_emb[spec.name][...] = self.task_emb[init_from]
+        self._build_tasks([spec], rng)
+        if init_from is not None:
+            src_id, new_id = self.tasks.id(init_from), self.tasks.id(spec.name)
+            if spec.domain is None:
+                enc = self.encoders[spec.n_inputs]
+                src_row, new_row = self.space_row[src.input_space], self.space_row[spec.input_space]
+                for p in enc.params.values():
+                    p[new_row] = p[src_row]
+            e = self.task_emb.params["e"]
+            e[new_id] = e[src_id]
         if grow_experts:
             for layer in self.layers:
                 layer.grow_experts(grow_experts, rng=rng)
@@ -152,59 +233,115 @@ class MultiTaskMoE:
         self._collect()
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(
-        self, chunks: list[Chunk], *, train: bool = True, rng: np.random.Generator | None = None
-    ) -> ModelOutput:
+    def _check_chunks(self, chunks: list[Chunk]) -> np.ndarray:
+        """Validate a batch; return each chunk's task id."""
         if not chunks:
             raise ValueError("a batch needs at least one chunk")
-        if len({ch.task for ch in chunks}) != len(chunks):
-            raise ValueError(f"each task may appear once per batch, got {[ch.task for ch in chunks]}")
-        hs, embs, sizes = [], [], []
-        for ch in chunks:
+        ids = np.empty(len(chunks), dtype=np.int64)
+        for i, ch in enumerate(chunks):
             if ch.task not in self.tasks:
-                raise ValueError(f"unknown task {ch.task!r}; known tasks: {list(self.tasks.names)}")
-            spec = self.tasks.spec(ch.task)
+                raise ValueError(f"unknown task {ch.task!r}; the model has {len(self.tasks)} tasks "
+                                 f"(e.g. {list(self.tasks.names[:5])})")
+            ids[i] = tid = self.tasks.id(ch.task)
+            spec = self.tasks.spec(tid)
             if not isinstance(ch.x, np.ndarray) or ch.x.ndim != 2 or ch.x.shape[1] != spec.n_inputs:
                 got = list(ch.x.shape) if isinstance(ch.x, np.ndarray) else type(ch.x).__name__
                 raise ValueError(f"task {ch.task!r} has {spec.n_inputs} input features, got {got}")
+            if ch.x.shape[0] == 0:
+                raise ValueError(f"task {ch.task!r}: a chunk needs at least one example")
             if ch.x.dtype != self.dtype:
                 raise ValueError(f"task {ch.task!r}: inputs must be {self.dtype}, got {ch.x.dtype}")
             if not np.isfinite(ch.x).all():
                 raise ValueError(f"task {ch.task!r}: inputs contain NaN or Inf")
-            hs.append(self.adapters[ch.task].forward(ch.x))  # [n_t, d]
-            embs.append(np.broadcast_to(self.task_emb[ch.task], (ch.x.shape[0], self.config.d_task_emb)))
-            sizes.append(ch.x.shape[0])
-        h = np.concatenate(hs, axis=0)  # [B, d]
-        emb = np.ascontiguousarray(np.concatenate(embs, axis=0))  # [B, d_t]
+        if np.unique(ids).shape[0] != ids.shape[0]:
+            raise ValueError(f"each task may appear once per batch, got {[ch.task for ch in chunks]}")
+        return ids
+
+    def _groups(self, ids: np.ndarray, bounds: np.ndarray) -> tuple[dict[int, _Group], dict[str, _Group]]:
+        """Which chunks each encoder table and each head table sees, and in what order."""
+        def group(members: list[int], rows: list[int]) -> _Group:
+            # chunks with the same row are made adjacent (stable), so each row is one run
+            order = sorted(range(len(members)), key=lambda j: rows[j])
+            chunks = [members[j] for j in order]
+            pos = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in chunks])
+            run_rows, run_sizes = [], []
+            for j in order:
+                n = int(bounds[members[j] + 1] - bounds[members[j]])
+                if run_rows and run_rows[-1] == rows[j]:
+                    run_sizes[-1] += n
+                else:
+                    run_rows.append(rows[j])
+                    run_sizes.append(n)
+            return _Group(chunks, pos, Runs.of(np.array(run_rows), np.array(run_sizes)))
+
+        enc_members: dict[int, tuple[list[int], list[int]]] = {}
+        head_members: dict[str, tuple[list[int], list[int]]] = {}
+        for i, tid in enumerate(ids):
+            spec = self.tasks.spec(int(tid))
+            m = enc_members.setdefault(spec.n_inputs, ([], []))
+            m[0].append(i)
+            m[1].append(self.space_row[spec.input_space])
+            key, row = self.head_row[int(tid)]
+            h = head_members.setdefault(key, ([], []))
+            h[0].append(i)
+            h[1].append(row)
+        return ({w: group(*m) for w, m in enc_members.items()},
+                {k: group(*m) for k, m in head_members.items()})
+
+    def forward(
+        self,
+        chunks: list[Chunk],
+        *,
+        train: bool = True,
+        rng: np.random.Generator | None = None,
+        moe_off: bool = False,
+    ) -> ModelOutput:
+        """moe_off=True leaves every MoE block's output out (the ablation "without experts")."""
+        ids = self._check_chunks(chunks)
+        sizes = np.array([ch.x.shape[0] for ch in chunks], dtype=np.int64)
+        bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        enc_groups, head_groups = self._groups(ids, bounds)
+        h = np.empty((int(bounds[-1]), self.config.d_model), dtype=self.dtype)  # [B, d]
+        for width, g in enc_groups.items():
+            x = np.concatenate([chunks[i].x for i in g.chunks])  # [n_g, d_in]
+            h[g.pos] = self.encoders[width].forward(x, g.runs)  # [n_g, d]
+        uses_emb = any(layer.d_gate_extra for layer in self.layers) and not moe_off
+        emb = self.task_emb.forward(Runs.of(ids, sizes)) if uses_emb else None  # [B, d_t]
         routings = []
-        for ln, layer in self.blocks:
-            z = ln.forward(h)  # [B, d]
-            y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng)
-            h = h + y  # [B, d]
-            routings.append(r)
+        if not moe_off:
+            for ln, layer in self.blocks:
+                z = ln.forward(h)  # [B, d]
+                y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng)
+                h = h + y  # [B, d]
+                routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]
-        bounds = np.cumsum([0] + sizes)
-        outs = [self.heads[ch.task].forward(hf[bounds[i] : bounds[i + 1]]) for i, ch in enumerate(chunks)]
-        self._cache = ([ch.task for ch in chunks], bounds)
+        outs: list[np.ndarray | None] = [None] * len(chunks)
+        for key, g in head_groups.items():
+            y = self.heads[key].forward(hf[g.pos], g.runs)  # [n_g, n_out]
+            off = 0
+            for i in g.chunks:
+                outs[i] = y[off : off + sizes[i]]
+                off += sizes[i]
+        self._cache = (enc_groups, head_groups, bounds, moe_off, uses_emb)
         return ModelOutput(outs, routings, float(sum(r.aux_loss for r in routings)))
 
     def backward(self, d_outputs: list[np.ndarray]) -> None:
-        """Gradients of (task losses + aux losses) into self.grads; d_outputs as from forward."""
+        """Gradients of (task losses + aux losses) into self.grads; d_outputs as from forward.
+
+        Only the rows of tables this batch used get gradients; every other row's gradient is 0."""
         if self._cache is None:
             raise ValueError("model backward called before forward")
-        names, bounds = self._cache
+        enc_groups, head_groups, bounds, moe_off, uses_emb = self._cache
         self._cache = None
-        for g in self.task_emb_grad.values():
-            g[...] = 0
-        for adapter in self.adapters.values():  # tasks absent from the batch get zero grads
-            for g in adapter.grads.values():
-                g[...] = 0
-        for head in self.heads.values():
-            for g in head.grads.values():
-                g[...] = 0
-        d_hf = np.concatenate(
-            [self.heads[n].backward(d) for n, d in zip(names, d_outputs, strict=True)], axis=0
-        )  # [B, d]
+        if moe_off:
+            raise ValueError("backward through a forward with moe_off=True is not supported")
+        for table in self.tables().values():
+            table.zero_grad()
+        d_hf = np.empty((int(bounds[-1]), self.config.d_model), dtype=self.dtype)  # [B, d]
+        for key, g in head_groups.items():
+            dy = np.concatenate([d_outputs[i] for i in g.chunks])  # [n_g, n_out]
+            d_hf[g.pos] = self.heads[key].backward(dy)
         dh = self.final_ln.backward(d_hf)  # [B, d]
         d_emb = np.zeros((dh.shape[0], self.config.d_task_emb), dtype=self.dtype)  # [B, d_t]
         for ln, layer in reversed(self.blocks):
@@ -212,8 +349,32 @@ class MultiTaskMoE:
             dh = dh + ln.backward(dz)
             if layer.grad_task_emb is not None:
                 d_emb += layer.grad_task_emb
-        for i, n in enumerate(names):
-            rows = slice(bounds[i], bounds[i + 1])
-            self.adapters[n].backward(dh[rows])
-            self.task_emb_grad[n] += d_emb[rows].sum(axis=0)
+        for width, g in enc_groups.items():
+            self.encoders[width].backward(dh[g.pos])
+        if uses_emb:
+            self.task_emb.backward(d_emb)
 
+
+def _linear_table(rows: list) -> LinearTable:
+    return LinearTable(np.stack([w for w, _ in rows]), np.stack([b for _, b in rows]))
+
+
+def _head_table(rows: list) -> LinearTable | MLPTable:
+    if len(rows[0]) == 2:
+        return _linear_table(rows)
+    return MLPTable(_linear_table([r[:2] for r in rows]), _linear_table([r[2:] for r in rows]))
+
+
+def _extend(table, rows: list, make):
+    """A table holding the old rows (kept bit for bit) followed by the new ones."""
+    new = make(rows)
+    if table is None:
+        return new
+    if isinstance(table, MLPTable):
+        return MLPTable(_concat(table.l1, new.l1), _concat(table.l2, new.l2))
+    return _concat(table, new)
+
+
+def _concat(a: LinearTable, b: LinearTable) -> LinearTable:
+    return LinearTable(np.concatenate([a.params["w"], b.params["w"]]),
+                       np.concatenate([a.params["b"], b.params["b"]]))

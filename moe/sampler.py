@@ -1,9 +1,11 @@
-"""Mixed-task batches with a resumable data cursor.
+"""Mixed-task batches with a resumable data cursor, at a cost set by the batch.
 
-Each step draws how many examples each task contributes (a multinomial over the task
-distribution), then takes them from that task's shuffled training order, reshuffling at
-the end of an epoch. Everything that decides future batches (the generator state, every
-task's current order and position) is in `state()`, so a resumed run sees the same batches.
+Each step draws the task of every example from the task distribution (B draws by inverse
+CDF, so O(B log T) however many tasks there are), then takes each present task's examples
+from its shuffled training order, reshuffling at the end of an epoch. Everything that
+decides future batches (the generator state, every task's order and position) is in
+`state()` as a handful of flat arrays, so a resumed run sees the same batches and a
+checkpoint of 100,000 tasks stays small.
 """
 
 from __future__ import annotations
@@ -41,49 +43,70 @@ class TaskSampler:
         rng: np.random.Generator,
     ) -> None:
         self.data, self.batch_size, self.rng = data, batch_size, rng
-        sizes = np.array([d.x_train.shape[0] for d in data])
-        self.probs = task_probabilities(sizes, sampling, temperature)
-        self.order = {d.name: rng.permutation(d.x_train.shape[0]) for d in data}
-        self.pos = {d.name: 0 for d in data}
-        self.epoch = {d.name: 0 for d in data}
-        self.seen = {d.name: 0 for d in data}
+        self.sizes = np.array([d.x_train.shape[0] for d in data], dtype=np.int64)  # [T]
+        self.probs = task_probabilities(self.sizes, sampling, temperature)
+        self.cdf = np.cumsum(self.probs)  # [T]
+        self.offsets = np.zeros(len(data) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        # task t's order is order[offsets[t]:offsets[t+1]]
+        self.order = np.empty(int(self.offsets[-1]), dtype=np.int64)
+        for t, n in enumerate(self.sizes):
+            self.order[self.offsets[t] : self.offsets[t + 1]] = rng.permutation(int(n))
+        self.pos = np.zeros(len(data), dtype=np.int64)
+        self.epoch = np.zeros(len(data), dtype=np.int64)
+        self.seen_counts = np.zeros(len(data), dtype=np.int64)
 
-    def _take(self, d: TaskData, n: int) -> np.ndarray:
+    @property
+    def seen(self) -> dict[str, int]:
+        """Examples drawn so far, per task name."""
+        return {d.name: int(n) for d, n in zip(self.data, self.seen_counts, strict=True)}
+
+    def _take(self, t: int, n: int) -> np.ndarray:
+        order = self.order[self.offsets[t] : self.offsets[t + 1]]  # a view
         taken = []
         while n > 0:
-            order, p = self.order[d.name], self.pos[d.name]
+            p = int(self.pos[t])
             m = min(n, order.shape[0] - p)
-            taken.append(order[p : p + m])
-            self.pos[d.name], n = p + m, n - m
-            if self.pos[d.name] == order.shape[0]:  # epoch over: reshuffle
-                self.order[d.name] = self.rng.permutation(order.shape[0])
-                self.pos[d.name] = 0
-                self.epoch[d.name] += 1
-        return np.concatenate(taken)
+            taken.append(order[p : p + m].copy())
+            self.pos[t], n = p + m, n - m
+            if self.pos[t] == order.shape[0]:  # epoch over: reshuffle in place
+                order[...] = self.rng.permutation(order.shape[0])
+                self.pos[t] = 0
+                self.epoch[t] += 1
+        return taken[0] if len(taken) == 1 else np.concatenate(taken)
 
     def next_batch(self) -> list[Chunk]:
-        counts = self.rng.multinomial(self.batch_size, self.probs)  # [T]
+        u = self.rng.random(self.batch_size)  # [B]
+        draws = np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.data) - 1)  # [B]
+        tasks, counts = np.unique(draws, return_counts=True)  # ascending task order
         chunks = []
-        for d, n in zip(self.data, counts, strict=True):
-            if n:
-                idx = self._take(d, int(n))
-                chunks.append(Chunk(d.name, d.x_train[idx], d.y_train[idx]))
-                self.seen[d.name] += int(n)
+        for t, n in zip(tasks.tolist(), counts.tolist(), strict=True):
+            d = self.data[t]
+            idx = self._take(t, n)
+            chunks.append(Chunk(d.name, d.x_train[idx], d.y_train[idx]))
+        self.seen_counts[tasks] += counts
         return chunks
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {f"data.order.{name}": o for name, o in self.order.items()}
-        info = {"pos": dict(self.pos), "epoch": dict(self.epoch), "seen": dict(self.seen),
-                "rng": self.rng.bit_generator.state}
-        return arrays, info
+        arrays = {"data.order": self.order, "data.pos": self.pos, "data.epoch": self.epoch,
+                  "data.seen": self.seen_counts, "data.sizes": self.sizes}
+        return arrays, {"rng": self.rng.bit_generator.state}
 
     def load_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
-        for d in self.data:
-            key = f"data.order.{d.name}"
-            if key not in arrays or arrays[key].shape != (d.x_train.shape[0],):
-                raise ValueError(f"data cursor for task {d.name!r} does not match its training set")
-            self.order[d.name] = arrays[key].astype(np.int64)
-            self.pos[d.name] = int(info["pos"][d.name])
-            self.epoch[d.name] = int(info["epoch"][d.name])
-            self.seen[d.name] = int(info["seen"][d.name])
+        for key, like in (("data.sizes", self.sizes), ("data.order", self.order), ("data.pos", self.pos),
+                          ("data.epoch", self.epoch), ("data.seen", self.seen_counts)):
+            got = arrays.get(key)
+            if got is None or got.shape != like.shape or got.dtype != like.dtype:
+                what = "missing" if got is None else f"{got.dtype}{list(got.shape)}"
+                raise ValueError(f"data cursor {key!r} does not match the training sets: expected "
+                                 f"{like.dtype}{list(like.shape)}, got {what}")
+        if not np.array_equal(arrays["data.sizes"], self.sizes):
+            raise ValueError("data cursor was written for training sets of other sizes")
+        pos = arrays["data.pos"]
+        if (pos < 0).any() or (pos >= np.maximum(self.sizes, 1)).any():
+            raise ValueError("data cursor positions are out of range")
+        self.order[...] = arrays["data.order"]
+        self.pos[...] = pos
+        self.epoch[...] = arrays["data.epoch"]
+        self.seen_counts[...] = arrays["data.seen"]
         self.rng.bit_generator.state = info["rng"]

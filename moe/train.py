@@ -25,7 +25,7 @@ from moe.model import Chunk, MultiTaskMoE
 from moe.optim import Adam, AdamConfig, clip_scale, lr_at
 from moe.profiling.stats import cv
 from moe.sampler import TaskSampler
-from moe.tasks.losses import loss_and_grad
+from moe.tasks.losses import row_losses
 from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
 
@@ -39,15 +39,26 @@ class TooManyFailures(RuntimeError):
 
 
 def task_loss(model: MultiTaskMoE, chunks: list[Chunk], outputs: list[np.ndarray]):
-    """Weighted mean of per-task losses over the batch, and d loss / d outputs."""
-    B = sum(ch.x.shape[0] for ch in chunks)
-    total, grads = 0.0, []
-    for ch, out in zip(chunks, outputs, strict=True):
-        spec = model.tasks.spec(ch.task)
-        loss, g = loss_and_grad(spec.kind, out, ch.y)
-        w = spec.loss_weight * ch.x.shape[0] / B
-        total += w * loss
-        grads.append(g * out.dtype.type(w))
+    """sum over rows of w_task * loss(row) / B (each task's loss weighted by its share of the
+    batch), and d loss / d outputs. One loss call per (kind, width), not per task."""
+    sizes = [ch.x.shape[0] for ch in chunks]
+    B = sum(sizes)
+    groups: dict[tuple[str, int], list[int]] = {}
+    specs = [model.tasks.spec(ch.task) for ch in chunks]
+    for i, spec in enumerate(specs):
+        groups.setdefault((spec.kind, spec.n_outputs), []).append(i)
+    total, grads = 0.0, [None] * len(chunks)
+    for (kind, _), idx in groups.items():
+        out = np.concatenate([outputs[i] for i in idx])  # [n_g, n_out]
+        y = np.concatenate([chunks[i].y for i in idx])
+        w = np.repeat([specs[i].loss_weight / B for i in idx], [sizes[i] for i in idx])  # [n_g]
+        rows, g = row_losses(kind, out, y)  # [n_g], [n_g, n_out]
+        total += float(w @ rows)
+        g *= w.astype(g.dtype)[:, None]
+        off = 0
+        for i in idx:
+            grads[i] = g[off : off + sizes[i]]
+            off += sizes[i]
     return total, grads
 
 
@@ -110,7 +121,12 @@ class Trainer:
         t = config.train
         adam = AdamConfig(weight_decay=t.weight_decay)
         self.dense_names = self.model.dense_param_names()
-        self.optimizer = Adam({n: self.model.params[n] for n in self.dense_names}, adam)
+        self.shared_names = self.model.shared_param_names()
+        # Shared parameters take a dense step; per-task and per-domain tables a lazy one over
+        # the rows in the batch (per-row step counts), so an absent task does not move at all.
+        self.optimizer = Adam({n: self.model.params[n] for n in self.shared_names}, adam)
+        self.table_optimizers = {name: Adam(table.params, adam, lazy_rows=True)
+                                 for name, table in self.model.tables().items()}
         self.sampler = TaskSampler(data, t.batch_size, sampling=t.sampling, temperature=t.temperature,
                                    rng=self.rng_data)
         self.step = 0
@@ -154,11 +170,16 @@ class Trainer:
         loss, d_outs = task_loss(self.model, chunks, out.outputs)
         self.model.backward(d_outs)
         grads = self.model.grads
-        sq = sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in self.dense_names)
+        tables = self.model.tables()
+        sq = sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in self.shared_names)
+        sq += sum(table.grad_sq_norm() for table in tables.values())
         sq += sum(layer.experts.grad_sq_norm() for layer in self.model.layers)
         scale = clip_scale(sq, t.clip_norm)
         lr = lr_at(self.step, lr=t.lr, warmup=t.warmup, total=t.steps, min_ratio=t.min_lr_ratio)
-        self.optimizer.step({n: grads[n] for n in self.dense_names}, lr, scale)
+        self.optimizer.step({n: grads[n] for n in self.shared_names}, lr, scale)
+        for name, table in tables.items():
+            if table.touched.size:
+                self.table_optimizers[name].step(table.grads, lr, scale, rows=table.touched)
         for layer in self.model.layers:
             layer.experts.apply_update(lr, scale)
         self.step += 1
@@ -317,6 +338,8 @@ class Trainer:
     def state_tensors(self) -> dict[str, dict[str, np.ndarray]]:
         """Coordinator-side state; the experts write their own part files (see save)."""
         optim = self.optimizer.state_dict("dense.")
+        for name, opt in self.table_optimizers.items():
+            optim.update(opt.state_dict(f"table.{name}."))
         arrays, _ = self.sampler.state()
         optim.update(arrays)
         return {"params": {n: self.model.params[n] for n in self.dense_names}, "optim": optim}
@@ -347,6 +370,8 @@ class Trainer:
         ckpt.assign({n: self.model.params[n] for n in self.dense_names}, files["params"], "model parameters")
         optim = files["optim"]
         self.optimizer.load_state_dict(optim, "dense.")
+        for name, opt in self.table_optimizers.items():
+            opt.load_state_dict(optim, f"table.{name}.")
         for i, layer in enumerate(self.model.layers):
             layer.experts.load_part(where, manifest["files"], i)
         self.sampler.load_state(optim, manifest["data_cursor"])

@@ -136,8 +136,7 @@ def trainable_views(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The new task's head (and its adapter and embedding unless they were copied from a
     related task and stay frozen), plus any grown experts and their gate columns."""
-    views = {n: (p, model.grads[n]) for n, p in model.params.items()
-             if n.startswith(f"task.{name}.head.") or (not copied and n.startswith(f"task.{name}."))}
+    views = model.task_views(name, ("head",) if copied else ("head", "emb", "encoder"))
     if old_experts is not None:
         for n, p in model.params.items():
             g = model.grads[n]

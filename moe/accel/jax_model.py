@@ -32,6 +32,9 @@ class TaskInfo:
     n_outputs: int
     loss_weight: float
     head_hidden: int  # 0: linear head
+    head_key: str  # the head table (moe.model.head_key) and the task's row in it
+    head_row: int
+    enc_row: int  # the task's input space's row in the encoder table of its width
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ def spec_of(model: MultiTaskMoE) -> ModelSpec:
     )
     tasks = tuple(
         TaskInfo(s.name, s.kind, s.n_inputs, s.n_outputs, float(s.loss_weight),
-                 int(model.head_hidden.get(s.name, 0)))
-        for s in model.tasks
+                 int(model.head_hidden.get(s.name, 0)), *model.head_row[i], model.space_row[s.input_space])
+        for i, s in enumerate(model.tasks)
     )
     return ModelSpec(c.d_model, c.d_task_emb, c.route_by in ("example+task", "task"),
                      c.route_by != "task", layers, tasks)
@@ -110,11 +113,11 @@ def layer_norm(x, g, b):
 
 
 def _head(info: TaskInfo, params, hf):
-    p = f"task.{info.name}.head"
+    p, r = f"head.{info.head_key}", info.head_row
     if info.head_hidden:
-        a = jax.nn.relu(hf @ params[f"{p}.w1"] + params[f"{p}.b1"])  # [B, h]
-        return a @ params[f"{p}.w2"] + params[f"{p}.b2"]  # [B, n_out]
-    return hf @ params[f"{p}.w"] + params[f"{p}.b"]  # [B, n_out]
+        a = jax.nn.relu(hf @ params[f"{p}.w1"][r] + params[f"{p}.b1"][r])  # [B, h]
+        return a @ params[f"{p}.w2"][r] + params[f"{p}.b2"][r]  # [B, n_out]
+    return hf @ params[f"{p}.w"][r] + params[f"{p}.b"][r]  # [B, n_out]
 
 
 def forward(spec: ModelSpec, mesh, params: dict, tid, x, eps: tuple):
@@ -123,11 +126,10 @@ def forward(spec: ModelSpec, mesh, params: dict, tid, x, eps: tuple):
     eps: one entry per layer, the gate noise [B, E] (noisy gates while training) or None."""
     h = jnp.zeros((x.shape[0], spec.d_model), x.dtype)  # [B, d]
     for t, info in enumerate(spec.tasks):
-        p = f"task.{info.name}.adapter"
-        a = x[:, : info.n_inputs] @ params[f"{p}.w"] + params[f"{p}.b"]  # [B, d]
+        p, r = f"enc.{info.n_inputs}", info.enc_row
+        a = x[:, : info.n_inputs] @ params[f"{p}.w"][r] + params[f"{p}.b"][r]  # [B, d]
         h = jnp.where((tid == t)[:, None], a, h)
-    embs = jnp.stack([params[f"task.{info.name}.emb"] for info in spec.tasks])  # [T, d_t]
-    emb = embs[tid]  # [B, d_t]
+    emb = params["task.emb.e"][tid]  # [B, d_t]
     aux = jnp.zeros((), x.dtype)
     routings = []
     for i, lspec in enumerate(spec.layers):

@@ -115,12 +115,19 @@ class JaxTrainer:
                 opt = self.model.layers[i].experts.optimizer
                 m[n], v[n] = opt.m[local], opt.v[local]
             else:
-                m[n], v[n] = dense.m[n], dense.v[n]
+                opt, local = self._dense_slot(n)
+                m[n], v[n] = opt.m[local], opt.v[local]
         sh = self.jm.shardings
         self.m = {n: jax.device_put(np.asarray(a), sh[n]) for n, a in m.items()}
         self.v = {n: jax.device_put(np.asarray(a), sh[n]) for n, a in v.items()}
         self.t = jnp.asarray(int(dense.t[0]), dtype=jnp.int32)
         self.jm.params = {n: jax.device_put(np.asarray(p), sh[n]) for n, p in self.model.params.items()}
+
+    def _dense_slot(self, name: str):
+        """(numpy optimizer, its key) holding a coordinator parameter's moments."""
+        prefix, local = name.rsplit(".", 1)
+        table_opt = self.trainer.table_optimizers.get(prefix)
+        return (self.trainer.optimizer, name) if table_opt is None else (table_opt, local)
 
     @staticmethod
     def _expert_slot(name: str) -> tuple[int, str]:
@@ -141,7 +148,9 @@ class JaxTrainer:
                 opt.m[local][...], opt.v[local][...] = m, v
                 opt.t[...] = t  # dense Adam: every expert took every step
             else:
-                dense.m[n][...], dense.v[n][...] = m, v
+                opt, local = self._dense_slot(n)
+                opt.m[local][...], opt.v[local][...] = m, v
+                opt.t[...] = t  # dense Adam on the mesh: every task row took every step
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:

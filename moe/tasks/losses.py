@@ -51,7 +51,7 @@ def check_targets(kind: str, out: np.ndarray, y: object) -> np.ndarray:
     return y
 
 
-def _softmax_xent(out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def _softmax_xent(out: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     b = out.shape[0]
     z = out - out.max(axis=1, keepdims=True)  # [B, C], <= 0
     rows = np.arange(b)
@@ -61,33 +61,32 @@ def _softmax_xent(out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         nll = np.log(s[:, 0]) - z[rows, y]  # [B]
         grad = e / s  # [B, C] softmax
         grad[rows, y] -= 1
-        grad /= b
-    return float(nll.mean(dtype=np.float64)), grad.astype(out.dtype, copy=False)
+    return nll.astype(np.float64), grad.astype(out.dtype, copy=False)
 
 
-def _sigmoid_bce(out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    b = out.shape[0]
+def _sigmoid_bce(out: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = y.astype(out.dtype, copy=False)
     with np.errstate(under="ignore"):  # exp(-|z|) may underflow to 0: correct
         e = np.exp(-np.abs(out))  # [B, L] in (0, 1]
         # BCE(z, y) = max(z, 0) - z*y + log(1 + exp(-|z|)), exact and finite for any z.
         per = np.maximum(out, 0) - out * y + np.log1p(e)  # [B, L]
         p = np.where(out >= 0, 1 / (1 + e), e / (1 + e))  # [B, L] sigmoid(out)
-        grad = (p - y) / b  # [B, L]
-    return float(per.sum(axis=1, dtype=np.float64).mean()), grad.astype(out.dtype, copy=False)
+        grad = p - y  # [B, L]
+    return per.sum(axis=1, dtype=np.float64), grad.astype(out.dtype, copy=False)
 
 
-def _half_mse(out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    b = out.shape[0]
+def _half_mse(out: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(under="ignore"):  # squares/gradients too small to hold are 0: correct
         diff = out - y.astype(out.dtype, copy=False)  # [B, D]
-        loss = 0.5 * float(np.square(diff, dtype=np.float64).sum(axis=1).mean())
-        grad = diff / b  # [B, D]
-    return loss, grad.astype(out.dtype, copy=False)
+        rows = 0.5 * np.square(diff, dtype=np.float64).sum(axis=1)  # [B]
+    return rows, diff.astype(out.dtype, copy=False)
 
 
-def loss_and_grad(kind: str, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """(mean loss over the batch, d loss / d out) for a task of this kind; see the module doc."""
+def row_losses(kind: str, out: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 loss of each row [B], d row-loss / d out [B, n_out]) for a task of this kind.
+
+    For batches that mix many tasks: the trainer weights rows (by task) and sums, in one call
+    per kind instead of one per task."""
     check_kind(kind)
     out = check_outputs(kind, out)
     y = check_targets(kind, out, y)
@@ -96,6 +95,14 @@ def loss_and_grad(kind: str, out: np.ndarray, y: np.ndarray) -> tuple[float, np.
     if kind == "regression":
         return _half_mse(out, y)
     return _sigmoid_bce(out, y)
+
+
+def loss_and_grad(kind: str, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean loss over the batch, d loss / d out) for a task of this kind; see the module doc."""
+    rows, grad = row_losses(kind, out, y)
+    with np.errstate(under="ignore"):
+        grad = grad / grad.dtype.type(rows.shape[0])
+    return float(rows.mean()), grad
 
 
 def predict(kind: str, out: np.ndarray) -> np.ndarray:

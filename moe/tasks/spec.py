@@ -23,7 +23,7 @@ METRIC_BY_KIND = {
     "regression": "r2",
 }
 
-_SPEC_FIELDS = ("name", "kind", "n_inputs", "n_outputs", "loss_weight")
+_SPEC_FIELDS = ("name", "kind", "n_inputs", "n_outputs", "loss_weight", "domain")
 
 
 def check_kind(kind: object) -> str:
@@ -48,6 +48,9 @@ class TaskSpec:
 
     n_outputs is the head width: classes for multiclass (>= 2), 1 for binary, labels for
     multilabel, targets for regression. loss_weight scales the task's loss in the total.
+    domain names the input space the task reads (the same images, the same feature table):
+    tasks of one domain share one input encoder, so such a task owns only its embedding and
+    head. None means the task has an input space of its own.
     """
 
     name: str
@@ -55,6 +58,7 @@ class TaskSpec:
     n_inputs: int
     n_outputs: int
     loss_weight: float = 1.0
+    domain: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -82,6 +86,17 @@ class TaskSpec:
         if not math.isfinite(float(w)) or float(w) <= 0:
             raise ValueError(f"task '{self.name}' loss_weight must be finite and > 0, got {w}")
         object.__setattr__(self, "loss_weight", float(w))
+        d = self.domain
+        if d is not None and (not isinstance(d, str) or not d or any(c.isspace() or c in "/:" for c in d)):
+            raise ValueError(
+                f"task '{self.name}' domain must be a non-empty string with no whitespace, '/' or ':', "
+                f"got {d!r}"
+            )
+
+    @property
+    def input_space(self) -> str:
+        """The key of the encoder this task reads through: its domain, or its own ("task:<name>")."""
+        return self.domain if self.domain is not None else f"task:{self.name}"
 
     @property
     def metric(self) -> str:
@@ -90,13 +105,16 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe plain dict (str, int, float only), for checkpoint manifests."""
-        return {
+        out = {
             "name": self.name,
             "kind": self.kind,
             "n_inputs": self.n_inputs,
             "n_outputs": self.n_outputs,
             "loss_weight": self.loss_weight,
         }
+        if self.domain is not None:
+            out["domain"] = self.domain
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TaskSpec:
@@ -118,6 +136,7 @@ class TaskRegistry:
     def __init__(self, specs: list[TaskSpec] | tuple[TaskSpec, ...] = ()) -> None:
         self._specs: list[TaskSpec] = []
         self._ids: dict[str, int] = {}
+        self._domain_width: dict[str, int] = {}  # input space -> its width
         for s in specs:
             self.add(s)
 
@@ -129,6 +148,13 @@ class TaskRegistry:
             raise ValueError(
                 f"task '{spec.name}' is already registered (id {self._ids[spec.name]})"
             )
+        width = self._domain_width.get(spec.input_space)
+        if width is not None and width != spec.n_inputs:
+            raise ValueError(
+                f"task '{spec.name}' has {spec.n_inputs} inputs, but domain {spec.domain!r} "
+                f"has {width}"
+            )
+        self._domain_width[spec.input_space] = spec.n_inputs
         self._ids[spec.name] = len(self._specs)
         self._specs.append(spec)
         return self._ids[spec.name]

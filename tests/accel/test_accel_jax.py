@@ -221,8 +221,8 @@ def test_gradients_match_numpy(results, case):
     gm = r["grad_max"]
     assert gm["block0.moe.gate.w_gate"] > 0 and gm["block0.moe.experts.w1"] > 0
     if case == "noisy_softmax":
-        assert gm["block0.moe.gate.w_noise"] > 0 and gm["task.cls.emb"] > 0
-        assert gm["task.lab.head.w1"] == 0  # absent from the batch: zero, in both
+        assert gm["block0.moe.gate.w_noise"] > 0 and gm["task.emb.e"] > 0
+        assert gm["head.h8o3.w1"] == 0  # "lab", the only MLP head, is absent from the batch: zero, in both
 
 
 def test_experts_must_divide_over_devices(results):

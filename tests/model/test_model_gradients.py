@@ -39,9 +39,9 @@ def test_model_gradients(route_by):
     for n, p in model.params.items():
         assert_close(grads[n], numerical_grad(loss, p), name=n)
     if route_by == "example":
-        assert not grads["task.a.emb"].any()
+        assert not grads["task.emb.e"].any()
     else:
-        assert grads["task.a.emb"].any()
+        assert grads["task.emb.e"].any()
 
 
 def test_absent_task_gets_zero_grads_and_unknown_task_errors():
@@ -50,7 +50,9 @@ def test_absent_task_gets_zero_grads_and_unknown_task_errors():
     model.backward([np.ones_like(out.outputs[0])])
     out = model.forward([Chunk("b", rng.normal(size=(2, 5)))], rng=rng)
     model.backward([np.ones_like(out.outputs[0])])
-    assert not model.grads["task.a.adapter.w"].any() and not model.grads["task.a.emb"].any()
+    a_enc = model.space_row["task:a"]
+    assert not model.grads["enc.3.w"][a_enc].any() and not model.grads["task.emb.e"][0].any()
+    assert model.grads["enc.5.w"][model.space_row["task:b"]].any() and model.grads["task.emb.e"][1].any()
     with pytest.raises(ValueError, match="unknown task 'zz'"):
         model.forward([Chunk("zz", rng.normal(size=(2, 5)))])
     with pytest.raises(ValueError, match="task 'a' has 3 input features, got \\[2, 5\\]"):
@@ -64,7 +66,8 @@ def test_add_task_with_grown_experts_keeps_old_function():
     model.add_task(TaskSpec("c", "binary", 3, 1), rng=rng, init_from="a", grow_experts=2)
     assert model.config.n_experts == 7 and model.layers[0].n_experts == 7
     assert model.params["block0.moe.experts.w1"].shape[0] == 7
-    np.testing.assert_array_equal(model.params["task.c.adapter.w"], model.params["task.a.adapter.w"])
+    enc = model.params["enc.3.w"]
+    np.testing.assert_array_equal(enc[model.space_row["task:c"]], enc[model.space_row["task:a"]])
     # new gate columns start like a fresh gate; old outputs only change if new experts win a slot
     out = model.forward([Chunk("a", x), Chunk("c", x)], train=False)
     assert out.outputs[1].shape == (6, 1)
