@@ -132,6 +132,10 @@ class Run:
                 phase, step = m.group(2), int(m.group(3))
         return phase, step
 
+    def last_line(self) -> str | None:
+        """The final stderr line without its stamp (the one-line error of a failed run)."""
+        return self.lines[-1].split(" ", 1)[-1] if self.lines else None
+
     def failures(self) -> list[tuple[float, str]]:
         return [(float(m.group(1)), m.group(2)) for m in map(FAILED.match, self.lines) if m]
 
@@ -260,7 +264,9 @@ def kill_shards(c: Campaign, runs: int, rng: random.Random) -> None:
         failures = run.failures()
         c.record("kill", {"run": i, "kills": kills, "exit": rc, "identical": not diff, "differs": diff[:5],
                           "failures": [f for _, f in failures], "seconds": round(time.time() - run.started, 1),
-                          "restarted_before_ready": sum("before it was ready" in line for line in run.lines)})
+                          "restarted_before_ready": sum("before it was ready" in line or "before the run began" in line
+                                                        for line in run.lines),
+                          "error": run.last_line() if rc else None})
 
 
 def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
@@ -295,7 +301,8 @@ def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
                                  "resumed": resumed, "exit": rc, "identical": not diff, "differs": diff[:5],
                                  "orphans": orphans, "stale_tmp_after_kill": len(stale),
                                  "stale_tmp_after_resume": len(left),
-                                 "launch_folders_left": launch_folders([run.p.pid, again.p.pid])})
+                                 "launch_folders_left": launch_folders([run.p.pid, again.p.pid]),
+                                 "error": again.last_line() if rc else None})
 
 
 def sigstop(c: Campaign, runs: int, rng: random.Random) -> None:

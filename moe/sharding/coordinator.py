@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from moe.sharding import security, session
-from moe.sharding.launch import LaunchError, LocalShards
+from moe.sharding.launch import START_ATTEMPTS, LaunchError, LocalShards
 from moe.sharding.links import Access, ShardError, ShardFailure, ShardLinks
 from moe.sharding.remote import RemoteExperts, contiguous_placement, load_placement_file
 
@@ -73,9 +73,13 @@ def open_expert_groups(
                 endpoints = shards.endpoints
             else:
                 endpoints = list(s.endpoints)
-            links = stack.enter_context(ShardLinks(
-                endpoints, run=run, access=Access(secret, curve), deadline_s=s.deadline_s, retries=s.retries,
-                heartbeat_s=s.heartbeat_s, liveness=shards.alive if shards is not None else None))
+
+            def connect() -> ShardLinks:
+                return ShardLinks(endpoints, run=run, access=Access(secret, curve), deadline_s=s.deadline_s,
+                                  retries=s.retries, heartbeat_s=s.heartbeat_s,
+                                  liveness=shards.alive if shards is not None else None)
+
+            links = stack.enter_context(_connect(connect, shards, echo))
         except (LaunchError, ShardFailure, ShardError) as e:
             raise ShardSetupError(f"could not start the shards: {e}") from None
         links.launcher = shards
@@ -102,6 +106,21 @@ def open_expert_groups(
                                    op="restart", waited_s=getattr(e, "waited_s", 0.0)) from err
 
         yield groups, on_failure
+
+
+def _connect(connect: Callable[[], ShardLinks], shards: LocalShards | None, echo: Callable[[str], None]) -> ShardLinks:
+    """Admitted links to every shard. A launched shard that dies or stalls after its READY line
+    but before its links are admitted (nothing has run yet) is started again, like one killed
+    before READY (START_ATTEMPTS in all); shards we did not launch are not ours to restart."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return connect()
+        except ShardFailure as e:
+            if shards is None or attempt == START_ATTEMPTS:
+                raise
+            echo(f"shard {e.shard} failed before the run began ({e}); starting it again")
+            shards.restart(e.shard, gen=0)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _discover_placement(links: ShardLinks, n_experts: int, config) -> np.ndarray:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -118,6 +119,29 @@ def test_a_shard_killed_before_it_was_ready_is_started_again(data, reference, tm
                           extra_args=lambda i: ["--fault", "start@0"] if i == 1 else [])
     assert any("shard 1 was killed before it was ready (signal 9); starting it again" in s for s in said), said
     assert not _failures(said)
+    assert_same_checkpoint(result.checkpoint, reference)
+
+
+@pytest.mark.timeout(180)
+def test_a_shard_killed_after_ready_before_its_links_are_admitted_is_started_again(data, reference, tmp_path):
+    """Shard 0 dies the moment shard 1 is ready: after its own READY, before any link to it is
+    admitted (the launcher's window between READY and the run's first request)."""
+    said: list[str] = []
+
+    def echo(line: str) -> None:
+        said.append(line)
+        if line.startswith("shard 1 ready") and not any(s.startswith("killed") for s in said):
+            (first,) = [s for s in said if s.startswith("shard 0 ready")]
+            pid = int(re.search(r"\(pid (\d+),", first).group(1))
+            os.kill(pid, signal.SIGKILL)
+            said.append(f"killed {pid}")
+
+    out = tmp_path / "run"
+    with open_expert_groups(shard_config(2), out, echo=echo) as (groups, on_failure):
+        result = Trainer(shard_config(2), data, out, expert_groups=groups, on_failure=on_failure,
+                         echo=said.append).train()
+    assert any(s.startswith("shard 0 failed before the run began") and "starting it again" in s for s in said), said
+    assert not _failures(said)  # nothing had run: no rollback, no failure counted
     assert_same_checkpoint(result.checkpoint, reference)
 
 
