@@ -1,6 +1,7 @@
 """Chaos campaign against `moe train --shards 2` and `moe shard serve` (figures: docs/RELIABILITY.md).
 
     python bench/chaos.py kills --runs 100        kill -9 a shard at uniformly random times
+    python bench/chaos.py phases --runs 60        kill -9 a shard at a uniform time within a phase, phases in turn
     python bench/chaos.py coordinator --runs 20   kill -9 the coordinator, then `moe train --resume`
     python bench/chaos.py sigstop --runs 10       SIGSTOP a shard: how long until the run notices
     python bench/chaos.py giveup --runs 3         a shard killed again and again: one line, exit 3
@@ -108,6 +109,8 @@ class Run:
         self.p = subprocess.Popen([sys.executable, "-c", HARNESS, *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
+        self.first_shard: float | None = None
+        self.ended: float | None = None
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -117,12 +120,23 @@ class Run:
 
     def wait(self, timeout: float = 900) -> int:
         rc = self.p.wait(timeout=timeout)
+        self.ended = time.time()
         self.reader.join(timeout=30)
         self.stdout = self.p.stdout.read()
         return rc
 
     def shard_pids(self) -> list[int]:
         return children(self.p.pid)
+
+    def first_shard_pids(self) -> list[int]:
+        """Wait until a shard process exists (its start time is kept); [] when the run ended first."""
+        pids = self.shard_pids()
+        while not pids and self.p.poll() is None:
+            time.sleep(0.002)
+            pids = self.shard_pids()
+        if pids and self.first_shard is None:
+            self.first_shard = time.time()
+        return pids
 
     def phase_at(self, t: float) -> tuple[str, int | None]:
         phase, step = "launch", None  # before the trainer's first phase: shards starting, READY
@@ -132,12 +146,38 @@ class Run:
                 phase, step = m.group(2), int(m.group(3))
         return phase, step
 
+    def records(self) -> list[tuple[float, str, int]]:
+        """The trainer's phase records so far: (time, phase, step)."""
+        return [(float(m.group(1)), m.group(2), int(m.group(3))) for m in map(PHASE.match, list(self.lines)) if m]
+
+    def wait_for(self, phase: str, nth: int) -> float | None:
+        """Wait until the trainer enters `phase` for the nth time (0-based); its time, or None
+        when the run ended first."""
+        while True:
+            seen = [t for t, ph, _ in self.records() if ph == phase]
+            if len(seen) > nth:
+                return seen[nth]
+            if self.p.poll() is not None:
+                return None
+            time.sleep(0.002)
+
     def last_line(self) -> str | None:
         """The final stderr line without its stamp (the one-line error of a failed run)."""
         return self.lines[-1].split(" ", 1)[-1] if self.lines else None
 
     def failures(self) -> list[tuple[float, str]]:
         return [(float(m.group(1)), m.group(2)) for m in map(FAILED.match, self.lines) if m]
+
+
+def windows(run: Run) -> dict[str, list[float]]:
+    """How long each occurrence of each phase lasted in a finished run (the nth entry of a
+    phase is its nth occurrence); 'launch' is from the first shard's start to the first record."""
+    recs = run.records()
+    ends = [t for t, _, _ in recs[1:]] + [run.ended]
+    out: dict[str, list[float]] = {"launch": [recs[0][0] - run.first_shard]} if recs else {}
+    for (t, phase, _), end in zip(recs, ends, strict=True):
+        out.setdefault(phase, []).append(end - t)
+    return out
 
 
 def children(pid: int) -> list[int]:
@@ -204,7 +244,8 @@ class Campaign:
         """The uninterrupted sharded run: its final state and wall time."""
         if self._reference is None:
             out = self.work / "reference"
-            run = Run(out, self.tasks)
+            run = self.reference_run = Run(out, self.tasks)
+            run.first_shard_pids()
             rc = run.wait()
             duration = time.time() - run.started
             if rc != 0:
@@ -234,39 +275,106 @@ class Campaign:
 
 
 def kill_shards(c: Campaign, runs: int, rng: random.Random) -> None:
-    """kill -9 of a shard at a uniformly random time in [0, the uninterrupted run's duration];
-    one run in four gets a second kill within 3 s of the first (to land in the recovery)."""
-    ref, duration = c.reference()
+    """kill -9 of a shard at a uniformly random time of the shards' working life (from the first
+    shard's start until the run's last use of the experts, the end of the profile, as long as in
+    the uninterrupted run; the idle tail after it is a phase of its own in kill_in_phases); one
+    run in four gets a second kill within 3 s of the first (to land in the recovery)."""
+    ref, _ = c.reference()
+    ref_run = c.reference_run
+    life = [t for t, phase, _ in ref_run.records() if phase == "profile done"][-1] - ref_run.first_shard
     for i in range(runs):
         out = c.out(f"kill-{i}")
         run = Run(out, c.tasks)
-        when = [rng.uniform(0, duration)]
+        when = [rng.uniform(0, life)]
         if rng.random() < 0.25:
             when.append(when[0] + rng.uniform(0.05, 3.0))
-        kills = []
+        kills: list[dict] = []
+        run.first_shard_pids()
         for t in when:
-            while time.time() < run.started + t and run.p.poll() is None:
-                time.sleep(0.005)
-            pids = run.shard_pids()
-            while not pids and run.p.poll() is None:  # no shard yet: the first one, as soon as it exists
-                time.sleep(0.002)
-                pids = run.shard_pids()
-            if run.p.poll() is not None or not pids:
-                kills.append({"at_s": round(time.time() - run.started, 3), "phase": "after the run"})
-                continue
-            victim = rng.choice(pids)
-            at = time.time()
-            os.kill(victim, signal.SIGKILL)
-            phase, step = run.phase_at(at)
-            kills.append({"at_s": round(at - run.started, 3), "phase": phase, "step": step})
+            while run.first_shard is not None and time.time() < run.first_shard + t and run.p.poll() is None:
+                time.sleep(0.001)
+            _kill(run, rng, kills)
         rc = run.wait()
         diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
-        failures = run.failures()
         c.record("kill", {"run": i, "kills": kills, "exit": rc, "identical": not diff, "differs": diff[:5],
-                          "failures": [f for _, f in failures], "seconds": round(time.time() - run.started, 1),
+                          "failures": [f for _, f in run.failures()], "seconds": round(time.time() - run.started, 1),
                           "restarted_before_ready": sum("before it was ready" in line or "before the run began" in line
                                                         for line in run.lines),
                           "error": run.last_line() if rc else None})
+
+
+TARGETS = ("launch", "start", "checkpoint save", "step", "evaluation", "final evaluation", "profile", "load",
+           "rollback", "profile done")  # the last: after the experts' last use (the report, stopping the shards)
+
+
+def kill_in_phases(c: Campaign, runs: int, rng: random.Random) -> None:
+    """Each run aims one kill -9 at a phase (the phases in turn): an occurrence of it drawn
+    uniformly from the uninterrupted run, and a time drawn uniformly within that occurrence's
+    duration there. 'load' is a `--resume` from the checkpoint of step 10; 'rollback' kills a
+    second shard inside the rollback that follows a kill at the start of step 16."""
+    ref, _ = c.reference()
+    base = windows(c.reference_run)
+    resumable = c.work / "stopped-at-10"
+    if not resumable.exists():
+        first = Run(resumable, c.tasks, extra=["--stop-at", "10"])
+        if first.wait() != 0:
+            raise SystemExit("the run to resume from failed:\n" + "\n".join(first.lines[-20:]))
+    calibrations = {"load": _calibrate(c, "load", resumable), "rollback": _calibrate(c, "rollback", resumable)}
+    for i in range(runs):
+        target = TARGETS[i % len(TARGETS)]
+        out = c.out(f"phase-{i}")
+        lengths = calibrations.get(target) or base[target]
+        nth = rng.randrange(len(lengths))
+        offset = rng.uniform(0, lengths[nth])
+        if target == "load":
+            shutil.copytree(resumable, out)
+        run = Run(out, c.tasks, resume=target == "load")
+        kills = []
+        pids = run.first_shard_pids()
+        if target == "launch":
+            start = run.first_shard
+        elif target == "rollback":
+            if run.wait_for("step", 15) is not None:
+                _kill(run, rng, kills)
+            start = run.wait_for("rollback", 0)
+        else:
+            start = run.wait_for(target, nth)
+        if start is not None and pids:
+            while time.time() < start + offset and run.p.poll() is None:
+                time.sleep(0.001)
+            _kill(run, rng, kills)
+        rc = run.wait()
+        diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
+        c.record("phase", {"run": i, "target": target, "occurrence": nth, "offset_s": round(offset, 4),
+                           "kills": kills, "exit": rc, "identical": not diff, "differs": diff[:5],
+                           "failures": [f for _, f in run.failures()], "seconds": round(time.time() - run.started, 1),
+                           "error": run.last_line() if rc else None})
+
+
+def _calibrate(c: Campaign, what: str, resumable: Path) -> list[float]:
+    """Durations of the 'load' phase of an uninterrupted resume, or of the rollback after a kill."""
+    out = c.out(f"calibrate-{what}")
+    if what == "load":
+        shutil.copytree(resumable, out)
+    run = Run(out, c.tasks, resume=what == "load")
+    run.first_shard_pids()
+    if what == "rollback" and run.wait_for("step", 15) is not None:
+        _kill(run, random.Random(0), [])
+    if run.wait() != 0:
+        raise SystemExit(f"the {what} calibration run failed:\n" + "\n".join(run.lines[-20:]))
+    return windows(run)[what]
+
+
+def _kill(run: Run, rng: random.Random, kills: list[dict]) -> None:
+    """kill -9 one of the run's shards (drawn at random); note when and in which phase."""
+    pids = run.shard_pids()
+    if run.p.poll() is not None or not pids:
+        kills.append({"at_s": round(time.time() - run.started, 3), "phase": "after the run"})
+        return
+    at = time.time()
+    os.kill(rng.choice(pids), signal.SIGKILL)
+    phase, step = run.phase_at(at)
+    kills.append({"at_s": round(at - run.started, 3), "phase": phase, "step": step})
 
 
 def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
@@ -530,15 +638,19 @@ def _secret_visible(pid: int) -> bool:
 
 def summary(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    kills = [r for r in rows if r["kind"] == "kill"]
-    if kills:
+    for kind, title in (("kill", "shard kill -9 at uniform times"), ("phase", "shard kill -9 aimed at a phase")):
+        kills = [r for r in rows if r["kind"] == kind]
+        if not kills:
+            continue
         phases: dict[str, int] = {}
         for r in kills:
             for k in r["kills"]:
                 phases[k["phase"]] = phases.get(k["phase"], 0) + 1
         ok = sum(r["exit"] == 0 and r["identical"] for r in kills)
-        print(f"shard kill -9: {len(kills)} runs, {sum(len(r['kills']) for r in kills)} kills, "
-              f"{ok}/{len(kills)} completed bit-identical; kills per phase {phases}")
+        real = sum(k["phase"] != "after the run" for r in kills for k in r["kills"])
+        print(f"{title}: {len(kills)} runs, {real} kills of a live shard ({phases.get('after the run', 0)} drawn "
+              f"after the run ended), {ok}/{len(kills)} completed bit-identical; kills per phase {phases}; "
+              f"recovered failures {sum(len(r['failures']) for r in kills)}; load {_loads(kills)}")
     coord = [r for r in rows if r["kind"] == "coordinator"]
     if coord:
         ok = sum(r["exit"] == 0 and r["identical"] for r in coord)
@@ -557,9 +669,14 @@ def summary(path: Path) -> None:
             print(r["kind"], {k: v for k, v in r.items() if k not in ("kind", "time")})
 
 
+def _loads(rows: list[dict]) -> str:
+    loads = [r["load"] for r in rows]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["kills", "coordinator", "sigstop", "giveup", "fuzz", "hijack", "quick", "summary"])
+    p.add_argument("what", choices=["kills", "phases", "coordinator", "sigstop", "giveup", "fuzz", "hijack", "quick", "summary"])
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--frames", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
@@ -573,6 +690,8 @@ def main() -> None:
     try:
         if args.what in ("kills", "quick"):
             kill_shards(c, args.runs if args.what == "kills" else 4, rng)
+        if args.what in ("phases", "quick"):
+            kill_in_phases(c, args.runs if args.what == "phases" else len(TARGETS), rng)
         if args.what in ("coordinator", "quick"):
             kill_coordinator(c, args.runs if args.what == "coordinator" else 2, rng)
         if args.what in ("sigstop", "quick"):

@@ -241,10 +241,13 @@ class Trainer:
         while True:
             try:
                 self._at(phase)
-                return fn()
+                out = fn()
             except ExpertGroupFailure as e:
                 self._recover(e)
                 self._advance(target)
+                continue
+            log.debug("phase %s done at step %d", phase, self.step)  # the experts are idle again
+            return out
 
     def _at(self, phase: str) -> None:
         self.phase = phase
