@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from moe import checkpoint as ckpt  # noqa: E402
 from moe.experts import state  # noqa: E402
+from moe.processes import pid_alive  # noqa: E402
 
 STEPS = 30
 OVERRIDES = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "model.n_layers=2", "model.k=2",
@@ -191,13 +192,6 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 out.append(int(d.name))
     return sorted(out)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def launch_folders(pids: list[int]) -> list[str]:
@@ -396,9 +390,9 @@ def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
             os.kill(run.p.pid, signal.SIGKILL)
         run.wait()
         deadline = time.time() + 60
-        while any(alive(p) for p in shards) and time.time() < deadline:
+        while any(pid_alive(p) for p in shards) and time.time() < deadline:
             time.sleep(0.05)
-        orphans = [p for p in shards if alive(p)]
+        orphans = [p for p in shards if pid_alive(p)]
         stale = [p.name for p in (out / "checkpoints").glob(".step-*.tmp-*")] if (out / "checkpoints").exists() else []
         resumed = bool(ckpt.list_checkpoints(out / "checkpoints"))
         again = Run(out, c.tasks, resume=resumed)

@@ -81,7 +81,6 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return sha256_bytes(text.encode())
 
 
-
 def remove_stale(root: str | Path) -> list[Path]:
     """Remove the `.step-*.tmp-PID` folders of writers that are gone (or of this process,
     which is not writing while it calls this). Returns what was removed."""

@@ -106,14 +106,6 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 30.0, every_s: floa
     return check()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead
-    except OSError:
-        return False
-
-
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -273,7 +273,6 @@ def remove_stale_launch_folders() -> list[Path]:
     return gone
 
 
-
 def _signal(p: subprocess.Popen, sig: int) -> None:
     try:
         p.send_signal(sig)

@@ -72,7 +72,6 @@ class Access:
         return s
 
 
-
 class Handshake:
     """One link's proof of the run secret, client side: hello, then auth, then check the shard's proof."""
 

@@ -224,7 +224,6 @@ def test_a_dead_endpoint_at_start_is_one_line_and_exit_status_2(monkeypatch, cap
     assert "within the 1 s deadline" in lines[-1] and "Traceback" not in err
 
 
-
 @pytest.mark.timeout(240)
 def test_a_tampered_expert_part_on_resume_is_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path):
     out = tmp_path / "run"

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from shardkit import pid_alive, wait_until
+from shardkit import wait_until
 
+from moe.processes import pid_alive
 from moe.sharding import session
 from moe.sharding.launch import LaunchError, LocalShards
 
@@ -37,11 +38,8 @@ except KeyboardInterrupt:
 """
 
 
-_alive = pid_alive
-
-
 def _wait_gone(pids: list[int], timeout_s: float = 60.0) -> bool:
-    return wait_until(lambda: not any(_alive(p) for p in pids), timeout_s)
+    return wait_until(lambda: not any(pid_alive(p) for p in pids), timeout_s)
 
 
 def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], list[str]]:
@@ -51,7 +49,7 @@ def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], lis
     line = p.stdout.readline()
     assert line, p.stderr.read()
     pids, endpoints = json.loads(line)
-    assert len(pids) == 2 and all(_alive(q) for q in pids)
+    assert len(pids) == 2 and all(pid_alive(q) for q in pids)
     return p, pids, endpoints
 
 
@@ -62,12 +60,12 @@ def test_no_orphans_when_the_coordinator_is_killed_with_sigkill(tmp_path):
     try:
         p.kill()  # SIGKILL: no cleanup code runs in the coordinator
         p.wait(timeout=10)
-        assert _wait_gone(pids), [q for q in pids if _alive(q)]
+        assert _wait_gone(pids), [q for q in pids if pid_alive(q)]
         assert folder.name.startswith("moe-shards-")
         assert not folder.exists(), sorted(os.listdir(folder))  # the exiting shards tidied up
     finally:
         for q in pids:
-            if _alive(q):
+            if pid_alive(q):
                 os.kill(q, signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)  # never leak it, even when the test fails
 
@@ -80,13 +78,13 @@ def test_no_orphans_after_ctrl_c(tmp_path):
         assert p.wait(timeout=60) == 130
         # The coordinator waits for its shards before it exits: they are gone now, and they
         # stopped on its SIGTERM (not on a watchdog such as the parent-death signal or a kill).
-        assert not any(_alive(q) for q in pids)
+        assert not any(pid_alive(q) for q in pids)
         logs = [(tmp_path / "run" / "shards" / f"shard-{i}.log").read_text() for i in range(2)]
         assert all("stopped on SIGTERM (parent alive)" in text for text in logs), logs
     finally:
         p.kill()
         for q in pids:
-            if _alive(q):
+            if pid_alive(q):
                 os.kill(q, signal.SIGKILL)
 
 
@@ -98,7 +96,7 @@ def test_a_shard_that_cannot_start_is_reported_and_nothing_is_left(tmp_path):
         with shards:
             pass
     assert "shard 1" in str(info.value)
-    assert shards.pids() and not any(_alive(q) for q in shards.pids())
+    assert shards.pids() and not any(pid_alive(q) for q in shards.pids())
 
 
 @pytest.mark.timeout(60)
@@ -111,7 +109,7 @@ def test_restart_keeps_the_endpoint_and_starts_the_new_generation(tmp_path):
         shards.restart(0, gen=3)
         assert shards.endpoints[0] == before and shards.pids()[0] != old_pid
         assert shards.alive(0) is None and shards.gens[0] == 3
-    assert not _alive(shards.pids()[0])
+    assert not pid_alive(shards.pids()[0])
 
 
 def _dead_pid() -> int:

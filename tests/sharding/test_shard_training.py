@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from shardkit import STEPS, assert_same_checkpoint, shard_config
-from shardkit import pid_alive as _alive
 
 import moe.api
 from moe import checkpoint as ckpt
 from moe.config import Config
+from moe.processes import pid_alive as _alive
 from moe.sharding.coordinator import open_expert_groups
 from moe.train import Trainer
 
