@@ -586,6 +586,9 @@ def hijack(c: Campaign, rng: random.Random) -> None:
     from shardkit import dealer, header, reply
 
     ref, _ = c.reference()
+    calm = Run(c.out("hijack-calm"), c.tasks, extra=["shards.transport=tcp"])  # the same run, unattacked
+    if calm.wait() != 0:
+        raise SystemExit("the unattacked tcp run failed:\n" + "\n".join(calm.lines[-20:]))
     out = c.out("hijack")
     run = Run(out, c.tasks, extra=["shards.transport=tcp"])
     while run.phase_at(time.time())[0] in ("launch",) and run.p.poll() is None:
@@ -611,6 +614,7 @@ def hijack(c: Campaign, rng: random.Random) -> None:
     diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
     c.record("hijack", {"exit": rc, "identical": not diff, "attempts": tries, "answered": answered,
                         "failures": [f for _, f in run.failures()], "ports": ports,
+                        "seconds": round(run.ended - run.started, 1), "unattacked_seconds": round(calm.ended - calm.started, 1),
                         "processes_showing_a_secret_in_argv_or_environ": exposed})
 
 
