@@ -6,6 +6,7 @@
     python bench/chaos.py sigstop --runs 10       SIGSTOP a shard: how long until the run notices
     python bench/chaos.py giveup --runs 3         a shard killed again and again: one line, exit 3
     python bench/chaos.py fuzz --frames 1000000   fuzzed frames at a live shard: up, RSS growth
+    python bench/chaos.py flood                   the issue's memory cases: a pipelined flood, a 750 MiB message
     python bench/chaos.py hijack                  a second local client against a live run
     python bench/chaos.py quick                   a handful of each (the CI form is tests/sharding/test_chaos.py)
 
@@ -450,9 +451,9 @@ def give_up(c: Campaign, runs: int, rng: random.Random) -> None:
                             "seconds": round(time.time() - run.started, 1)})
 
 
-def _serve(secret_file: Path) -> tuple[subprocess.Popen, str]:
+def _serve(secret_file: Path, d_model: int = 8) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "moe.sharding.serve", "--bind", "tcp://127.0.0.1:*", "--experts", "0-3",
-           "--layers", "1", "--d-model", "8", "--d-hidden", "8", "--run", "fuzz-run", "--secret-file",
+           "--layers", "1", "--d-model", str(d_model), "--d-hidden", "8", "--run", "fuzz-run", "--secret-file",
            str(secret_file), "--log-level", "ERROR"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -460,11 +461,80 @@ def _serve(secret_file: Path) -> tuple[subprocess.Popen, str]:
     return p, line[1]
 
 
-def _rss(pid: int) -> int:
-    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _peak(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+
+
+def flood(c: Campaign, rng: random.Random) -> None:
+    """The issue's memory cases against a live `moe shard serve`: 48 pipelined 8 MiB forwards from
+    the coordinator's (admitted) link, and a 750 MiB message in 3 frames, from a connection without
+    the transport password and from an admitted link. Peak (VmHWM) and after (VmRSS) growth."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from shardkit import admitted, dealer, header, reply, rss_bytes
+
+    from moe.sharding import session
+
+    secret = session.new_secret()
+    D = 64
+    p, endpoint = _serve(session.write_secret(c.work / "flood.secret", secret), d_model=D)
+    try:
+        link = admitted(endpoint, secret, "fuzz-run")
+        rows = (8 << 20) // (4 * D)
+        x = np.ones((rows, D), dtype=np.float32).tobytes()
+
+        def forward(seq: int) -> list:
+            return [header("forward", "fuzz-run", seq=seq, experts=[0], offsets=[0, rows],
+                           arrays=[{"dtype": "<f4", "shape": [rows, D]}]), x]
+
+        def settled() -> int:
+            """RSS once the shard has finished with what came before (a ping answered after it)."""
+            link.send(header("ping", "fuzz-run", seq=next(pings)))
+            reply(link, 60.0)
+            return rss_bytes(p.pid)
+
+        pings = iter(range(7000, 8000))
+        for seq in (10, 11):  # warm up
+            link.send_multipart(forward(seq))
+            reply(link, 60.0)
+        base = rss_bytes(p.pid)
+        _reset_peak(p.pid)
+        for i in range(48):
+            link.send_multipart(forward(100 + i))
+        kinds = [(m.header.op if m.header.op == "ok" else m.header.meta["code"]) if m is not None else "none"
+                 for m in (reply(link, 120.0) for _ in range(48))]
+        row = {"pipelined_8mib_forwards": 48, "answers": {k: kinds.count(k) for k in set(kinds)},
+               "peak_growth_mb": round((_peak(p.pid) - base) / 2**20, 1),
+               "after_growth_mb": round((settled() - base) / 2**20, 1)}
+        big = [np.zeros((250 << 20) // 4, dtype=np.float32) for _ in range(3)]  # 750 MiB in 3 frames
+        for who, sock in (("no password", dealer(endpoint, None)), ("admitted", link)):
+            base = rss_bytes(p.pid)
+            _reset_peak(p.pid)
+            try:
+                sock.send_multipart([header("ping", "fuzz-run", seq=5000), *big], flags=1, copy=False)
+            except Exception:  # noqa: BLE001 - zmq.Again: not connected, nothing is even queued
+                pass
+            got = reply(sock, 60.0 if who == "admitted" else 3.0)
+            row[f"750mib_3_frames_{who.replace(' ', '_')}"] = {
+                "reply": None if got is None else (got.header.op if got.header.op != "error"
+                                                   else got.header.meta["code"]),
+                "peak_growth_mb": round((_peak(p.pid) - base) / 2**20, 1),
+                "after_growth_mb": round((settled() - base) / 2**20, 1)}
+            if sock is not link:
+                sock.close(linger=0)
+        del big
+        link.send(header("ping", "fuzz-run", seq=6000))
+        row["alive"] = p.poll() is None and reply(link, 30.0) is not None
+        link.close(linger=0)
+        c.record("flood", row)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
 
 
 def fuzz(c: Campaign, frames: int, rng: random.Random) -> None:
@@ -472,7 +542,7 @@ def fuzz(c: Campaign, frames: int, rng: random.Random) -> None:
     decoder and the server's logic), from a link past the transport but not admitted, and raw
     TCP noise. The shard must stay up; RSS growth after the warm-up must stay under 10 MB."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from shardkit import admitted, dealer, header, transport_password
+    from shardkit import admitted, dealer, header, rss_bytes, transport_password
 
     from moe.sharding import session, wire
 
@@ -533,7 +603,7 @@ def fuzz(c: Campaign, frames: int, rng: random.Random) -> None:
             sent += batch
             replies += drain(sock, batch)
             if rss0 is None and frames_sent >= warm:
-                rss0 = _rss(p.pid)
+                rss0 = rss_bytes(p.pid)
             if frames_sent % 100_000 < 1000:
                 host, port = endpoint[len("tcp://"):].rsplit(":", 1)
                 noise = socket.create_connection((host, int(port)))
@@ -542,7 +612,7 @@ def fuzz(c: Campaign, frames: int, rng: random.Random) -> None:
                 except OSError:
                     pass
                 noise.close()
-        rss1 = _rss(p.pid)
+        rss1 = rss_bytes(p.pid)
         link.send(header("ping", "fuzz-run", seq=1 << 50))
         ok = link.poll(10_000) and link.recv_multipart() is not None
         c.record("fuzz", {"frames": frames_sent - warm, "messages": sent, "replies": replies, "alive": p.poll() is None
@@ -663,7 +733,7 @@ def summary(path: Path) -> None:
         print(f"SIGSTOP: {len(stops)} runs, detected after median {statistics.median(t):.2f} s, max {max(t):.2f} s; "
               f"{sum(r['identical'] for r in stops)} bit-identical")
     for r in rows:
-        if r["kind"] in ("giveup", "fuzz", "hijack"):
+        if r["kind"] in ("giveup", "fuzz", "flood", "hijack"):
             print(r["kind"], {k: v for k, v in r.items() if k not in ("kind", "time")})
 
 
@@ -674,7 +744,8 @@ def _loads(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["kills", "phases", "coordinator", "sigstop", "giveup", "fuzz", "hijack", "quick", "summary"])
+    p.add_argument("what", choices=["kills", "phases", "coordinator", "sigstop", "giveup", "fuzz", "flood", "hijack", "quick",
+                                      "summary"])
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--frames", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
@@ -698,6 +769,8 @@ def main() -> None:
             give_up(c, args.runs if args.what == "giveup" else 1, rng)
         if args.what in ("fuzz", "quick"):
             fuzz(c, args.frames if args.what == "fuzz" else 20_000, rng)
+        if args.what in ("flood", "quick"):
+            flood(c, rng)
         if args.what in ("hijack", "quick"):
             hijack(c, rng)
     finally:
