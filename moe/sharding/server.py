@@ -38,8 +38,7 @@ from moe.sharding.wire import DEFAULT_LIMITS, Header, Limits, Message, WireError
 
 log = logging.getLogger("moe.shard")
 
-WORKER_OPS = ("forward", "backward", "update", "save", "load")
-LINK_OPS = ("ping", "stats", "shutdown")  # answered by the I/O thread, in the link's order
+WORKER_OPS = ("forward", "backward", "update", "save", "load")  # the rest: the I/O thread, in the link's order
 MAX_QUEUED = 8  # requests taken off the socket and not yet answered (any op), over all links
 RCVHWM = 16  # messages libzmq queues per connection before it stops reading that connection
 FAULT_OPS = ("start", *WORKER_OPS)

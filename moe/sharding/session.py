@@ -149,7 +149,6 @@ class Admission:
         self.links: OrderedDict[bytes, None] = OrderedDict()
         self.session: str | None = None  # id of the current session
         self.sessions = 0
-        self.refused = 0
 
     def admitted(self, ident: bytes) -> bool:
         return ident in self.links
@@ -171,7 +170,6 @@ class Admission:
         new session: every other link loses its admission. One try per challenge."""
         challenge = self.pending.pop(ident, None)
         if challenge is None or not same(proof, client_proof(self._secret, run, challenge[1], challenge[0])):
-            self.refused += 1
             return None
         if join is not None and self.session is None:
             return NO_SESSION
@@ -186,7 +184,3 @@ class Admission:
         while len(self.links) > self.MAX_LINKS:
             self.links.popitem(last=False)
         return shard_proof(self._secret, run, challenge[0], challenge[1], self.session), self.session
-
-    def forget(self, ident: bytes) -> None:
-        self.links.pop(ident, None)
-        self.pending.pop(ident, None)
