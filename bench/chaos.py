@@ -227,9 +227,12 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
 
 
 class Campaign:
-    def __init__(self, args) -> None:
+    """The runs of one invocation: their folders under `work` (a fresh temp folder by default,
+    removed at the end), the uninterrupted reference, and the result rows."""
+
+    def __init__(self, args, work: Path | None = None) -> None:
         self.args = args
-        self.work = Path(tempfile.mkdtemp(prefix="moe-chaos-"))
+        self.work = Path(tempfile.mkdtemp(prefix="moe-chaos-")) if work is None else Path(work)
         self.tasks = task_file(self.work / "tasks")
         self.results = Path(args.out)
         self.rows: list[dict] = []
@@ -425,9 +428,12 @@ def sigstop(c: Campaign, runs: int, rng: random.Random) -> None:
         rc = run.wait()
         seen = [t for t, _ in run.failures() if t >= at]
         diff = same(final_state(c.work / f"stop-{i}"), ref) if rc == 0 else ["(no result)"]
+        why = [m.group(3) for m in map(FAILED.match, run.lines) if m][:1]
+        how = None if not why else "heartbeats" if "missed heartbeats" in why[0] else \
+            "deadline" if "deadline" in why[0] else why[0][:120]
         c.record("sigstop", {"run": i, "phase": phase, "step": step, "detected_after_s":
                              round(seen[0] - at, 3) if seen else None, "exit": rc, "identical": not diff,
-                             "failure": run.failures()[0][1] if run.failures() else None})
+                             "failure": run.failures()[0][1] if run.failures() else None, "detected_by": how})
 
 
 def give_up(c: Campaign, runs: int, rng: random.Random) -> None:

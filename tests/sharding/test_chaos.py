@@ -1,7 +1,8 @@
 """The short form of the chaos campaign (bench/chaos.py; the full figures are in docs/RELIABILITY.md).
 
 Real `moe train --shards 2` processes: shards killed with -9 at random times (seeded), the
-coordinator killed and resumed, a shard killed until the run gives up, and fuzzed frames at a
+coordinator killed and resumed, a shard stopped with SIGSTOP, a shard killed until the run gives
+up, and fuzzed frames at a
 live `moe shard serve`. Oracles: one uninterrupted run (bit-identical final state, the load
 profile included), the process table (no orphans), the temp folder (no launch folders left),
 the kernel's RSS of the fuzzed shard.
@@ -32,11 +33,7 @@ def chaos():
 @pytest.fixture(scope="module")
 def campaign(chaos, tmp_path_factory):
     out = tmp_path_factory.mktemp("chaos")
-    c = chaos.Campaign(argparse.Namespace(out=str(out / "results.jsonl")))
-    yield c
-    import shutil
-
-    shutil.rmtree(c.work, ignore_errors=True)
+    return chaos.Campaign(argparse.Namespace(out=str(out / "results.jsonl")), work=out / "work")
 
 
 @pytest.mark.timeout(900)
@@ -54,6 +51,14 @@ def test_a_killed_coordinator_resumes_bit_identically_and_leaves_nothing(chaos, 
     (r,) = [r for r in campaign.rows if r["kind"] == "coordinator"]
     assert r["exit"] == 0 and r["identical"], r
     assert r["orphans"] == [] and r["stale_tmp_after_resume"] == 0 and r["launch_folders_left"] == [], r
+
+
+@pytest.mark.timeout(900)
+def test_a_stopped_shard_is_detected_and_the_run_completes_bit_identically(chaos, campaign):
+    chaos.sigstop(campaign, 1, random.Random(5))
+    (r,) = [r for r in campaign.rows if r["kind"] == "sigstop"]
+    assert r["exit"] == 0 and r["identical"], r
+    assert r["detected_after_s"] is not None and r["detected_by"] in ("deadline", "heartbeats"), r
 
 
 @pytest.mark.timeout(900)
