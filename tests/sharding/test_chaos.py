@@ -2,8 +2,7 @@
 
 Real `moe train --shards 2` processes: shards killed with -9 at random times (seeded), the
 coordinator killed and resumed, a shard stopped with SIGSTOP, a shard killed until the run gives
-up, and fuzzed frames at a
-live `moe shard serve`. Oracles: one uninterrupted run (bit-identical final state, the load
+up, and fuzzed frames at a live `moe shard serve`. Oracles: one uninterrupted run (bit-identical final state, the load
 profile included), the process table (no orphans), the temp folder (no launch folders left),
 the kernel's RSS of the fuzzed shard.
 """
