@@ -294,7 +294,7 @@ def kill_shards(c: Campaign, runs: int, rng: random.Random) -> None:
             _kill(run, rng, kills)
         rc = run.wait()
         diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
-        c.record("kill", {"run": i, "kills": kills, "exit": rc, "identical": not diff, "differs": diff[:5],
+        c.record("kill", {"run": i, "kills": placed(run, kills), "exit": rc, "identical": not diff, "differs": diff[:5],
                           "failures": [f for _, f in run.failures()], "seconds": round(time.time() - run.started, 1),
                           "restarted_before_ready": sum("before it was ready" in line or "before the run began" in line
                                                         for line in run.lines),
@@ -344,7 +344,7 @@ def kill_in_phases(c: Campaign, runs: int, rng: random.Random) -> None:
         rc = run.wait()
         diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
         c.record("phase", {"run": i, "target": target, "occurrence": nth, "offset_s": round(offset, 4),
-                           "kills": kills, "exit": rc, "identical": not diff, "differs": diff[:5],
+                           "kills": placed(run, kills), "exit": rc, "identical": not diff, "differs": diff[:5],
                            "failures": [f for _, f in run.failures()], "seconds": round(time.time() - run.started, 1),
                            "error": run.last_line() if rc else None})
 
@@ -371,8 +371,19 @@ def _kill(run: Run, rng: random.Random, kills: list[dict]) -> None:
         return
     at = time.time()
     os.kill(rng.choice(pids), signal.SIGKILL)
-    phase, step = run.phase_at(at)
-    kills.append({"at_s": round(at - run.started, 3), "phase": phase, "step": step})
+    kills.append({"at": at})  # placed in its phase once every record of the run has been read
+
+
+def placed(run: Run, kills: list[dict]) -> list[dict]:
+    """The kills with their time into the run and the phase the trainer was in (after run.wait())."""
+    out = []
+    for k in kills:
+        if "at" not in k:
+            out.append(k)
+            continue
+        phase, step = run.phase_at(k["at"])
+        out.append({"at_s": round(k["at"] - run.started, 3), "phase": phase, "step": step})
+    return out
 
 
 def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
@@ -387,12 +398,11 @@ def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
             time.sleep(0.005)
         shards = run.shard_pids()
         at = time.time()
-        phase, step = run.phase_at(at)
-        if run.p.poll() is not None:
-            phase, step = "after the run", None
-        else:
+        over = run.p.poll() is not None
+        if not over:
             os.kill(run.p.pid, signal.SIGKILL)
         run.wait()
+        phase, step = ("after the run", None) if over else run.phase_at(at)
         deadline = time.time() + 60
         while any(pid_alive(p) for p in shards) and time.time() < deadline:
             time.sleep(0.05)
@@ -424,8 +434,8 @@ def sigstop(c: Campaign, runs: int, rng: random.Random) -> None:
         victim = rng.choice(pids)
         at = time.time()
         os.kill(victim, signal.SIGSTOP)
-        phase, step = run.phase_at(at)
         rc = run.wait()
+        phase, step = run.phase_at(at)
         seen = [t for t, _ in run.failures() if t >= at]
         diff = same(final_state(c.work / f"stop-{i}"), ref) if rc == 0 else ["(no result)"]
         why = [m.group(3) for m in map(FAILED.match, run.lines) if m][:1]
