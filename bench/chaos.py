@@ -54,25 +54,64 @@ OVERRIDES = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "mode
              "train.warmup=5", "train.keep_last=10", "train.baseline=false", "data.n_family=2",
              "data.family_size=200", "data.builtin=false"]
 # The coordinator: `moe train` itself (moe.cli.main), with its trainer's phases logged and
-# every stderr line stamped with the wall clock, so a kill can be placed in its phase.
+# every stderr line stamped with the wall clock, so a kill can be placed in its phase. With
+# MOE_CHAOS_AIMS (a JSON list of {"phase", "nth", "offset"}) it also kills one of its own shards
+# (drawn with MOE_CHAOS_SEED) `offset` seconds after the trainer enters `phase` for the nth time
+# (0-based): aimed from inside, so phases of a few milliseconds can be hit.
 HARNESS = r"""
-import logging, sys, time
+import json, logging, os, random, signal, sys, threading, time
 class Stamped:
-    def __init__(self, out): self.out, self.buf = out, ""
+    def __init__(self, out): self.out, self.buf, self.lock = out, "", threading.Lock()
     def write(self, s):
-        self.buf += s
-        while "\n" in self.buf:
-            line, self.buf = self.buf.split("\n", 1)
-            self.out.write(f"{time.time():.6f} {line}\n"); self.out.flush()
+        with self.lock:
+            self.buf += s
+            while "\n" in self.buf:
+                line, self.buf = self.buf.split("\n", 1)
+                self.out.write(f"{time.time():.6f} {line}\n"); self.out.flush()
         return len(s)
     def flush(self): self.out.flush()
 sys.stderr = Stamped(sys.stderr)
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
 logging.getLogger("moe.train").setLevel(logging.DEBUG)
+AIMS = json.loads(os.environ.get("MOE_CHAOS_AIMS", "[]"))
+if AIMS:
+    sys.setswitchinterval(1e-4)  # the timer thread gets the GIL within 0.1 ms
+    pick = random.Random(int(os.environ.get("MOE_CHAOS_SEED", "0")))
+    def shards():
+        me, out = os.getpid(), []
+        for d in os.listdir("/proc"):
+            try:
+                f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(f[1]) == me and f[0] != "Z":
+                out.append(int(d))
+        return sorted(out)
+    def kill():
+        pids = shards()
+        if pids:
+            pid = pick.choice(pids)
+            os.kill(pid, signal.SIGKILL)
+            sys.stderr.write(f"chaos killed {pid}\n")
+    class Aim(logging.Handler):
+        seen = {}
+        def emit(self, record):
+            text = record.getMessage()
+            for a in AIMS:
+                if text.startswith(f"phase {a['phase']} at step"):
+                    n = self.seen[a["phase"]] = self.seen.get(a["phase"], -1) + 1
+                    if n == a["nth"] and a["offset"] > 0:
+                        timer = threading.Timer(a["offset"], kill)
+                        timer.daemon = True  # an aim past the end of the run never fires
+                        timer.start()
+                    elif n == a["nth"]:
+                        kill()  # at once, before the phase sends anything
+    logging.getLogger().addHandler(Aim(logging.DEBUG))  # after the record is written (and stamped)
 from moe.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 PHASE = re.compile(r"^(\d+\.\d+) moe\.train phase (.+) at step (\d+)$")
+HARNESS_KILL = re.compile(r"^(\d+\.\d+) chaos killed (\d+)$")
 FAILED = re.compile(r"^(\d+\.\d+) (.+) failed: (.*); rolling back to (.+)$")
 
 
@@ -99,7 +138,8 @@ def task_file(folder: Path) -> Path:
 class Run:
     """One `moe train` process; its stderr is read by a thread into timestamped lines."""
 
-    def __init__(self, out: Path, tasks: Path, *, shards: int = 2, resume: bool = False, extra=()) -> None:
+    def __init__(self, out: Path, tasks: Path, *, shards: int = 2, resume: bool = False, extra=(),
+                 aims: list[dict] | None = None, seed: int = 0) -> None:
         args = ["train", "--out", str(out), "--no-progress", "--json", *OVERRIDES, f"data.task_file={tasks}",
                 *extra]
         if shards:
@@ -107,6 +147,8 @@ class Run:
         if resume:
             args.insert(1, "--resume")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        if aims:
+            env.update(MOE_CHAOS_AIMS=json.dumps(aims), MOE_CHAOS_SEED=str(seed))
         self.started = time.time()
         self.p = subprocess.Popen([sys.executable, "-c", HARNESS, *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env)
@@ -163,6 +205,10 @@ class Run:
                 return None
             time.sleep(0.002)
 
+    def harness_kills(self) -> list[dict]:
+        """The kills the harness made (aims), as _kill notes them."""
+        return [{"at": float(m.group(1))} for m in map(HARNESS_KILL.match, self.lines) if m]
+
     def last_line(self) -> str | None:
         """The final stderr line without its stamp (the one-line error of a failed run)."""
         return self.lines[-1].split(" ", 1)[-1] if self.lines else None
@@ -176,7 +222,7 @@ def windows(run: Run) -> dict[str, list[float]]:
     phase is its nth occurrence); 'launch' is from the first shard's start to the first record."""
     recs = run.records()
     ends = [t for t, _, _ in recs[1:]] + [run.ended]
-    out: dict[str, list[float]] = {"launch": [recs[0][0] - run.first_shard]} if recs else {}
+    out: dict[str, list[float]] = {"launch": [recs[0][0] - run.first_shard]} if recs and run.first_shard else {}
     for (t, phase, _), end in zip(recs, ends, strict=True):
         out.setdefault(phase, []).append(end - t)
     return out
@@ -301,6 +347,7 @@ def kill_shards(c: Campaign, runs: int, rng: random.Random) -> None:
                           "error": run.last_line() if rc else None})
 
 
+SHORT_PHASE_S = 0.05
 TARGETS = ("launch", "start", "checkpoint save", "step", "evaluation", "final evaluation", "profile", "load",
            "rollback", "profile done")  # the last: after the experts' last use (the report, stopping the shards)
 
@@ -308,8 +355,11 @@ TARGETS = ("launch", "start", "checkpoint save", "step", "evaluation", "final ev
 def kill_in_phases(c: Campaign, runs: int, rng: random.Random) -> None:
     """Each run aims one kill -9 at a phase (the phases in turn): an occurrence of it drawn
     uniformly from the uninterrupted run, and a time drawn uniformly within that occurrence's
-    duration there. 'load' is a `--resume` from the checkpoint of step 10; 'rollback' kills a
-    second shard inside the rollback that follows a kill at the start of step 16."""
+    duration there (for occurrences shorter than SHORT_PHASE_S, at its very start); the
+    coordinator itself kills the shard (HARNESS), so phases of a few milliseconds are hit. 'launch' (seconds long, before the trainer logs anything) is aimed
+    from outside, from the first shard's start. 'load' is a `--resume` from the checkpoint of
+    step 10; 'rollback' kills a second shard inside the rollback that follows a kill at the
+    start of step 16. Each kill is then placed in the phase it really landed in."""
     ref, _ = c.reference()
     base = windows(c.reference_run)
     resumable = c.work / "stopped-at-10"
@@ -323,25 +373,21 @@ def kill_in_phases(c: Campaign, runs: int, rng: random.Random) -> None:
         out = c.out(f"phase-{i}")
         lengths = calibrations.get(target) or base[target]
         nth = rng.randrange(len(lengths))
-        offset = rng.uniform(0, lengths[nth])
+        # a timer cannot aim inside a phase of a few ms on a loaded machine: kill on entering it
+        offset = rng.uniform(0, lengths[nth]) if lengths[nth] >= SHORT_PHASE_S else 0.0
         if target == "load":
             shutil.copytree(resumable, out)
-        run = Run(out, c.tasks, resume=target == "load")
-        kills = []
-        pids = run.first_shard_pids()
-        if target == "launch":
-            start = run.first_shard
-        elif target == "rollback":
-            if run.wait_for("step", 15) is not None:
-                _kill(run, rng, kills)
-            start = run.wait_for("rollback", 0)
-        else:
-            start = run.wait_for(target, nth)
-        if start is not None and pids:
-            while time.time() < start + offset and run.p.poll() is None:
+        aims = [] if target == "launch" else [{"phase": target, "nth": nth, "offset": offset}]
+        if target == "rollback":
+            aims.insert(0, {"phase": "step", "nth": 15, "offset": 0.0})
+        run = Run(out, c.tasks, resume=target == "load", aims=aims, seed=rng.randrange(1 << 30))
+        kills: list[dict] = []
+        if target == "launch" and run.first_shard_pids():
+            while time.time() < run.first_shard + offset and run.p.poll() is None:
                 time.sleep(0.001)
             _kill(run, rng, kills)
         rc = run.wait()
+        kills += run.harness_kills()
         diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
         c.record("phase", {"run": i, "target": target, "occurrence": nth, "offset_s": round(offset, 4),
                            "kills": placed(run, kills), "exit": rc, "identical": not diff, "differs": diff[:5],
@@ -354,10 +400,8 @@ def _calibrate(c: Campaign, what: str, resumable: Path) -> list[float]:
     out = c.out(f"calibrate-{what}")
     if what == "load":
         shutil.copytree(resumable, out)
-    run = Run(out, c.tasks, resume=what == "load")
-    run.first_shard_pids()
-    if what == "rollback" and run.wait_for("step", 15) is not None:
-        _kill(run, random.Random(0), [])
+    aims = [{"phase": "step", "nth": 15, "offset": 0.0}] if what == "rollback" else None
+    run = Run(out, c.tasks, resume=what == "load", aims=aims)
     if run.wait() != 0:
         raise SystemExit(f"the {what} calibration run failed:\n" + "\n".join(run.lines[-20:]))
     return windows(run)[what]
@@ -732,8 +776,9 @@ def summary(path: Path) -> None:
                 phases[k["phase"]] = phases.get(k["phase"], 0) + 1
         ok = sum(r["exit"] == 0 and r["identical"] for r in kills)
         real = sum(k["phase"] != "after the run" for r in kills for k in r["kills"])
-        print(f"{title}: {len(kills)} runs, {real} kills of a live shard ({phases.get('after the run', 0)} drawn "
-              f"after the run ended), {ok}/{len(kills)} completed bit-identical; kills per phase {phases}; "
+        missed = phases.get("after the run", 0) + sum(not r["kills"] for r in kills)
+        print(f"{title}: {len(kills)} runs, {real} kills of a live shard ({missed} drawn after the run ended), "
+              f"{ok}/{len(kills)} completed bit-identical; kills per phase {phases}; "
               f"recovered failures {sum(len(r['failures']) for r in kills)}; load {_loads(kills)}")
     coord = [r for r in rows if r["kind"] == "coordinator"]
     if coord:
