@@ -209,6 +209,11 @@ class Run:
         """The kills the harness made (aims), as _kill notes them."""
         return [{"at": float(m.group(1))} for m in map(HARNESS_KILL.match, self.lines) if m]
 
+    def shard_logs(self, out: Path, lines: int = 6) -> dict[str, list[str]]:
+        """The last lines of each shard's log (kept in a failed run's row)."""
+        logs = sorted((out / "shards").glob("shard-*.log")) if (out / "shards").is_dir() else []
+        return {p.name: p.read_text(errors="replace").splitlines()[-lines:] for p in logs}
+
     def last_line(self) -> str | None:
         """The final stderr line without its stamp (the one-line error of a failed run)."""
         return self.lines[-1].split(" ", 1)[-1] if self.lines else None
@@ -344,7 +349,8 @@ def kill_shards(c: Campaign, runs: int, rng: random.Random) -> None:
                           "failures": [f for _, f in run.failures()], "seconds": round(time.time() - run.started, 1),
                           "restarted_before_ready": sum("before it was ready" in line or "before the run began" in line
                                                         for line in run.lines),
-                          "error": run.last_line() if rc else None})
+                          "error": run.last_line() if rc else None,
+                          "shard_logs": run.shard_logs(out) if rc else None})
 
 
 SHORT_PHASE_S = 0.05
@@ -392,7 +398,8 @@ def kill_in_phases(c: Campaign, runs: int, rng: random.Random) -> None:
         c.record("phase", {"run": i, "target": target, "occurrence": nth, "offset_s": round(offset, 4),
                            "kills": placed(run, kills), "exit": rc, "identical": not diff, "differs": diff[:5],
                            "failures": [f for _, f in run.failures()], "seconds": round(time.time() - run.started, 1),
-                           "error": run.last_line() if rc else None})
+                           "error": run.last_line() if rc else None,
+                           "shard_logs": run.shard_logs(out) if rc else None})
 
 
 def _calibrate(c: Campaign, what: str, resumable: Path) -> list[float]:

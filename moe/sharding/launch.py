@@ -77,7 +77,8 @@ class LocalShards:
             self.common += ["--curve-dir", str(curve_dir)]
         self.transport, self.extra_args, self.echo = transport, extra_args, echo
         self.cpus = list(cpus) if cpus is not None else [None] * self.n
-        remove_stale_launch_folders()
+        for gone in remove_stale_launch_folders():
+            echo(f"removed {gone}, the launch folder of a coordinator that is gone")
         # short path (ipc names max ~100 bytes); the pid lets a later launcher tidy up after a -9
         self.tmp = Path(tempfile.mkdtemp(prefix=f"moe-shards-{os.getpid()}-"))
         self.log_dir = Path(log_dir) if log_dir is not None else self.tmp

@@ -587,6 +587,7 @@ def remove_launch_folder(endpoint: str, orphaned: bool) -> None:
     if not path.parent.name.startswith("moe-shards-"):
         return
     if orphaned:
+        log.info("removing the launch folder %s (the coordinator is gone)", path.parent)
         shutil.rmtree(path.parent, ignore_errors=True)
         return
     try:
