@@ -196,6 +196,10 @@ class LocalShards:
             args += ["--cpus", ",".join(map(str, self.cpus[i]))]
         if self.extra_args is not None:
             args += self.extra_args(i)
+        if not self.tmp.is_dir():  # removed by another process: the ipc bind (and the default logs) need it
+            self.echo(f"the launch folder {self.tmp} was removed while the run used it; making it again")
+            self.tmp.mkdir(mode=0o700, exist_ok=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(i), "ab")
         self.log_start[i] = log.tell()  # this process's lines start here (for one-line errors)
         try:

@@ -150,3 +150,19 @@ def test_a_shard_whose_launcher_died_before_it_started_removes_the_launch_folder
         assert not folder.exists()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_after_the_launch_folder_was_removed_binds_again(tmp_path):
+    """Another process removed the ipc folder while the run used it: the restarted shard's bind
+    would fail with 'No such file or directory' unless the launcher makes the folder again."""
+    lines: list[str] = []
+    with LocalShards([[0]], n_layers=1, d_model=4, d_hidden=4, run="r", secret=SECRET, log_dir=tmp_path,
+                     echo=lines.append) as shards:
+        os.kill(shards.pids()[0], signal.SIGKILL)
+        shards.procs[0].wait(timeout=30)
+        shutil.rmtree(shards.tmp)
+        shards.restart(0, gen=1)
+        assert shards.alive(0) is None and shards.endpoints[0].startswith(f"ipc://{shards.tmp}/")
+        assert any("was removed while the run used it" in line for line in lines), lines
+    assert not shards.tmp.exists()
