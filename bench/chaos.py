@@ -57,7 +57,8 @@ OVERRIDES = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "mode
 # every stderr line stamped with the wall clock, so a kill can be placed in its phase. With
 # MOE_CHAOS_AIMS (a JSON list of {"phase", "nth", "offset"}) it also kills one of its own shards
 # (drawn with MOE_CHAOS_SEED) `offset` seconds after the trainer enters `phase` for the nth time
-# (0-based): aimed from inside, so phases of a few milliseconds can be hit.
+# (0-based): aimed from inside, so phases of a few milliseconds can be hit. An aim with
+# "signal": "STOP" sends SIGSTOP instead.
 HARNESS = r"""
 import json, logging, os, random, signal, sys, threading, time
 class Stamped:
@@ -87,12 +88,12 @@ if AIMS:
             if int(f[1]) == me and f[0] != "Z":
                 out.append(int(d))
         return sorted(out)
-    def kill():
+    def kill(sig="KILL"):
         pids = shards()
         if pids:
             pid = pick.choice(pids)
-            os.kill(pid, signal.SIGKILL)
-            sys.stderr.write(f"chaos killed {pid}\n")
+            os.kill(pid, getattr(signal, "SIG" + sig))
+            sys.stderr.write(f"chaos {'stopped' if sig == 'STOP' else 'killed'} {pid}\n")
     class Aim(logging.Handler):
         seen = {}
         def emit(self, record):
@@ -101,17 +102,18 @@ if AIMS:
                 if text.startswith(f"phase {a['phase']} at step"):
                     n = self.seen[a["phase"]] = self.seen.get(a["phase"], -1) + 1
                     if n == a["nth"] and a["offset"] > 0:
-                        timer = threading.Timer(a["offset"], kill)
+                        timer = threading.Timer(a["offset"], kill, [a.get("signal", "KILL")])
                         timer.daemon = True  # an aim past the end of the run never fires
                         timer.start()
                     elif n == a["nth"]:
-                        kill()  # at once, before the phase sends anything
+                        kill(a.get("signal", "KILL"))  # at once, before the phase sends anything
     logging.getLogger().addHandler(Aim(logging.DEBUG))  # after the record is written (and stamped)
 from moe.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 PHASE = re.compile(r"^(\d+\.\d+) moe\.train phase (.+) at step (\d+)$")
 HARNESS_KILL = re.compile(r"^(\d+\.\d+) chaos killed (\d+)$")
+HARNESS_STOP = re.compile(r"^(\d+\.\d+) chaos stopped (\d+)$")
 FAILED = re.compile(r"^(\d+\.\d+) (.+) failed: (.*); rolling back to (.+)$")
 
 
@@ -473,26 +475,26 @@ def kill_coordinator(c: Campaign, runs: int, rng: random.Random) -> None:
 
 
 def sigstop(c: Campaign, runs: int, rng: random.Random) -> None:
-    """SIGSTOP a shard during training (default deadline 5 s, heartbeat 1 s): the time from the
-    signal to the coordinator's failure line; the run must then complete, bit-identical."""
-    ref, duration = c.reference()
+    """SIGSTOP a shard at the start of a training step drawn uniformly (sent from inside the
+    coordinator, HARNESS, so it lands in training however loaded the machine is; default
+    deadline 5 s, heartbeat 1 s): the time from the signal to the coordinator's failure line;
+    the run must then complete, bit-identical."""
+    ref, _ = c.reference()
     for i in range(runs):
-        run = Run(c.out(f"stop-{i}"), c.tasks)
-        while run.phase_at(time.time())[0] != "step" and run.p.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 1.0))
-        pids = run.shard_pids()
-        victim = rng.choice(pids)
-        at = time.time()
-        os.kill(victim, signal.SIGSTOP)
+        out = c.out(f"stop-{i}")
+        nth = rng.randrange(STEPS)
+        run = Run(out, c.tasks, aims=[{"phase": "step", "nth": nth, "offset": 0.0, "signal": "STOP"}],
+                  seed=rng.randrange(1 << 30))
         rc = run.wait()
-        phase, step = run.phase_at(at)
-        seen = [t for t, _ in run.failures() if t >= at]
-        diff = same(final_state(c.work / f"stop-{i}"), ref) if rc == 0 else ["(no result)"]
+        stops = [float(m.group(1)) for m in map(HARNESS_STOP.match, run.lines) if m]
+        at = stops[0] if stops else None
+        phase, step = run.phase_at(at) if at is not None else ("never stopped", None)
+        seen = [t for t, _ in run.failures() if at is not None and t >= at]
+        diff = same(final_state(out), ref) if rc == 0 else ["(no result)"]
         why = [m.group(3) for m in map(FAILED.match, run.lines) if m][:1]
         how = None if not why else "heartbeats" if "missed heartbeats" in why[0] else \
             "deadline" if "deadline" in why[0] else why[0][:120]
-        c.record("sigstop", {"run": i, "phase": phase, "step": step, "detected_after_s":
+        c.record("sigstop", {"run": i, "aimed_step": nth, "phase": phase, "step": step, "detected_after_s":
                              round(seen[0] - at, 3) if seen else None, "exit": rc, "identical": not diff,
                              "failure": run.failures()[0][1] if run.failures() else None, "detected_by": how})
 
