@@ -103,6 +103,9 @@ class DataConfig:
     builtin: bool = True  # the built-in benchmark (scikit-learn's bundled datasets + a generated family)
     n_family: int = 16
     family_size: int = 600
+    n_digit_sets: int = 0  # label functions "digit in S" over the digits domain
+    n_skills: int = 0  # tasks of the skills domain (moe.tasks.skills)
+    skill_size: int = 300  # examples per skill task
     task_file: str | None = None  # a TOML file of user tasks, added to (or instead of) the built-in ones
     seed: int = 0  # split seed
 
@@ -110,6 +113,11 @@ class DataConfig:
         _need(isinstance(self.n_family, int) and self.n_family >= 0, "data.n_family must be an integer >= 0", self.n_family)
         _need(isinstance(self.family_size, int) and self.family_size >= 30,
               "data.family_size must be an integer >= 30", self.family_size)
+        for name in ("n_digit_sets", "n_skills"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"data.{name} must be an integer >= 0", v)
+        _need(isinstance(self.skill_size, int) and self.skill_size >= 30,
+              "data.skill_size must be an integer >= 30", self.skill_size)
         _need(self.builtin or self.task_file, "data needs builtin = true or a task_file", None)
 
 

@@ -17,7 +17,8 @@ from moe.tasks.userdata import load_table, load_task_file
 
 def source_of(cfg: DataConfig) -> dict[str, Any]:
     return {
-        "builtin": {"seed": cfg.seed, "n_family": cfg.n_family, "family_size": cfg.family_size}
+        "builtin": {"seed": cfg.seed, "n_family": cfg.n_family, "family_size": cfg.family_size,
+                    "n_digit_sets": cfg.n_digit_sets, "n_skills": cfg.n_skills, "skill_size": cfg.skill_size}
         if cfg.builtin else None,
         "task_file": str(Path(cfg.task_file).resolve()) if cfg.task_file else None,
         "added": [],
@@ -29,7 +30,9 @@ def load_source(source: dict[str, Any]) -> list[TaskData]:
     data: list[TaskData] = []
     if source.get("builtin"):
         b = source["builtin"]
-        data += builtin_tasks(seed=b["seed"], n_family=b["n_family"], family_size=b["family_size"])
+        data += builtin_tasks(seed=b["seed"], n_family=b["n_family"], family_size=b["family_size"],
+                              n_digit_sets=b.get("n_digit_sets", 0), n_skills=b.get("n_skills", 0),
+                              skill_size=b.get("skill_size", 300))
     if source.get("task_file"):
         data += load_task_file(source["task_file"])
     for rec in source.get("added", []):

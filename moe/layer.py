@@ -13,8 +13,9 @@ from moe import bindings
 from moe.bindings.plan import DispatchPlan, plan_dispatch
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup
+from moe.routing.balanced import balanced_capacity, balanced_topk
 from moe.routing.capacity import expert_capacity, validate_capacity_factor
-from moe.routing.gates import GATE_TYPES, make_gate
+from moe.routing.gates import GATE_TYPES, make_gate, softmax
 from moe.routing.types import Routing
 
 
@@ -177,6 +178,7 @@ class MoELayer:
             check_expert_group(experts, n_experts, d_model)
         self.experts = experts
         self.dispatch = ExpertDispatch(capacity_factor, self.dtype)
+        self._dropless = ExpertDispatch(None, self.dtype)  # for balanced routing (never drops)
         self._collect()
         self.grad_task_emb: np.ndarray | None = None
         self._cache = None
@@ -220,11 +222,21 @@ class MoELayer:
         task_emb: np.ndarray | None = None,
         train: bool = True,
         rng: np.random.Generator | None = None,
+        routing: str = "topk",
+        balance_factor: float = 1.25,
     ) -> tuple[np.ndarray, Routing]:
-        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing)."""
+        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing).
+
+        routing="balanced" (inference only) seats each example on k experts with at most
+        ceil(balance_factor * B * k / E) examples per expert (moe.routing.balanced) instead of
+        the gate's top-k; the layer's capacity factor does not apply then (nothing is dropped)."""
         x_gate = gate_input(
             x, task_emb, self.d_model, self.d_gate_extra, self.dtype, self.route_on_x
         )  # [B, d_in]
+        if routing == "balanced":
+            return self._forward_balanced(x, x_gate, train, balance_factor)
+        if routing != "topk":
+            raise ValueError(f"routing must be 'topk' or 'balanced', got {routing!r}")
         g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng)
         y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts)  # [B, d], _, [B, k]
         self._cache = x.shape[0]
@@ -238,6 +250,20 @@ class MoELayer:
             aux_loss=g.aux_loss,
         )
         return y, routing
+
+    def _forward_balanced(self, x: np.ndarray, x_gate: np.ndarray, train: bool, factor: float):
+        if train:
+            raise ValueError("balanced routing is for inference (train=False)")
+        B, E, k = x.shape[0], self.n_experts, self.k
+        clean = x_gate @ self.gate.params["w_gate"]  # [B, E]
+        index = balanced_topk(clean, k, balanced_capacity(factor, B, k, E))  # [B, k]
+        chosen = np.take_along_axis(clean, index, axis=1)  # [B, k]
+        gates = softmax(chosen.copy()) if k > 1 else np.take_along_axis(softmax(clean.copy()), index, axis=1)
+        y, plan, _ = self._dropless.forward(x, index, gates, self.experts)  # [B, d]
+        self._cache = None  # no backward through an inference routing
+        importance = np.bincount(index.ravel(), weights=gates.ravel(), minlength=E).astype(self.dtype)
+        return y, Routing(expert_index=index, gates=gates, importance=importance,
+                          load=plan.counts.astype(self.dtype), counts=plan.counts, dropped=0, aux_loss=0.0)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """dy [B, d_model] -> dx [B, d_model]; includes the aux-loss gradient, fills grads.

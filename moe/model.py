@@ -295,8 +295,11 @@ class MultiTaskMoE:
         train: bool = True,
         rng: np.random.Generator | None = None,
         moe_off: bool = False,
+        routing: str = "topk",
     ) -> ModelOutput:
-        """moe_off=True leaves every MoE block's output out (the ablation "without experts")."""
+        """moe_off=True leaves every MoE block's output out (the ablation "without experts").
+        routing="balanced" routes with capacity-bounded balanced assignment (inference only;
+        see moe.routing.balanced)."""
         ids = self._check_chunks(chunks)
         sizes = np.array([ch.x.shape[0] for ch in chunks], dtype=np.int64)
         bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
@@ -312,7 +315,8 @@ class MultiTaskMoE:
         if not moe_off:
             for ln, layer in self.blocks:
                 z = ln.forward(h)  # [B, d]
-                y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng)
+                y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng,
+                                     routing=routing)
                 h = h + y  # [B, d]
                 routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]

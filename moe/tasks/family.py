@@ -82,10 +82,10 @@ def make_structure(
     Task t's parameters come from the t-th spawned child generator, so the first k tasks are the
     same whatever n_tasks is.
     """
-    _check_int("n_tasks", n_tasks, 0)
-    _check_int("d", d, 1)
-    _check_int("n_features", n_features, 1)
-    _check_int("n_active", n_active, 1)
+    check_int("n_tasks", n_tasks, 0)
+    check_int("d", d, 1)
+    check_int("n_features", n_features, 1)
+    check_int("n_active", n_active, 1)
     if n_active > n_features:
         raise ValueError(f"n_active must be <= n_features ({n_features}), got {n_active}")
     rng = np.random.default_rng(seed)
@@ -117,12 +117,12 @@ def make_structure(
     )
 
 
-def _check_int(what: str, v: object, minimum: int) -> None:
+def check_int(what: str, v: object, minimum: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < minimum:
         raise ValueError(f"{what} must be an int >= {minimum}, got {v!r}")
 
 
-def _labels(
+def labels_from_score(
     kind: str, score: np.ndarray, train: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Targets from a score; class thresholds come from train quantiles only."""
@@ -146,7 +146,7 @@ def make_family_task(
     x = u @ structure.rotations[t].T  # [n, d]
     x = x + structure.input_noise * rng.standard_normal(x.shape)  # [n, d]
     splits = split_indices(n_per_task, rng)
-    y, classes = _labels(kind, score, splits[0])
+    y, classes = labels_from_score(kind, score, splits[0])
     n_out = 3 if kind == "multiclass" else 1
     spec = TaskSpec(f"family_{t:02d}", kind, structure.d, n_out)
     return make_task_data(spec, x, y, splits, classes=classes)
@@ -158,7 +158,7 @@ def make_family(n_tasks: int, n_per_task: int, seed: int, d: int = 16) -> list[T
     Same seed, same bits: everything descends from np.random.default_rng(seed). Each task's
     data comes from its own spawned generator, so task t does not depend on n_tasks.
     """
-    _check_int("n_per_task", n_per_task, 10)
+    check_int("n_per_task", n_per_task, 10)
     structure = make_structure(n_tasks, seed, d)
     # The same children make_structure drew task t's parameters from; each spawns a data stream.
     data_rngs = [c.spawn(1)[0] for c in np.random.default_rng(seed).spawn(n_tasks)]

@@ -12,6 +12,10 @@ TOML file's folder:
     kind = "multiclass"           # optional; multiclass | binary | multilabel | regression
     loss_weight = 1.0             # optional
     split = "fold"                # optional column: train/val/test (or 0/1/2) per row
+    domain = "wine_table"         # optional: tasks over the same inputs share one encoder
+
+Tasks of one domain must have the same number of features; they are standardised with one
+(mean, std) fitted on the union of their training rows, so a row means the same to each.
 
 NPZ files hold either one 2-D array `data` plus a string array `columns`, or one 1-D array per
 column; they are always read with allow_pickle=False. Every problem is a ValueError naming the
@@ -32,7 +36,7 @@ from moe.tasks.spec import TASK_KINDS, TaskData, TaskSpec
 from moe.tasks.splits import make_task_data, split_indices, to_float32
 
 _TOP_KEYS = ("seed", "task")
-_TASK_KEYS = ("name", "path", "target", "features", "kind", "loss_weight", "split")
+_TASK_KEYS = ("name", "path", "target", "features", "kind", "loss_weight", "split", "domain")
 _SPLIT_NAMES = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
 _MAX_INFERRED_CLASSES = 20
 
@@ -325,6 +329,8 @@ def load_table(
     seed: int = 0,
     loss_weight: float = 1.0,
     split: str | None = None,
+    domain: str | None = None,
+    scale_inputs: bool = True,
 ) -> TaskData:
     """One task from a .csv/.npz table: pick columns, check them, split, standardise.
 
@@ -333,6 +339,8 @@ def load_table(
     multiclass); several 0/1 columns are multilabel; anything else is regression.
     Class labels are the target's distinct values (kept in TaskData.classes). Without a `split`
     column rows are split 60/20/20 by default_rng(seed), stratified for classification.
+    scale_inputs=False leaves the inputs as they are (mean 0, std 1), for a caller that scales
+    a whole domain at once.
     """
     where = f"{path}: task '{name}'"
     if not isinstance(name, str):
@@ -342,7 +350,7 @@ def load_table(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"{where}: seed must be an int >= 0, got {seed!r}")
     try:
-        TaskSpec(name, "regression", 1, 1, loss_weight)  # checks the name and loss_weight rules
+        TaskSpec(name, "regression", 1, 1, loss_weight, domain)  # checks the name, loss_weight, domain
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
     targets = _as_names(target, "target", where)
@@ -364,8 +372,9 @@ def load_table(
     parts = _make_splits(kind, y, table, split, seed, where)
     if classes is not None:
         _check_classes_in_train(y, classes, parts, targets[0], where)
-    spec = TaskSpec(name, kind, len(features), n_out, loss_weight)
-    return make_task_data(spec, x, y, parts, classes=classes)
+    spec = TaskSpec(name, kind, len(features), n_out, loss_weight, domain)
+    identity = (np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32))
+    return make_task_data(spec, x, y, parts, classes=classes, x_stats=None if scale_inputs else identity)
 
 
 # -- the TOML task file ---------------------------------------------------------------------
@@ -394,7 +403,7 @@ def _task_args(entry: object, i: int, path: Path, seed: int) -> dict:
     for key in ("name", "path", "target"):
         if key not in entry:
             raise ValueError(f"{where}: missing required key '{key}'")
-    for key in ("name", "path", "kind", "split"):
+    for key in ("name", "path", "kind", "split", "domain"):
         if key in entry and not isinstance(entry[key], str):
             raise ValueError(f"{where}: '{key}' must be a string, got {entry[key]!r}")
     w = entry.get("loss_weight", 1.0)
@@ -409,6 +418,7 @@ def _task_args(entry: object, i: int, path: Path, seed: int) -> dict:
         "seed": seed,
         "loss_weight": float(w),
         "split": entry.get("split"),
+        "domain": entry.get("domain"),
     }
 
 
@@ -434,10 +444,43 @@ def load_task_file(path: str | Path) -> list[TaskData]:
                 f"and #{i + 1}"
             )
         seen[a["name"]] = i
+    counts: dict[str, int] = {}  # domain -> its tasks in this file
+    for a in args:
+        if a["domain"] is not None:
+            counts[a["domain"]] = counts.get(a["domain"], 0) + 1
     tasks = []
     for i, a in enumerate(args):
+        shared = counts.get(a["domain"], 0) > 1  # left unscaled here, scaled per domain below
         try:
-            tasks.append(load_table(**a))
+            tasks.append(load_table(**a, scale_inputs=not shared))
         except ValueError as e:
             raise ValueError(f"{path} [[task]] #{i + 1}: {e}") from None
-    return tasks
+    return _standardize_domains(tasks, path)
+
+
+def _standardize_domains(tasks: list[TaskData], path: Path) -> list[TaskData]:
+    """Scale the tasks of each shared domain with one standardiser fitted on all their train rows."""
+    import dataclasses
+
+    from moe.tasks.splits import fit_standardizer, standardize
+
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        if t.spec.domain is not None:
+            groups.setdefault(t.spec.domain, []).append(i)
+    out = list(tasks)
+    for domain, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        widths = {tasks[i].spec.n_inputs for i in idx}
+        if len(widths) > 1:
+            names = [tasks[i].name for i in idx]
+            raise ValueError(f"{path}: the tasks of domain {domain!r} ({names}) must have the same "
+                             f"number of features, got {sorted(widths)}")
+        mean, std = fit_standardizer(np.concatenate([tasks[i].x_train for i in idx]))
+        for i in idx:
+            t = tasks[i]
+            out[i] = dataclasses.replace(
+                t, x_train=standardize(t.x_train, mean, std), x_val=standardize(t.x_val, mean, std),
+                x_test=standardize(t.x_test, mean, std), mean=mean, std=std)
+    return out

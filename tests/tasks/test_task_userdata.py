@@ -469,3 +469,28 @@ def test_value_beyond_float32_is_refused(tmp_path):
         name="t",
         target="y",
     )
+
+
+def test_task_file_domain_shares_one_scaling_fitted_on_all_its_train_rows(tmp_path, wine_csv):
+    _csv(tmp_path / "more.csv", ["alcohol", "ph", "sweet"],
+         [[f"{20 + i}", f"{4 + i / 10:.2f}", i % 2] for i in range(30)])
+    (tmp_path / "tasks.toml").write_text(
+        '[[task]]\nname = "quality"\npath = "wine.csv"\ntarget = "quality"\n'
+        'features = ["alcohol", "ph"]\ndomain = "cellar"\n'
+        '[[task]]\nname = "sweet"\npath = "more.csv"\ntarget = "sweet"\ndomain = "cellar"\n'
+        '[[task]]\nname = "alone"\npath = "wine.csv"\ntarget = "quality"\nfeatures = ["ph"]\n')
+    q, sw, alone = load_task_file(tmp_path / "tasks.toml")
+    assert q.spec.domain == sw.spec.domain == "cellar" and alone.spec.domain is None
+    np.testing.assert_array_equal(q.mean, sw.mean)
+    both = np.concatenate([q.x_train * q.std + q.mean, sw.x_train * sw.std + sw.mean])
+    np.testing.assert_allclose(q.mean, both.mean(axis=0), rtol=1e-5)  # fitted on both train splits
+    xt = np.concatenate([q.x_train, sw.x_train]).astype(np.float64)
+    np.testing.assert_allclose(xt.mean(axis=0), 0, atol=1e-5)
+    assert abs(q.x_train[:, 0].mean()) > 0.5  # each task alone is no longer centred: one scale for both
+    (tmp_path / "bad.toml").write_text(
+        '[[task]]\nname = "quality"\npath = "wine.csv"\ntarget = "quality"\nfeatures = ["ph"]\n'
+        'domain = "cellar"\n'
+        '[[task]]\nname = "sweet"\npath = "more.csv"\ntarget = "sweet"\ndomain = "cellar"\n')
+    with pytest.raises(ValueError, match=r"the tasks of domain 'cellar' \(\['quality', 'sweet'\]\) must "
+                                         r"have the same number of features, got \[1, 2\]"):
+        load_task_file(tmp_path / "bad.toml")

@@ -1,0 +1,134 @@
+"""How the training step scales with the number of tasks a model holds (issue: cost set by the batch).
+
+A synthetic family of T tasks over 4 shared input domains (width 16; kinds cycle binary /
+multiclass(3) / regression; 30 examples each), the default model (d=64, E=64, h=128, k=2,
+noisy top-k), batch 256, temperature sampling. For each T in 23, 1,000, 10,000 and 100,000 (each
+in its own process, so its peak RSS is its own) it reports the median train_step time over
+--steps steps after --warmup, the ratio to the 23-task step, bytes per task (parameters +
+optimizer state, and the task's data), the process's peak RSS, and for the largest T the time
+to save and to load a checkpoint.
+
+Run: python bench/task_scale.py [--tasks 23,1000,10000,100000] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout
+
+DOMAINS, WIDTH, PER_TASK = 4, 16, 30
+
+
+def make_tasks(n_tasks: int, seed: int = 0):
+    """n_tasks small tasks whose labels are random functions of inputs shared within a domain."""
+    from moe.tasks.spec import TaskSpec
+    from moe.tasks.splits import make_task_data
+
+    rng = np.random.default_rng(seed)
+    split = (np.arange(18), np.arange(18, 24), np.arange(24, PER_TASK))
+    pools = [rng.standard_normal((4096, WIDTH)).astype(np.float32) for _ in range(DOMAINS)]
+    ident = (np.zeros(WIDTH, np.float32), np.ones(WIDTH, np.float32))
+    tasks = []
+    for t in range(n_tasks):
+        x = pools[t % DOMAINS][rng.integers(0, 4096, PER_TASK)]  # [n, w]
+        score = x @ rng.standard_normal(WIDTH)  # [n]
+        kind = ("binary", "multiclass", "regression")[t % 3]
+        if kind == "binary":
+            spec, y, classes = TaskSpec(f"t{t}", kind, WIDTH, 1, domain=f"d{t % DOMAINS}"), (score > 0).astype(np.float32), np.arange(2)
+        elif kind == "multiclass":
+            spec, y, classes = TaskSpec(f"t{t}", kind, WIDTH, 3, domain=f"d{t % DOMAINS}"), np.digitize(score, [-0.5, 0.5]), np.arange(3)
+        else:
+            spec, y, classes = TaskSpec(f"t{t}", kind, WIDTH, 1, domain=f"d{t % DOMAINS}"), score, None
+        tasks.append(make_task_data(spec, x, y, split, classes=classes, x_stats=ident))
+    return tasks
+
+
+def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool) -> dict:
+    from moe import checkpoint as ckpt
+    from moe.config import Config, TrainConfig
+    from moe.train import Trainer
+
+    t0 = time.perf_counter()
+    data = make_tasks(n_tasks)
+    build_data = time.perf_counter() - t0
+    config = Config(train=TrainConfig(steps=10**6, progress=False, batch_size=256))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        trainer = Trainer(config, data, tmp)
+        build_model = time.perf_counter() - t0
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        table_bytes = sum(p.nbytes for t in trainer.model.tables().values() for p in t.params.values())
+        opt_bytes = sum(v.nbytes for o in trainer.table_optimizers.values() for v in o.state_dict().values())
+        data_bytes = sum(d.x_train.nbytes + d.x_val.nbytes + d.x_test.nbytes + d.y_train.nbytes
+                         + d.y_val.nbytes + d.y_test.nbytes for d in data)
+        out = {"tasks": n_tasks, "step_ms": 1e3 * float(np.median(times)),
+               "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+               "param_bytes_per_task": (table_bytes + opt_bytes) / n_tasks,
+               "data_bytes_per_task": data_bytes / n_tasks,
+               "build_data_s": build_data, "build_model_s": build_model,
+               "tasks_per_batch": float(np.mean([len(trainer.sampler.next_batch()) for _ in range(5)]))}
+        if checkpoint:
+            t0 = time.perf_counter()
+            where = trainer.save()
+            out["save_s"] = time.perf_counter() - t0
+            out["checkpoint_mb"] = sum(f.stat().st_size for f in where.iterdir()) / 2**20
+            t0 = time.perf_counter()
+            fresh = Trainer(config, data, tmp)
+            out["rebuild_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fresh.restore(ckpt.list_checkpoints(where.parent)[-1])
+            out["load_s"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="23,1000,10000,100000")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(one(args.child, args.steps, args.warmup, args.checkpoint)))
+        return
+    sizes = [int(s) for s in args.tasks.split(",")]
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    rows = []
+    for n in sizes:
+        cmd = [sys.executable, __file__, "--child", str(n), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)] + (["--checkpoint"] if n == max(sizes) else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["step_ms"]
+    print("\n| registered tasks | tasks per batch | step ms (median, min-max) | vs first | bytes/task (params+Adam) | bytes/task (data) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tasks']:,} | {r['tasks_per_batch']:.0f} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
+              f"{r['step_ms'] / base:.2f} | {r['param_bytes_per_task']:,.0f} | {r['data_bytes_per_task']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+    last = rows[-1]
+    if "save_s" in last:
+        print(f"\ncheckpoint of {last['tasks']:,} tasks: {last['checkpoint_mb']:.1f} MB, save {last['save_s']:.2f} s, "
+              f"load {last['load_s']:.2f} s (model rebuild {last['rebuild_s']:.2f} s, data build {last['build_data_s']:.1f} s)")
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

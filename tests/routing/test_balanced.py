@@ -1,0 +1,77 @@
+"""Balanced inference routing: seats, the unconstrained case equals top-k, and the layer's output
+against every expert on every example with the same assignment."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special
+
+from moe.layer import MoELayer
+from moe.routing.balanced import balanced_capacity, balanced_topk
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("B,E,k,factor", [(256, 64, 2, 1.0), (256, 64, 2, 1.25), (37, 5, 3, 1.0), (10, 10, 1, 1.0)])
+def test_every_example_gets_k_distinct_experts_and_no_expert_exceeds_its_seats(B, E, k, factor):
+    rng = np.random.default_rng(B + E)
+    logits = rng.normal(size=(B, E)) + 3 * rng.normal(size=E)  # skewed: some experts popular
+    C = balanced_capacity(factor, B, k, E)
+    idx = balanced_topk(logits, k, C)
+    assert idx.dtype == np.int32 and idx.shape == (B, k)
+    assert all(len(set(row)) == k for row in idx.tolist())
+    counts = np.bincount(idx.ravel(), minlength=E)
+    assert counts.max() <= C == math.ceil(factor * B * k / E)
+    plain = np.bincount(np.argsort(-logits, axis=1)[:, :k].ravel(), minlength=E)
+    assert plain.max() > C  # the skew would overfill experts without balancing
+
+
+def test_with_enough_seats_it_is_plain_topk():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, 8))
+    idx = balanced_topk(logits, 3, capacity=50)
+    np.testing.assert_array_equal(idx, np.argsort(-logits, axis=1, kind="stable")[:, :3])
+
+
+def test_oversubscribed_expert_keeps_the_examples_that_want_it_most():
+    # everyone prefers expert 0, which has one seat: the example with the highest logit gets it
+    logits = np.array([[3.0, 1.0, 0.0], [5.0, 0.0, 1.0], [4.0, 2.0, 0.5]])
+    idx = balanced_topk(logits, 1, capacity=1)
+    # 1 takes expert 0; then 2 (2.0) beats 0 (1.0) for expert 1; 0 ends on expert 2
+    np.testing.assert_array_equal(idx[:, 0], [2, 0, 1])
+
+
+def test_refuses_too_few_seats_and_bad_factors():
+    with pytest.raises(ValueError, match="cannot seat 10 x 2"):
+        balanced_topk(np.zeros((10, 4)), 2, capacity=4)
+    with pytest.raises(ValueError, match="capacity factor >= 1, got 0.5"):
+        balanced_capacity(0.5, 10, 2, 4)
+
+
+def test_layer_balanced_forward_equals_every_expert_on_every_example():
+    rng = np.random.default_rng(4)
+    layer = MoELayer(5, 8, 7, k=2, gate="noisy_topk", rng=rng, dtype=np.float64)
+    layer.params["gate.w_gate"][...] = rng.normal(size=layer.params["gate.w_gate"].shape)
+    layer.params["gate.w_gate"][:, 0] += 3.0  # make expert 0 hot
+    x = rng.normal(size=(64, 5))
+    y, r = layer.forward(x, train=False, routing="balanced", balance_factor=1.25)
+    clean = x @ layer.params["gate.w_gate"]
+    idx = balanced_topk(clean, 2, math.ceil(1.25 * 64 * 2 / 8))
+    np.testing.assert_array_equal(r.expert_index, idx)
+    gates = special.softmax(np.take_along_axis(clean, idx, axis=1), axis=1)
+    ep = {n[8:]: p for n, p in layer.params.items() if n.startswith("experts.")}
+    ref = np.zeros_like(x)
+    for b in range(64):
+        for j in range(2):
+            e = idx[b, j]
+            ref[b] += gates[b, j] * (np.maximum(x[b] @ ep["w1"][e] + ep["b1"][e], 0) @ ep["w2"][e] + ep["b2"][e])
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    assert r.counts.max() <= 20 and r.dropped == 0 and r.counts.sum() == 128
+    _, plain = layer.forward(x, train=False)
+    assert plain.counts.max() > 20
+    with pytest.raises(ValueError, match="inference"):
+        layer.forward(x, train=True, rng=rng, routing="balanced")
+    with pytest.raises(ValueError, match="backward called before forward"):
+        layer.forward(x, train=False, routing="balanced")
+        layer.backward(np.zeros_like(x))
