@@ -104,10 +104,10 @@ def test_stale_temporary_folders_are_removed_by_the_next_save_and_resume(run, tm
         folder.mkdir()
         (folder / "params.safetensors").write_bytes(b"half")
     trainer = Trainer(_config(), data, out, echo=lambda s: None)
-    trainer.train(resume=True, stop_at=4)  # the resume removes them
+    trainer.train(resume=True, stop_at=3)  # only the resume runs (no step, no save): it removes them
     assert not any(f.exists() for f in stale) and alive.exists()
     stale[0].mkdir()
-    trainer.save()  # and so does a save
+    trainer.train(stop_at=4)  # one more step, then its save: that removes them too
     assert not stale[0].exists() and alive.exists()
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003", "step-00000004"]
 

@@ -349,6 +349,25 @@ def test_a_new_session_displaces_the_old_links_and_they_cannot_rejoin(shard, lin
         newer.close()
 
 
+def test_the_replay_cache_is_per_session(shard, link, tmp_path):
+    """§8: a new session starts with an empty replay cache, so a request of it that reuses an
+    old session's (gen, step, layer, seq, op) is executed, not answered with the old reply."""
+    oracle = _oracle(5)
+    link.load(oracle, tmp_path)
+    counts = [2, 1, 0, 3]
+    ex, off, x = _rows(6, counts)
+    first = link.ok("forward", [x], experts=ex, offsets=off, step=0, seq=900, meta={"train": False}).arrays[0]
+    assert np.array_equal(first, oracle.forward(x, _full_offsets(counts)))
+    newer = Link(shard.endpoints[0])
+    newer.gen = link.gen
+    try:
+        x2 = (x * 2 + 1).astype(np.float32)
+        got = newer.ok("forward", [x2], experts=ex, offsets=off, step=0, seq=900, meta={"train": False}).arrays[0]
+        assert np.array_equal(got, oracle.forward(x2, _full_offsets(counts)))
+    finally:
+        newer.close()
+
+
 def test_connections_without_the_transport_password_deliver_nothing(shard):
     """§1: PLAIN with the derived password; NULL or a wrong password get no reply at all."""
     for password in (None, transport_password(b"y" * 32)):
