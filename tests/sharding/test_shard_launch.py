@@ -44,10 +44,12 @@ def _wait_gone(pids: list[int], timeout_s: float = 60.0) -> bool:
 
 def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], list[str]]:
     env = {**os.environ, "PYTHONPATH": ROOT}
-    p = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(tmp_path / "run")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    # stderr goes to a file: a pipe nobody reads could fill up and block the coordinator's exit
+    with open(tmp_path / "coordinator.err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=env)
     line = p.stdout.readline()
-    assert line, p.stderr.read()
+    assert line, (tmp_path / "coordinator.err").read_text()
     pids, endpoints = json.loads(line)
     assert len(pids) == 2 and all(pid_alive(q) for q in pids)
     return p, pids, endpoints
