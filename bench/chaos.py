@@ -196,17 +196,6 @@ class Run:
         """The trainer's phase records so far: (time, phase, step)."""
         return [(float(m.group(1)), m.group(2), int(m.group(3))) for m in map(PHASE.match, list(self.lines)) if m]
 
-    def wait_for(self, phase: str, nth: int) -> float | None:
-        """Wait until the trainer enters `phase` for the nth time (0-based); its time, or None
-        when the run ended first."""
-        while True:
-            seen = [t for t, ph, _ in self.records() if ph == phase]
-            if len(seen) > nth:
-                return seen[nth]
-            if self.p.poll() is not None:
-                return None
-            time.sleep(0.002)
-
     def harness_kills(self) -> list[dict]:
         """The kills the harness made (aims), as _kill notes them."""
         return [{"at": float(m.group(1))} for m in map(HARNESS_KILL.match, self.lines) if m]
