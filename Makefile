@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 EXTRAS ?= dev,accel
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install check-compiled demo test bench clean
+.PHONY: install check-compiled demo test mutate bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard moe/bindings/*.pyx moe/bindings/*.pxd)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,11 +31,23 @@ test: check-compiled
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Mutation testing of the numerical core (docs/TESTING.md): plants small bugs, checks the tests
+# notice. CPU-heavy and not part of `make test`; e.g. `make mutate MUTATE_ARGS="moe/optim.py --jobs 2"`.
+mutate: check-compiled
+	$(PY) tools/mutate.py $(MUTATE_ARGS)
+
 # Speed is measured here, never in tests. Installs the bench-only peers (torch CPU, mixture-of-experts).
+# The commands behind each table of bench/RESULTS.md; E = 4096 needs ~10 GiB (peers drop their grads).
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) bench/layer.py
+	uptime
+	$(PY) bench/layer.py --E 8,64,512 --pypi
+	$(PY) bench/layer.py --E 4096 --peer-grads drop
+	$(PY) bench/kernels.py --tiny
+	$(PY) bench/accel_calibration.py
+	$(PY) bench/sharding.py --only ipc:1,ipc:2
 	$(PY) bench/hier_scale.py
+	uptime
 
 clean:
 	rm -rf $(VENV) build *.egg-info moe/bindings/*.c moe/bindings/*.so

@@ -256,9 +256,21 @@ def final_state(out: Path) -> dict[str, np.ndarray]:
         for n, v in state.read_rows(where, manifest["files"], layer, np.arange(E)).items():
             flat[f"experts-l{layer}/{n}"] = v
     flat["step"] = np.array(manifest["step"])
-    flat["profile"] = np.frombuffer(json.dumps(json.loads((out / "profile" / "profile.json").read_text()),
+    flat["profile"] = np.frombuffer(json.dumps(computed_profile(out / "profile" / "profile.json"),
                                                sort_keys=True).encode(), dtype=np.uint8)
     return flat
+
+
+def computed_profile(path: Path) -> dict:
+    """profile.json without what names the run rather than what it computed: the checkpoint's
+    path in its contexts, and the placement (a function of the loads compared here and of the
+    shard layout; an in-process run has none)."""
+    doc = json.loads(Path(path).read_text())
+    doc.pop("placement", None)
+    for context in (doc.get("context"), doc.get("summary", {}).get("context")):
+        if isinstance(context, dict):
+            context.pop("checkpoint", None)
+    return doc
 
 
 def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:

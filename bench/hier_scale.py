@@ -10,6 +10,11 @@ O((a + b) d) work instead of O((a + 2b) d) with k_primary=2, and both experts of
 in one group, so a sharded deployment (one group per shard) sends each example to one shard.
 
 Each configuration runs in its own process so its peak RSS (resource.getrusage) is its own.
+The floor column is the expert bytes a step must move at the copy bandwidth measured in the
+same run: per touched expert (W = its weights, 66 KB here) forward reads W, backward reads W,
+lazy Adam reads p, m, v and writes p, m, v: 8 W. An expert with more than FEW_ROWS rows also
+writes its gradient and Adam reads it back (10 W); one with fewer keeps it as factors that
+Adam expands in cache (moe.optim.LowRank), so nothing more goes through memory.
 Run: python bench/hier_scale.py [--steps 7] [--only flat64,hier1024,hier65536]
 """
 
@@ -35,8 +40,25 @@ CONFIGS = {
 }
 
 
+def expert_bytes() -> int:
+    return 4 * (D * H + H + H * D + D)
+
+
+def copy_bandwidth(reps: int = 5) -> float:
+    """GB/s of np.copyto on 256 MiB float32 arrays (bytes read + written), best of reps."""
+    src = np.ones(64 << 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = np.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
 def model_bytes(n_experts: int, n_groups: int, per_group: int) -> int:
-    """float32 bytes of expert weights + grads + Adam m, v, and the gate weights + grads + m, v."""
+    """Upper bound of the float32 state: expert weights + grads + Adam m, v of every expert, and
+    the gate weights + grads + m, v (lazy Adam holds moments only for experts it updated)."""
     expert = n_experts * (D * H + H + H * D + D)
     gate = 2 * (D * n_groups + n_groups * D * per_group) if n_groups else 2 * D * n_experts
     return 4 * 4 * (expert + gate)
@@ -90,7 +112,7 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
             for j, key in enumerate(("forward", "backward", "expert_adam", "gate_adam")):
                 phases[key].append(t[j + 1] - t[j])
             phases["step"].append(t[-1] - t[0])
-            balance.append((int((routing.counts > 0).sum()), routing.dropped))
+            balance.append((int((routing.counts > 0).sum()), int(layer.experts.bank.explicit.size)))
     return {
         "config": name,
         "experts": layer.n_experts,
@@ -98,10 +120,10 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
         "build_s": build_s,
         **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in phases.items()},
         "active_experts": int(np.median([b[0] for b in balance])),
+        "explicit_experts": int(np.median([b[1] for b in balance])),  # gradients written out
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-        "model_state_gib": model_bytes(
-            layer.n_experts, cfg.get("a", 0), cfg.get("b", 0)
-        ) / 2**30,
+        **{k.replace("_bytes", "_gib"): v / 2**30 for k, v in layer.experts.memory().items() if k.endswith("_bytes")},
+        "experts_with_adam": layer.experts.memory()["experts_with_adam"],
     }
 
 
@@ -117,6 +139,7 @@ def main() -> None:
         return
     if args.steps < 5:
         ap.error(f"--steps must be >= 5, got {args.steps}")
+    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for name in args.only.split(","):
         if name not in CONFIGS:
@@ -130,12 +153,18 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    cols = ["config", "experts", "step_ms", "forward_ms", "backward_ms", "expert_adam_ms", "gate_adam_ms",
-            "active_experts", "peak_rss_gib", "model_state_gib"]
+    bw = copy_bandwidth()  # after the children: a child inherits the parent's peak RSS
+    print(f"copy bandwidth {bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
+    for r in rows:
+        moved = (8 * r["active_experts"] + 2 * r["explicit_experts"]) * expert_bytes()
+        r["floor_ms"] = 1e3 * moved / (bw * 1e9)
+        r["vs_flat64"] = r["step_ms"] / rows[0]["step_ms"] if rows[0]["config"] == "flat64" else float("nan")
+    cols = ["config", "experts", "step_ms", "vs_flat64", "floor_ms", "forward_ms", "backward_ms", "expert_adam_ms",
+            "gate_adam_ms", "active_experts", "explicit_experts", "experts_with_adam", "peak_rss_gib", "weights_gib", "grad_gib", "adam_gib"]
     print("\n| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
     if rows:
         print(f"\nbackend: {rows[0]['backend']}; medians over {args.steps} steps after {args.warmup} warm-up; T={T}, d={D}, h={H}, k={K}")
 

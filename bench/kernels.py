@@ -1,42 +1,35 @@
-"""Kernel benchmark: compiled Cython kernels vs the numpy reference, and the FFN vs machine limits.
+"""Kernel benchmark: compiled Cython kernels vs numpy, and the grouped FFN vs this machine's floor.
 
-Prints medians (after one warm-up call) for every kernel of moe.bindings at the target shape
+    python bench/kernels.py [--reps 5] [--experts 8,64,512,4096] [--tiny] [--ffn-only]
+
+Prints medians (after one warm-up round) for every kernel of moe.bindings at the target shape
 T = 8192 examples, k = 2, d = 256, h = 512, E in {8, 64, 512, 4096}, then the grouped FFN
-(forward + backward) against two bounds measured in the same run:
+(forward + backward) against the floor of bench/_bound.py (forward and backward phases, each
+max(FLOPs / sgemm peak, bytes / copy bandwidth); bytes read + written, at the copy rate
+counted the same way; the expert weights that got rows are read forward, read backward and
+their gradients written). The limits are probed right before and right after each FFN line;
+a line whose two probes differ by more than 10% is marked NOISY.
 
-- gemm bound: the FFN's FLOPs (6 GEMMs of 2*N*d*h) / numpy's sgemm GFLOP/s on
-  [8192 x 256] @ [256 x 512];
-- weight-traffic bound: 3 x the weight bytes of the experts that got rows (read forward, read
-  backward, write the gradient) / copy bandwidth (bytes of a 512 MiB np.copyto per second).
-
-The functions compared on one line (ours, numpy, and for the FFN the sgemm and copy probes)
-run round-robin, one call each per round, so a machine shared with other work slows them
-alike. `ours/bound` is our median over the larger bound (from the probes' medians);
-`best/bound` uses the fastest round of each, the closest to an idle machine. --tiny adds the tiny-expert case
+The numpy column is what a numpy user would write: top-k by np.argpartition (then ordering
+the k), the other dispatch kernels and the FFN as moe.bindings.reference. The functions on
+one line run alternated, one call each per round (bench/_timing.py). `ours/floor` is our
+median over the floor from the faster probes; `best/floor` our fastest round. --tiny adds
 d = 64, h = 128, E = 65,536 (most experts get 0-1 rows). Expert weights are one random block
 tiled over experts (fast to build; every expert still has its own memory, so traffic is real).
-
-OPENBLAS_THREAD_TIMEOUT=4 (unless set already): OpenBLAS's idle pool threads otherwise spin
-for ~0.1 s after every threaded call, and numpy's sgemm run just before our FFN cost it
-40-50 ms (of ~150) on two cores. The same holds in a training step after the gate's matmul.
-
-    PYTHONPATH=. .venv/bin/python bench/kernels.py [--reps 5] [--experts 8,64,512,4096] [--tiny]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS
+import _timing  # noqa: F401  (first: thread settings before numpy loads)
+import numpy as np
+from _bound import ffn_phases, floor_seconds
+from _timing import alternate, limits_text, machine_line, measure_row
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from moe.bindings import reference  # noqa: E402
+from moe.bindings import reference
 
 try:
     from moe.bindings import _dispatch, _grouped
@@ -46,31 +39,12 @@ except ImportError as exc:  # pragma: no cover - the benchmark needs the build
 T, K, D, H = 8192, 2, 256, 512
 
 
-def round_robin(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[float, float]]:
-    """{name: (median, best) seconds}: one warm-up call each, then `reps` rounds of one call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
-
-
-class Probes:
-    """The machine limits: numpy sgemm on the FFN's first-layer shape, and a large copy."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.a = rng.standard_normal((8192, 256), dtype=np.float32)
-        self.b = rng.standard_normal((256, 512), dtype=np.float32)
-        self.src = np.ones(512 << 20, dtype=np.uint8)
-        self.dst = np.empty_like(self.src)
-        self.flops = 2 * 8192 * 256 * 512
-
-    def fns(self) -> dict[str, Callable[[], object]]:
-        return {"sgemm": lambda: self.a @ self.b, "copy": lambda: np.copyto(self.dst, self.src)}
+def numpy_topk(h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per row as a numpy user writes it: argpartition, then order the k kept."""
+    part = np.argpartition(-h, k - 1, axis=1)[:, :k]  # [T, k] unordered
+    vals = np.take_along_axis(h, part, axis=1)  # [T, k]
+    order = np.argsort(-vals, axis=1)  # [T, k]
+    return np.take_along_axis(part, order, axis=1).astype(np.int32), np.take_along_axis(vals, order, axis=1)
 
 
 class Problem:
@@ -118,8 +92,9 @@ class Problem:
         return step
 
     def kernels(self, mod) -> dict[str, Callable[[], object]]:
+        topk = numpy_topk if mod is reference else mod.topk_rows
         return {
-            "topk_rows": lambda: mod.topk_rows(self.logits, K),
+            "topk_rows": lambda: topk(self.logits, K),
             "capacity_keep": lambda: mod.capacity_keep(self.index, self.E, self.capacity),
             "counting_sort": lambda: mod.counting_sort(self.index, self.keep, self.E),
             "gather_rows": lambda: mod.gather_rows(self.x, self.src),
@@ -137,40 +112,34 @@ def check_ffn(p: Problem, activation: str) -> float:
     return float(np.abs(ours - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def ffn_row(p: Problem, probes: Probes, activation: str, reps: int, numpy_too: bool) -> str:
-    """One FFN line: ours (median, best), numpy, the two bounds, ours/bound (median over the
-    bound from the probes' medians) and best/bound (fastest round over the bound from the
-    probes' fastest rounds: the idle-machine estimate)."""
-    fns = {**probes.fns(), "ours": p.ffn(_grouped, activation)}
+def ffn_row(p: Problem, activation: str, reps: int, numpy_too: bool) -> str:
+    """One FFN line: ours (median, best), numpy, the floor's compute and traffic parts, the
+    floor, ours/floor and best/floor, and the two limit probes."""
+    fns = {"ours": p.ffn(_grouped, activation)}
     if numpy_too:
         fns["numpy"] = p.ffn(reference, activation)
-    t = round_robin(fns, reps)
-    flops = 6 * 2 * p.N * p.d * p.h
-    traffic = 3 * p.active * (p.w1[0].nbytes + p.w2[0].nbytes)
-
-    def bound(which: int) -> tuple[float, float, float, float]:
-        gflops = probes.flops / t["sgemm"][which] / 1e9
-        bandwidth = probes.src.nbytes / t["copy"][which]
-        gemm_s, traffic_s = flops / (gflops * 1e9), traffic / bandwidth
-        return gflops, bandwidth, gemm_s, traffic_s
-
-    gflops, bandwidth, gemm_bound, traffic_bound = bound(0)
-    best_bound = max(bound(1)[2:])
-    (med, best), numpy_ms = t["ours"], t["numpy"][0] * 1e3 if numpy_too else float("nan")
+    row = measure_row(fns, reps, gemm_shapes=((T, p.h, p.d), (T, p.d, p.h), (p.d, p.h, T)))
+    lim = row.limits
+    phases = ffn_phases(p.N, p.d, p.h, p.active)
+    gemm_s = sum(ph.flops for ph in phases) / lim.sgemm
+    traffic_s = sum(ph.nbytes for ph in phases) / lim.copy
+    floor = floor_seconds(phases, lim.sgemm, lim.copy)
+    ours = row.timings["ours"]
+    numpy_ms = row.median("numpy") * 1e3 if numpy_too else float("nan")
     err = check_ffn(p, activation)
     flag = "" if err < 1e-4 else f"  WRONG (rel err {err:.1e})"
     return (
-        f"{p.E:6d} {p.d:4d} {p.h:4d} {activation:5s} {p.N:6d} {p.active:6d} "
-        f"{med * 1e3:8.1f} {best * 1e3:8.1f} {numpy_ms:8.1f} {gflops:7.1f} {bandwidth / 1e9:6.2f} "
-        f"{gemm_bound * 1e3:8.1f} {traffic_bound * 1e3:8.1f} "
-        f"{med / max(gemm_bound, traffic_bound):9.2f}x {best / best_bound:9.2f}x{flag}"
+        f"| {p.E} | {p.d} | {p.h} | {activation} | {p.N} | {p.active} | {ours.median * 1e3:.1f} | "
+        f"{ours.best * 1e3:.1f} | {numpy_ms:.1f} | {gemm_s * 1e3:.1f} | {traffic_s * 1e3:.1f} | "
+        f"{floor * 1e3:.1f} | {ours.median / floor:.2f} | {ours.best / floor:.2f} | {limits_text(row)} | "
+        f"{row.load_before:.2f} / {row.load_after:.2f} |{flag}"
     )
 
 
 FFN_HEADER = (
-    f"{'E':>6} {'d':>4} {'h':>4} {'act':5s} {'N':>6} {'active':>6} {'median':>8} {'best':>8} "
-    f"{'numpy':>8} {'sgemmGF':>7} {'copyGB':>6} {'gemm-bd':>8} {'traffic':>8} {'ours/bound':>10} "
-    f"{'best/bound':>10}"
+    "| E | d | h | act | N | active | ours ms | best ms | numpy ms | gemm ms | traffic ms | floor ms | "
+    "ours/floor | best/floor | limits (start -> end) | load before/after |\n"
+    "|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"
 )
 
 
@@ -189,38 +158,32 @@ def main() -> None:
 
     info = _grouped.schedule_info()
     print(
-        f"{info['threads']} OpenMP threads; BLAS threads {info['blas_threads']} "
+        f"{machine_line()}; {info['threads']} OpenMP threads; BLAS threads {info['blas_threads']} "
         f"(control: {info['blas_thread_control']}); schedule {info['schedule']}; "
-        f"gemv up to {info['gemv_max_rows']} rows; load average {os.getloadavg()[0]:.2f}; "
-        f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}"
+        f"gemv up to {info['gemv_max_rows']} rows; load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"median of {reps} rounds after a warm-up; T={T} k={K}")
+    print(f"median of {reps} alternated rounds after a warm-up round; T={T} k={K}")
 
     rng = np.random.default_rng(0)
     if not args.ffn_only:
         print(f"\ndispatch kernels, d={D}")
-        print(f"{'E':>6} {'kernel':18s} {'compiled ms':>12} {'numpy ms':>10} {'speedup':>8}")
+        print("| E | kernel | compiled ms | numpy ms | numpy/compiled |\n|--:|---|--:|--:|--:|")
         for E in experts:
             p = Problem(E, D, H, rng)
             ours_fns, numpy_fns = p.kernels(_dispatch), p.kernels(reference)
             for name in ours_fns:
-                t = round_robin({"ours": ours_fns[name], "numpy": numpy_fns[name]}, reps)
-                ours, theirs = t["ours"][0], t["numpy"][0]
-                print(
-                    f"{E:6d} {name:18s} {ours * 1e3:12.3f} {theirs * 1e3:10.3f} "
-                    f"{theirs / ours:7.1f}x",
-                    flush=True,
-                )
+                t = alternate({"ours": ours_fns[name], "numpy": numpy_fns[name]}, reps)
+                ours, theirs = t["ours"].median, t["numpy"].median
+                print(f"| {E} | {name} | {ours * 1e3:.3f} | {theirs * 1e3:.3f} | {theirs / ours:.1f} |", flush=True)
             del p
 
     print("\ngrouped FFN, forward + backward, ms")
     print(FFN_HEADER)
-    probes = Probes(rng)
     shapes = [(E, D, H) for E in experts] + ([(65536, 64, 128)] if args.tiny else [])
     for E, d, h in shapes:
         p = Problem(E, d, h, rng)
         for act in activations:
-            print(ffn_row(p, probes, act, reps, not args.no_numpy_ffn), flush=True)
+            print(ffn_row(p, act, reps, not args.no_numpy_ffn), flush=True)
         del p
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 

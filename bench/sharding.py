@@ -18,7 +18,7 @@ gradients: forward sends N x d x 4 bytes of rows and gets N x d x 4 back, backwa
 of output gradients and gets N x d x 4 of input gradients: 4 N d 4 bytes per step (2 N d 4 each
 way), N = T k (no capacity drops).
 
-Each configuration runs in its own process. Run: python bench/sharding.py [--steps 5]
+Each configuration runs in its own process. Run: python bench/sharding.py [--steps 7] [--only ipc:1,ipc:2]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import _timing  # noqa: F401  (bench/_timing.py: thread settings before numpy loads)
 
 T, D, H, K, E = 8192, 256, 512, 2, 512
 CPUS = (0, 1)
@@ -47,19 +48,20 @@ def _layer(rng_seed: int):
     return layer
 
 
-def _step(layer, x, dy) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def _step(layer, x, dy) -> int:
     _, routing = layer.forward(x, train=True)
     layer.backward(dy)
     layer.experts.grad_sq_norm()
     layer.experts.apply_update(1e-3, 1.0)
-    return time.perf_counter() - t0, int(routing.counts.sum())
+    return int(routing.counts.sum())
 
 
 def worker(n: int, transport: str, steps: int, warmup: int) -> dict:
-    """Alternate steps of the in-process layer and the sharded one, so both see the same
-    background load (the 2 cores are shared with other work); report both medians."""
+    """Alternate steps of the in-process layer and the sharded one (bench/_timing.py), so both
+    see the same background load (the 2 cores are shared with other work); the machine's
+    limits are probed before and after (a NOISY run when they moved by more than 10%)."""
     import numpy as np
+    from _timing import measure_row
 
     from moe.sharding import session
     from moe.sharding.launch import LocalShards
@@ -83,20 +85,24 @@ def worker(n: int, transport: str, steps: int, warmup: int) -> dict:
                         liveness=shards.alive) as links:
             links.ping_all(60.0)
             remote.set_experts(RemoteExperts(links, 0, E, D, placement))
-            t_local, t_remote, sent, received = [], [], [], []
-            for i in range(warmup + steps):
-                tl, rows = _step(local, x, dy)
+            rows, wire = [], []
+
+            def in_process() -> None:
+                rows.append(_step(local, x, dy))
+
+            def sharded() -> None:
                 b0 = (links.bytes_sent, links.bytes_received)
-                tr, rows_r = _step(remote, x, dy)
-                assert rows_r == rows  # same gate weights: the same routing
-                if i >= warmup:
-                    t_local.append(tl)
-                    t_remote.append(tr)
-                    sent.append(links.bytes_sent - b0[0])
-                    received.append(links.bytes_received - b0[1])
-    return {"local_s": float(np.median(t_local)), "remote_s": float(np.median(t_remote)), "rows": rows,
+                rows_r = _step(remote, x, dy)
+                assert rows_r == rows[-1]  # same gate weights: the same routing
+                wire.append((links.bytes_sent - b0[0], links.bytes_received - b0[1]))
+
+            row = measure_row({"local": in_process, "remote": sharded}, steps, warmup=warmup)
+    t_local, t_remote = row.timings["local"].times, row.timings["remote"].times
+    sent, received = zip(*wire[warmup:], strict=True)
+    return {"local_s": row.median("local"), "remote_s": row.median("remote"), "rows": rows[-1],
             "ratios": [r / q for r, q in zip(t_remote, t_local, strict=True)],
-            "sent": float(np.median(sent)), "received": float(np.median(received))}
+            "sent": float(np.median(sent)), "received": float(np.median(received)),
+            "noisy": row.noisy, "load": [row.load_before, row.load_after]}
 
 
 def run_config(n: int, transport: str, steps: int, warmup: int) -> dict:
@@ -110,7 +116,7 @@ def run_config(n: int, transport: str, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--only", default="ipc:1,ipc:2,ipc:4,tcp:1,tcp:2,tcp:4", help="transport:shards list")
     p.add_argument("--worker", nargs=2, metavar=("N", "TRANSPORT"), help=argparse.SUPPRESS)
@@ -121,19 +127,18 @@ def main() -> None:
     print(f"MoE layer step (fwd + bwd + grad norm + lazy Adam), T={T} d={D} h={H} k={K} E={E}; every process "
           f"on CPUs {CPUS}; in-process and sharded steps alternate; medians of {args.steps} steps after "
           f"{args.warmup} warm-up")
-    header = (f"{'configuration':<18}{'in-process':>12}{'sharded':>12}{'ratio':>8}{'ratio range':>16}"
-              f"{'wire MiB/step':>15}{'vs minimum':>12}")
-    print(header)
-    print("-" * len(header))
+    print("| configuration | in-process ms | sharded ms | sharded / in-process | range over the steps | "
+          "wire MiB/step | vs minimum | load before/after |\n|---|--:|--:|--:|--:|--:|--:|---|")
     for item in args.only.split(","):
         transport, n = item.split(":")
         r = run_config(int(n), transport, args.steps, args.warmup)
         minimum = 4 * r["rows"] * D * 4
         wire_bytes = r["sent"] + r["received"]
         lo, hi = min(r["ratios"]), max(r["ratios"])
-        print(f"{f'{n} shard(s), {transport}':<18}{r['local_s'] * 1e3:>9.0f} ms{r['remote_s'] * 1e3:>9.0f} ms"
-              f"{r['remote_s'] / r['local_s']:>7.3f}x{f'{lo:.2f}-{hi:.2f}x':>16}{wire_bytes / 2**20:>15.1f}"
-              f"{wire_bytes / minimum:>11.4f}x", flush=True)
+        print(f"| {n} shard(s), {transport} | {r['local_s'] * 1e3:,.0f} | {r['remote_s'] * 1e3:,.0f} | "
+              f"{r['remote_s'] / r['local_s']:.2f} | {lo:.2f}-{hi:.2f} | {wire_bytes / 2**20:.1f} | "
+              f"{wire_bytes / minimum:.4f} | {r['load'][0]:.2f} / {r['load'][1]:.2f}"
+              f"{' NOISY' if r['noisy'] else ''} |", flush=True)
     print(f"\nminimum wire bytes = 4 x N x d x 4 (rows out and back in forward, gradients out and back in "
           f"backward), N = T x k = {T * K} rows here: {4 * T * K * D * 4 / 2**20:.0f} MiB per step")
     print("target: 2 shards over ipc <= 1.15x the in-process step time")

@@ -4,6 +4,8 @@ The public API, re-exported explicitly. Importing moe never imports JAX (moe.acc
 optional and imported only by name).
 """
 
+# First: thread settings for shared machines, read by OpenBLAS and OpenMP when they start.
+from moe import threads as _threads  # noqa: F401
 from moe.api import load, profile, save_model
 from moe.config import Config, DataConfig, ModelConfig, ShardConfig, TrainConfig, load_config
 from moe.experts.local import LocalExperts

@@ -9,17 +9,19 @@ import numpy as np
 
 from moe import checkpoint as ckpt
 from moe.config import Config
+from moe.experts import state
 from moe.model import MultiTaskMoE
-from moe.optim import Adam, AdamConfig
+from moe.optim import Adam, AdamConfig, noise_scale_at
 from moe.tasks.spec import TaskRegistry
 
 
 def load(path: str | Path) -> MultiTaskMoE:
     """A MultiTaskMoE from a checkpoint folder (or a run folder: its newest checkpoint).
 
-    Experts are loaded in this process whatever sharding wrote them. The manifest is kept
-    on the model as `model.manifest`."""
-    manifest, files, where = ckpt.load_checkpoint(path)
+    Experts are loaded in this process whatever sharding wrote them. Only the weights are
+    read (and verified): optimizer files stay unread, so a loaded model costs its weights.
+    The manifest is kept on the model as `model.manifest`."""
+    manifest, files, where = ckpt.load_checkpoint(path, optimizer=False)
     try:
         config = Config.from_dict(manifest["config"])
         tasks = TaskRegistry.from_dict(manifest["tasks"])
@@ -29,9 +31,12 @@ def load(path: str | Path) -> MultiTaskMoE:
     model = MultiTaskMoE(config.model, tasks, rng=np.random.default_rng(0), head_hidden=heads)  # weights replaced below
     dense = {n: model.params[n] for n in model.dense_param_names()}
     ckpt.assign(dense, files["params"], f"checkpoint {str(where)!r} parameters")
+    weights = {f: e for f, e in manifest["files"].items() if e.get("kind") != state.ADAM}
     for i, layer in enumerate(model.layers):
-        layer.experts.load_part(where, manifest["files"], i)
+        layer.experts.load_part(where, weights, i)
     model.manifest = manifest
+    t = config.train  # training-time routing as at the checkpoint's step
+    model.set_noise_scale(noise_scale_at(int(manifest.get("step", 0)), final=t.noise_final, total=t.steps))
     return model
 
 

@@ -3,8 +3,10 @@
 Layout of one checkpoint (see docs/FORMAT.md):
 
     <root>/step-00000100/
-        params.safetensors     model parameters (local experts included)
-        optim.safetensors      optimizer state and data-order arrays
+        params.safetensors     model parameters (not the experts)
+        optim.safetensors      optimizer state and data-order arrays (unread by inference loads)
+        experts-l<L>*.safetensors, experts-l<L>*.adam.safetensors
+                               expert weights and their Adam state (moe.experts.state)
         manifest.json          written last: format, step, config, RNG states, data cursor,
                                task registry, {file: {sha256, bytes}}, and the sha256 of
                                all of that (`digest`)
@@ -34,7 +36,8 @@ from safetensors.numpy import save as st_save
 
 from moe.processes import pid_alive
 
-FORMAT = "moe.checkpoint/2"
+FORMAT = "moe.checkpoint/3"  # 2: expert Adam state in its own files, touched experts only; 3: and the digest
+OPTIM_FILE = "optim.safetensors"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_DIR = re.compile(r"^\.step-\d{8}\.tmp-(\d+)$")
@@ -192,18 +195,21 @@ def require(manifest: dict[str, Any], keys: dict[str, type], where: str | Path) 
 
 
 def load_checkpoint(
-    path: str | Path, *, load_experts: bool = False
+    path: str | Path, *, load_experts: bool = False, optimizer: bool = True
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], Path]:
     """Read and verify a checkpoint: (manifest, {name: tensors}, folder).
 
     Expert part files are verified and read by their holders (`load_part`), not here,
-    unless load_experts is set."""
+    unless load_experts is set. optimizer=False (an inference load) leaves the optimizer
+    file unread."""
     p = resolve(path)
     manifest = read_manifest(p)
     out: dict[str, dict[str, np.ndarray]] = {}
     for fname, entry in manifest["files"].items():
-        if entry.get("kind") == "experts" and not load_experts:
+        if str(entry.get("kind", "")).startswith("experts") and not load_experts:
             continue  # read (and verified) by whoever holds those experts
+        if fname == OPTIM_FILE and not optimizer:
+            continue
         fpath = p / fname
         if not fpath.is_file():
             raise CheckpointError(f"checkpoint {str(p)!r}: file {fname!r} is missing")

@@ -105,3 +105,72 @@ def balanced_inference(model: MultiTaskMoE, data: list[TaskData], *, seed: int, 
 
 def per_task_sklearn(data: list[TaskData], which: str = "linear", seed: int = 0) -> dict[str, float]:
     return {d.name: float(sklearn_baseline(d, which, seed)[d.spec.metric]) for d in data}
+
+
+def group_table(columns: dict[str, dict[str, float]]) -> str:
+    """Mean primary test score per task group for each compared model (a column per model,
+    given as task -> score; a model missing a group's tasks shows '-')."""
+    first = next(iter(columns.values()))
+    counts: dict[str, int] = {}
+    for name in first:
+        counts[group_of(name)] = counts.get(group_of(name), 0) + 1
+    groups = [g for g in ("original", *(g for _, g in GROUPS)) if g in counts] + ["all"]
+    counts["all"] = len(first)
+    means = {m: by_group(s) if s else {} for m, s in columns.items()}
+    width = max(12, *(len(m) for m in columns))
+    lines = [f"{'group':12s} {'tasks':>6s} " + " ".join(f"{m:>{width}s}" for m in columns)]
+    for g in groups:
+        cells = [f"{means[m][g]:{width}.3f}" if g in means[m] else f"{'-':>{width}s}" for m in columns]
+        lines.append(f"{g:12s} {counts[g]:6d} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def skill_relatedness_of(config: Config) -> Callable[[str, str], bool] | None:
+    """Related-by-construction pairs of the run's skill tasks (None without skill tasks)."""
+    from moe.tasks.skills import skill_relatedness
+
+    return skill_relatedness(config.data.n_skills, config.data.seed) if config.data.n_skills >= 2 else None
+
+
+def after_training(config: Config, data: list[TaskData], model: MultiTaskMoE,
+                   test: dict[str, dict[str, float]], baselines: dict[str, float] | None,
+                   echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Everything a finished run is compared with, per config.train.baseline: the columns of
+    the group table (task -> primary test score per compared model), routing specialisation
+    and balanced inference."""
+    mode = config.train.baseline
+    columns: dict[str, dict[str, float]] = {"moe": primary(test, data), "moe without MoE outputs": ablated(model, data)}
+    if baselines is not None:
+        columns["dense net per task"] = baselines
+    if mode in ("sklearn", "all"):
+        echo("fitting a scikit-learn linear model per task ...")
+        columns["sklearn linear per task"] = per_task_sklearn(data, "linear", config.train.seed)
+    if mode == "all":
+        c = config.model
+        for label, hidden in (("dense, active size", c.k * c.d_hidden), ("dense, total size", c.n_experts * c.d_hidden)):
+            echo(f"training a dense model of {hidden} hidden units per block on the same batches ...")
+            columns[f"{label} ({hidden})"] = train_dense(config, data, hidden)
+    spec = specialisation(model, data, seed=config.train.seed, related=skill_relatedness_of(config))
+    return {"columns": columns, "specialisation": spec, "inference": balanced_inference(model, data, seed=config.train.seed)}
+
+
+def specialisation_lines(spec: dict[str, Any]) -> list[str]:
+    lines = []
+    for mode, label in (("train", "while training (gate noise as at the last step)"), ("noise_free", "noise-free")):
+        r = spec[mode]
+        line = f"task-expert mutual information {label}: {r['mutual_information']:.3f} nats"
+        if "overlap_related" in r:
+            line += (f"; expert overlap of related skill tasks {r['overlap_related']:.3f}, "
+                     f"unrelated {r['overlap_unrelated']:.3f}")
+        lines.append(line)
+    return lines
+
+
+def inference_lines(inf: dict[str, Any]) -> list[str]:
+    top, bal = inf["topk"], inf["balanced"]
+    drops = ", ".join(f"cf {cf}: {r:.3f}" for cf, r in inf["topk_drop_rates"].items())
+    return [f"mixed test batches of 256: top-k mean score {top['mean_score']:.3f}, busiest expert "
+            f"{top['max_mean_load_median']:.2f}x the mean (worst {top['max_mean_load_worst']:.2f}); "
+            f"top-k drop rate at {drops}",
+            f"balanced routing (moe eval --routing balanced): mean score {bal['mean_score']:.3f}, busiest "
+            f"expert {bal['max_mean_load_median']:.2f}x (worst {bal['max_mean_load_worst']:.2f})"]

@@ -16,6 +16,9 @@ from moe.routing.gates import GATE_TYPES
 
 ROUTE_BY = ("example+task", "example", "task")
 SAMPLING = ("proportional", "uniform", "temperature")
+# what a finished `moe train` is compared with: nothing; a dense net per task; that and a
+# scikit-learn logistic/ridge model per task; those and a dense model of the MoE's active size
+BASELINES = ("none", "per_task", "sklearn", "all")
 
 
 def _need(cond: bool, what: str, value: Any) -> None:
@@ -72,6 +75,9 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 100
     min_lr_ratio: float = 0.05
+    # gate noise std scale at the last step; it falls linearly from 1 (Shazeer's noise) at
+    # step 0, so the routing the model trains with ends close to the one it is used with
+    noise_final: float = 1.0
     clip_norm: float = 1.0
     weight_decay: float = 0.0
     sampling: str = "temperature"
@@ -80,7 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     seed: int = 0
-    baseline: bool = True
+    baseline: str = "sklearn"
     progress: bool = True
     tensorboard: bool = False
 
@@ -92,8 +98,12 @@ class TrainConfig:
         _need(isinstance(self.seed, int) and self.seed >= 0, "train.seed must be an integer >= 0", self.seed)
         _need(self.lr > 0 and math.isfinite(self.lr), "train.lr must be > 0", self.lr)
         _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]", self.min_lr_ratio)
+        _need(0 < self.noise_final <= 1, "train.noise_final must be in (0, 1]", self.noise_final)
         _need(self.clip_norm >= 0, "train.clip_norm must be >= 0 (0 = no clipping)", self.clip_norm)
         _need(self.weight_decay >= 0, "train.weight_decay must be >= 0", self.weight_decay)
+        if isinstance(self.baseline, bool) or self.baseline is None:  # older configs: true = the per-task nets
+            object.__setattr__(self, "baseline", "per_task" if self.baseline else "none")
+        _need(self.baseline in BASELINES, f"train.baseline must be one of {BASELINES}", self.baseline)
         _need(self.sampling in SAMPLING, f"train.sampling must be one of {SAMPLING}", self.sampling)
         _need(self.temperature > 0, "train.temperature must be > 0", self.temperature)
 

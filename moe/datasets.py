@@ -50,5 +50,6 @@ def load_added(rec: dict[str, Any], shots: int | None = None) -> TaskData:
         return heldout_task(seed=rec["seed"], shots_per_class=shots)
     return load_table(
         rec["path"], name=rec["name"], target=rec["target"], features=rec.get("features"),
-        kind=rec.get("kind"), seed=rec.get("seed", 0),
+        kind=rec.get("kind"), seed=rec.get("seed", 0), loss_weight=rec.get("loss_weight", 1.0),
+        split=rec.get("split"),
     )

@@ -34,9 +34,10 @@ from moe.bindings.plan import DispatchPlan, plan_dispatch
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup
 from moe.layer import ExpertDispatch, check_expert_group, expert_entries, gate_input
+from moe.nn import Joined
 from moe.routing.balance import cv_squared
 from moe.routing.capacity import validate_capacity_factor
-from moe.routing.gates import TopKRows
+from moe.routing.gates import GroupedTopK, GroupSums, sums_as
 from moe.routing.types import Routing
 
 
@@ -51,11 +52,8 @@ class _Step:
     gs: np.ndarray  # [B, kp, ks]  secondary gate values
     groups: DispatchPlan  # the pairs sorted by group; slot [B, kp] -> sorted row
     order: np.ndarray  # [P]  sorted row -> pair id x*kp + r
-    xs: np.ndarray  # [P, d_in]  gate input of each sorted pair row
-    si_sorted: np.ndarray  # [P, ks]
-    p_load_p: np.ndarray | None  # [B, a]  P(x, i) of the primary (train)
-    p_load_s: np.ndarray | None  # [P, b]  P(pair, j) of the secondary gates (train)
-    group_of_row: np.ndarray | None = None  # [P]
+    sums_p: GroupSums  # the primary gate's sums over the batch (one group)
+    sums_s: GroupSums  # the secondary gates' sums, one group per primary group [a, b]
     load_p: np.ndarray | None = None  # [a]
     load_s: np.ndarray | None = None  # [a, b]
     d_imp: np.ndarray | None = None  # [a, b]  d aux / d Importance_H
@@ -154,12 +152,12 @@ class HierarchicalMoELayer:
             "secondary.w_gate": np.zeros((a, d_in, b), dtype=self.dtype),
             "secondary.w_noise": np.zeros((a, d_in, b), dtype=self.dtype),
         }
-        self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
+        self._gate_grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         if experts is None:
             experts = LocalExperts(a * b, d_model, d_hidden, activation=activation, rng=rng, dtype=self.dtype)
         self.set_experts(experts)
-        self.primary = TopKRows(k_primary, a)
-        self.secondary = TopKRows(k_secondary, b)
+        self.primary = GroupedTopK(k_primary, a)
+        self.secondary = GroupedTopK(k_secondary, b)
         self.dispatch = ExpertDispatch(capacity_factor, self.dtype)
         self.grad_task_emb: np.ndarray | None = None
         self.secondary_gate_rows = 0
@@ -170,12 +168,11 @@ class HierarchicalMoELayer:
         """Use this expert group (local bank or remote shards) of a*b experts of width d_model."""
         check_expert_group(experts, self.n_experts, self.d_model)
         self.experts = experts
-        for store in (self.params, self.grads):
-            for n in [n for n in store if n.startswith("experts.")]:
-                del store[n]
+        for n in [n for n in self.params if n.startswith("experts.")]:
+            del self.params[n]
         params, grads = expert_entries(experts)
         self.params.update(params)
-        self.grads.update(grads)
+        self.grads = Joined([("", self._gate_grads), ("experts.", grads)])
 
     @property
     def gate_param_names(self) -> list[str]:
@@ -188,16 +185,20 @@ class HierarchicalMoELayer:
         task_emb: np.ndarray | None = None,
         train: bool = True,
         rng: np.random.Generator | None = None,
+        grad: bool | None = None,
     ) -> tuple[np.ndarray, Routing]:
-        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing over a*b experts)."""
+        """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing over a*b experts).
+
+        grad: keep what backward needs (default: when training), as MoELayer.forward."""
+        keep = train if grad is None else grad
         x_gate = gate_input(x, task_emb, self.d_model, self.d_gate_extra, self.dtype)  # [B, d_in]
         st = self._route(x_gate, train, rng if rng is not None else self.rng)
         importance, load, aux = self._balance(st, train)  # [a, b], [a, b], float
         B, b = x.shape[0], self.experts_per_group
         expert_index = (st.gi[:, :, None] * b + st.si).reshape(B, self.k).astype(np.int32)  # [B, k]
         gates = (st.gp[:, :, None] * st.gs).reshape(B, self.k)  # [B, k] before capacity
-        y, plan, kept = self.dispatch.forward(x, expert_index, gates, self.experts)  # [B, d], _, [B, k]
-        self._cache = st
+        y, plan, kept = self.dispatch.forward(x, expert_index, gates, self.experts, keep)  # [B, d], _, [B, k]
+        self._cache = st if keep else None
         routing = Routing(
             expert_index=expert_index,
             gates=kept,
@@ -213,63 +214,40 @@ class HierarchicalMoELayer:
         """Primary gate on every example, then each chosen group's gate on its pairs only."""
         B, a, b, kp = x_gate.shape[0], self.n_groups, self.experts_per_group, self.k_primary
         p = self.params
-        clean_p = x_gate @ p["primary.w_gate"]  # [B, a]
+        eps_p = eps_s = None
         if train:
-            raw_p = x_gate @ p["primary.w_noise"]  # [B, a]
             eps_p = rng.standard_normal((B, a), dtype=self.dtype)  # [B, a]
             eps_s = rng.standard_normal((B * kp, b), dtype=self.dtype)  # [P, b] pair-major
-        else:
-            raw_p = eps_p = eps_s = None
-        gi, gp, p_load_p = self.primary.forward(clean_p, raw_p, eps_p)  # [B, kp] x2, [B, a]
+        gi, gp, sums_p = self.primary.forward(
+            x_gate, p["primary.w_gate"][None], p["primary.w_noise"][None], np.array([0, B]), eps_p
+        )  # [B, kp] x2, sums over [1, a]
         groups = plan_dispatch(gi, a, -1)  # counting sort of the pairs by group
         pair_slot = groups.slot.ravel()  # [P]  sorted row of pair x*kp + r
         order = _inverse(pair_slot)  # [P]  sorted row -> pair id
         xs = bindings.gather_rows(x_gate, groups.src_row)  # [P, d_in]
-        clean_s, raw_s = self._secondary_logits(xs, groups.offsets, train)  # [P, b] x2
         if train:
             eps_s = eps_s[order]  # [P, b]  the noise follows its pair
-        si, gs, p_load_s = self.secondary.forward(clean_s, raw_s, eps_s)  # [P, ks] x2, [P, b]
+        # each chosen group's gate on its own contiguous slice of pair rows: O(P * d_in * b)
+        si, gs, sums_s = self.secondary.forward(
+            xs, p["secondary.w_gate"], p["secondary.w_noise"], groups.offsets, eps_s
+        )  # [P, ks] x2, sums over [a, b]
+        self.secondary_gate_rows += int(xs.shape[0])
         shape = (B, kp, self.k_secondary)
         return _Step(
             x_gate=x_gate, gi=gi, gp=gp, si=si[pair_slot].reshape(shape), gs=gs[pair_slot].reshape(shape),
-            groups=groups, order=order, xs=xs, si_sorted=si, p_load_p=p_load_p, p_load_s=p_load_s,
+            groups=groups, order=order, sums_p=sums_p, sums_s=sums_s,
         )
-
-    def _secondary_logits(
-        self, xs: np.ndarray, offsets: np.ndarray, train: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Each chosen group's gate on its own contiguous slice of pair rows: O(P * d_in * b).
-
-        A loop over non-empty groups: at a = 256, T = 8192 it costs ~10 ms a step, far below
-        the top-k selection, so padding groups into one batched matmul would not pay.
-        """
-        P, b = xs.shape[0], self.experts_per_group
-        wg, wn = self.params["secondary.w_gate"], self.params["secondary.w_noise"]
-        clean = np.empty((P, b), dtype=self.dtype)  # [P, b]
-        raw = np.empty((P, b), dtype=self.dtype) if train else None  # [P, b]
-        for i in np.flatnonzero(np.diff(offsets)):
-            s, t = offsets[i], offsets[i + 1]
-            clean[s:t] = xs[s:t] @ wg[i]  # [n_i, b]
-            if train:
-                raw[s:t] = xs[s:t] @ wn[i]  # [n_i, b]
-            self.secondary_gate_rows += int(t - s)
-        return clean, raw
 
     def _balance(self, st: _Step, train: bool) -> tuple[np.ndarray, np.ndarray, float]:
         """Importance_H, Load_H [a, b] and the weighted loss; keeps their gradients in st."""
         a, b = self.n_groups, self.experts_per_group
-        sizes, offsets = st.groups.counts, st.groups.offsets  # [a], [a+1]
-        st.group_of_row = np.repeat(np.arange(a), sizes)  # [P]
+        sizes = st.groups.counts  # [a]
         if train:
-            st.load_p = st.p_load_p.sum(axis=0, dtype=np.float64).astype(self.dtype)  # [a]
-            load_s = np.zeros((a, b), dtype=np.float64)
-            active = np.flatnonzero(sizes)
-            load_s[active] = np.add.reduceat(st.p_load_s, offsets[active], axis=0, dtype=np.float64)
-            st.load_s = load_s.astype(self.dtype)  # [a, b]
+            st.load_p = sums_as(st.sums_p.load[0], self.dtype)  # [a]
+            st.load_s = sums_as(st.sums_s.load, self.dtype)  # [a, b]; 0 for an empty group
         else:
             st.load_p = sizes.astype(self.dtype)  # [a]
-            flat = (st.group_of_row[:, None] * b + st.si_sorted).ravel()  # [P*ks]
-            st.load_s = np.bincount(flat, minlength=a * b).astype(self.dtype).reshape(a, b)
+            st.load_s = st.sums_s.counts.astype(self.dtype)  # [a, b]
         importance, load = hierarchical_balance(st.gp, st.gs, st.gi, st.si, st.load_p, st.load_s, sizes)
         if not train:
             load = st.load_s  # hard counts per expert exactly (Load_p = |X^(i)| cancels)
@@ -291,7 +269,8 @@ class HierarchicalMoELayer:
         The task-embedding gradient (when routing on one) is left in `grad_task_emb`.
         """
         if self._cache is None:
-            raise ValueError("backward called before forward (or twice for one forward)")
+            raise ValueError("backward called before forward (or twice for one forward, or after a "
+                             "forward with grad=False: train=False forwards need grad=True)")
         st = self._cache
         B = st.x_gate.shape[0]
         if dy.shape != (B, self.d_model) or dy.dtype != self.dtype:
@@ -309,51 +288,23 @@ class HierarchicalMoELayer:
         dp_p = dp_s = None
         if st.d_load is not None:  # Load_H = Load_p_i * Load_s_ij / |X^(i)|
             inv = _safe_inverse(st.groups.counts, self.dtype)  # [a]
-            dp_p = np.broadcast_to((st.d_load * st.load_s).sum(axis=1) * inv, (B, self.n_groups))  # [B, a]
-            dp_s = (st.d_load * (st.load_p * inv)[:, None])[st.group_of_row]  # [P, b]
-        d_clean_s, d_raw_s = self.secondary.backward(d_gs[st.order], dp_s)  # [P, b] x2, sorted rows
-        dxs = self._secondary_backward(st.xs, st.groups.offsets, d_clean_s, d_raw_s)  # [P, d_in]
+            dp_p = ((st.d_load * st.load_s).sum(axis=1) * inv)[None]  # [1, a]  the same for every x
+            dp_s = st.d_load * (st.load_p * inv)[:, None]  # [a, b]  the same for a group's rows
+        g = self.grads
+        gg, gn = g["secondary.w_gate"], g["secondary.w_noise"]
+        # only groups used in the last or this step are written, so an idle group costs nothing
+        gg[self._touched_groups] = 0
+        gn[self._touched_groups] = 0
+        self._touched_groups = np.flatnonzero(st.groups.counts)  # [a_act]
+        dxs = self.secondary.backward(d_gs[st.order], d_load=dp_s, dw_gate=gg, dw_noise=gn)  # [P, d_in]
         ones = np.ones(st.groups.slot.shape, dtype=self.dtype)  # [B, kp]
         dx_gate = bindings.combine(dxs, st.groups.slot, ones)  # [B, d_in]  sum over the pairs
-        dx_gate += self._primary_backward(st.x_gate, *self.primary.backward(d_gp, dp_p))  # [B, d_in]
+        dx_gate += self.primary.backward(
+            d_gp, d_load=dp_p, dw_gate=g["primary.w_gate"][None], dw_noise=g["primary.w_noise"][None]
+        )  # [B, d_in]
         dx += dx_gate[:, : self.d_model]
         self.grad_task_emb = dx_gate[:, self.d_model :] if self.d_gate_extra else None
         return dx
-
-    def _primary_backward(self, x_gate: np.ndarray, d_clean: np.ndarray, d_raw: np.ndarray | None) -> np.ndarray:
-        """Primary weight grads; returns the gate input's gradient [B, d_in]."""
-        p, g = self.params, self.grads
-        g["primary.w_gate"][...] = x_gate.T @ d_clean  # [d_in, a]
-        dx_gate = d_clean @ p["primary.w_gate"].T  # [B, d_in]
-        if d_raw is None:  # eval-mode forward: no noise path
-            g["primary.w_noise"][...] = 0
-        else:
-            g["primary.w_noise"][...] = x_gate.T @ d_raw  # [d_in, a]
-            dx_gate += d_raw @ p["primary.w_noise"].T  # [B, d_in]
-        return dx_gate
-
-    def _secondary_backward(
-        self, xs: np.ndarray, offsets: np.ndarray, d_clean: np.ndarray, d_raw: np.ndarray | None
-    ) -> np.ndarray:
-        """Per chosen group: weight grads and the pair rows' input gradient [P, d_in].
-
-        Only groups used in the last or this step are written, so an idle group costs nothing.
-        """
-        p, g = self.params, self.grads
-        wg, wn = p["secondary.w_gate"], p["secondary.w_noise"]
-        gg, gn = g["secondary.w_gate"], g["secondary.w_noise"]
-        gg[self._touched_groups] = 0
-        gn[self._touched_groups] = 0
-        self._touched_groups = np.flatnonzero(np.diff(offsets))  # [a_act]
-        dxs = np.empty_like(xs)  # [P, d_in]
-        for i in self._touched_groups:
-            s, t = offsets[i], offsets[i + 1]
-            gg[i] = xs[s:t].T @ d_clean[s:t]  # [d_in, b]
-            dxs[s:t] = d_clean[s:t] @ wg[i].T  # [n_i, d_in]
-            if d_raw is not None:
-                gn[i] = xs[s:t].T @ d_raw[s:t]  # [d_in, b]
-                dxs[s:t] += d_raw[s:t] @ wn[i].T  # [n_i, d_in]
-        return dxs
 
 
 def _inverse(perm: np.ndarray) -> np.ndarray:

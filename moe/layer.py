@@ -7,12 +7,15 @@ dropped the assignment). The layer does not know where its experts run: any Expe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from moe import bindings
 from moe.bindings.plan import DispatchPlan, plan_dispatch
 from moe.experts.local import LocalExperts
 from moe.experts.protocol import ExpertGroup
+from moe.nn import Joined
 from moe.routing.balanced import balanced_capacity, balanced_topk
 from moe.routing.capacity import expert_capacity, validate_capacity_factor
 from moe.routing.gates import GATE_TYPES, make_gate, softmax
@@ -43,12 +46,12 @@ def check_expert_group(experts: ExpertGroup, n_experts: int, d_model: int) -> No
         )
 
 
-def expert_entries(experts: ExpertGroup) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A layer's "experts.*" params and grads: local experts expose their arrays, remote ones none."""
+def expert_entries(experts: ExpertGroup) -> tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]:
+    """A layer's "experts.*" params, and the experts' own grads mapping (unprefixed; its dense
+    arrays are built only when read): local experts expose their arrays, remote ones none."""
     if not hasattr(experts, "params"):
         return {}, {}
-    return ({f"experts.{n}": p for n, p in experts.params.items()},
-            {f"experts.{n}": g for n, g in experts.grads.items()})
+    return {f"experts.{n}": p for n, p in experts.params.items()}, experts.grads
 
 
 def gate_input(
@@ -85,26 +88,28 @@ class ExpertDispatch:
         self._cache = None
 
     def forward(
-        self, x: np.ndarray, expert_index: np.ndarray, gates: np.ndarray, experts: ExpertGroup
+        self, x: np.ndarray, expert_index: np.ndarray, gates: np.ndarray, experts: ExpertGroup,
+        keep: bool = True,
     ) -> tuple[np.ndarray, DispatchPlan, np.ndarray]:
         """x [B, d], expert_index/gates [B, k] -> (y [B, d], plan, gates after capacity [B, k]).
 
         The experts are passed per call, so a layer may swap its expert group between steps.
+        keep=False: no backward follows, so nothing is kept for one (here or in the experts).
         """
         B, k = expert_index.shape
         E = experts.n_experts
         plan = plan_dispatch(expert_index, E, expert_capacity(self.capacity_factor, B, k, E))
         kept = np.where(plan.keep, gates, 0).astype(self.dtype)  # [B, k]
         packed = bindings.gather_rows(x, plan.src_row)  # [N, d]
-        out = experts.forward(packed, plan.offsets)  # [N, d]
+        out = experts.forward(packed, plan.offsets, keep=keep)  # [N, d]
         y = bindings.combine(out, plan.slot, kept)  # [B, d]
-        self._cache = (plan, kept, out, experts)
+        self._cache = (plan, kept, out, experts) if keep else None
         return y, plan, kept
 
     def backward(self, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """dy [B, d] -> (dx [B, d] through the experts, d_gates [B, k]; 0 where dropped)."""
         if self._cache is None:
-            raise ValueError("dispatch backward called before forward")
+            raise ValueError("dispatch backward called before a forward that keeps what it needs")
         plan, kept, out, experts = self._cache
         self._cache = None
         d_out, d_gates = bindings.combine_backward(dy, out, plan.slot, kept)  # [N, d], [B, k]
@@ -186,7 +191,7 @@ class MoELayer:
     def _collect(self) -> None:
         params, grads = expert_entries(self.experts)
         self.params: dict[str, np.ndarray] = {**{f"gate.{n}": p for n, p in self.gate.params.items()}, **params}
-        self.grads: dict[str, np.ndarray] = {**{f"gate.{n}": g for n, g in self.gate.grads.items()}, **grads}
+        self.grads: Mapping[str, np.ndarray] = Joined([("gate.", self.gate.grads), ("experts.", grads)])
 
     def set_experts(self, experts: ExpertGroup) -> None:
         """Swap in another expert group of the same shape (e.g. remote shards holding the same weights)."""
@@ -222,14 +227,18 @@ class MoELayer:
         task_emb: np.ndarray | None = None,
         train: bool = True,
         rng: np.random.Generator | None = None,
+        grad: bool | None = None,
         routing: str = "topk",
         balance_factor: float = 1.25,
     ) -> tuple[np.ndarray, Routing]:
         """x [B, d_model] (+ task_emb [B, d_gate_extra]) -> (y [B, d_model], Routing).
 
+        grad: keep what backward needs (default: when training). An inference forward
+        (train=False) keeps nothing, so it costs the weights plus this batch's activations.
         routing="balanced" (inference only) seats each example on k experts with at most
         ceil(balance_factor * B * k / E) examples per expert (moe.routing.balanced) instead of
         the gate's top-k; the layer's capacity factor does not apply then (nothing is dropped)."""
+        keep = train if grad is None else grad
         x_gate = gate_input(
             x, task_emb, self.d_model, self.d_gate_extra, self.dtype, self.route_on_x
         )  # [B, d_in]
@@ -238,8 +247,8 @@ class MoELayer:
         if routing != "topk":
             raise ValueError(f"routing must be 'topk' or 'balanced', got {routing!r}")
         g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng)
-        y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts)  # [B, d], _, [B, k]
-        self._cache = x.shape[0]
+        y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts, keep)  # [B, d], _, [B, k]
+        self._cache = x.shape[0] if keep else None
         routing = Routing(
             expert_index=g.expert_index,
             gates=gates,
@@ -259,7 +268,7 @@ class MoELayer:
         index = balanced_topk(clean, k, balanced_capacity(factor, B, k, E))  # [B, k]
         chosen = np.take_along_axis(clean, index, axis=1)  # [B, k]
         gates = softmax(chosen.copy()) if k > 1 else np.take_along_axis(softmax(clean.copy()), index, axis=1)
-        y, plan, _ = self._dropless.forward(x, index, gates, self.experts)  # [B, d]
+        y, plan, _ = self._dropless.forward(x, index, gates, self.experts, keep=False)  # [B, d]
         self._cache = None  # no backward through an inference routing
         importance = np.bincount(index.ravel(), weights=gates.ravel(), minlength=E).astype(self.dtype)
         return y, Routing(expert_index=index, gates=gates, importance=importance,
@@ -271,7 +280,8 @@ class MoELayer:
         The task-embedding gradient (when routing on one) is left in `grad_task_emb`.
         """
         if self._cache is None:
-            raise ValueError("backward called before forward (or twice for one forward)")
+            raise ValueError("backward called before forward (or twice for one forward, or after a "
+                             "forward with grad=False: train=False forwards need grad=True)")
         B = self._cache
         if dy.shape != (B, self.d_model) or dy.dtype != self.dtype:
             raise ValueError(

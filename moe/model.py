@@ -24,7 +24,7 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.experts.protocol import ExpertGroup
 from moe.layer import MoELayer
-from moe.nn import LayerNorm
+from moe.nn import Joined, LayerNorm
 from moe.routing.types import Routing
 from moe.tables import EmbeddingTable, LinearTable, MLPTable, Runs
 from moe.tasks.spec import TaskRegistry, TaskSpec
@@ -61,7 +61,9 @@ class _Group:
 
 
 class MultiTaskMoE:
-    """One sparse MoE model shared by every task. params/grads: flat dicts of name -> array."""
+    """One sparse MoE model shared by every task. params: a flat dict of name -> array;
+    grads: a read-only mapping with the same keys, read through from the modules (so local
+    experts' dense gradients are built only if someone reads them)."""
 
     def __init__(
         self,
@@ -142,15 +144,14 @@ class MultiTaskMoE:
         return out
 
     def _collect(self) -> None:
-        """Rebuild the flat params/grads dicts (they hold the modules' arrays, not copies)."""
+        """Rebuild the flat params dict and the grads view (the modules' arrays, not copies)."""
         self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
+        parts: list[tuple[str, dict]] = []
 
         def add(prefix: str, module) -> None:
-            params, grads = module.params, module.grads
-            for n in params:
-                self.params[f"{prefix}.{n}"] = params[n]
-                self.grads[f"{prefix}.{n}"] = grads[n]
+            for n in module.params:
+                self.params[f"{prefix}.{n}"] = module.params[n]
+            parts.append((f"{prefix}.", module.grads))
 
         for prefix, table in self.tables().items():
             add(prefix, table)
@@ -158,10 +159,16 @@ class MultiTaskMoE:
             add(f"block{i}.ln", ln)
             add(f"block{i}.moe", layer)
         add("final_ln", self.final_ln)
+        self.grads = Joined(parts)
 
     @property
     def layers(self) -> list[MoELayer]:
         return [layer for _, layer in self.blocks]
+
+    def set_noise_scale(self, scale: float) -> None:
+        """Scale every gate's training noise std (moe.optim.noise_scale_at gives the schedule)."""
+        for layer in self.layers:
+            layer.gate.noise_scale = float(scale)
 
     def dense_param_names(self) -> list[str]:
         """Everything the coordinator holds (not the experts, which live where they run)."""
@@ -295,9 +302,11 @@ class MultiTaskMoE:
         train: bool = True,
         rng: np.random.Generator | None = None,
         moe_off: bool = False,
+        grad: bool | None = None,
         routing: str = "topk",
     ) -> ModelOutput:
         """moe_off=True leaves every MoE block's output out (the ablation "without experts").
+        grad: keep what backward needs (default: when training); see MoELayer.forward.
         routing="balanced" routes with capacity-bounded balanced assignment (inference only;
         see moe.routing.balanced)."""
         ids = self._check_chunks(chunks)
@@ -316,7 +325,7 @@ class MultiTaskMoE:
             for ln, layer in self.blocks:
                 z = ln.forward(h)  # [B, d]
                 y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng,
-                                     routing=routing)
+                                     grad=grad, routing=routing)
                 h = h + y  # [B, d]
                 routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+
 import numpy as np
+
+
+class Joined(Mapping):
+    """name -> array, read through from several mappings under prefixes.
+
+    A model's or layer's `grads`: values are looked up on access, never copied or read at
+    construction, so an expert bank builds its dense gradients only when one is asked for.
+    """
+
+    def __init__(self, parts: Iterable[tuple[str, Mapping[str, np.ndarray]]]) -> None:
+        self._where = {prefix + n: (m, n) for prefix, m in parts for n in m}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        m, n = self._where[key]
+        return m[n]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 class Linear:

@@ -22,8 +22,9 @@ from moe import checkpoint as ckpt
 from moe.config import Config
 from moe.experts.protocol import ExpertGroup, ExpertGroupFailure
 from moe.model import Chunk, MultiTaskMoE
-from moe.optim import Adam, AdamConfig, clip_scale, lr_at
+from moe.optim import Adam, AdamConfig, clip_scale, lr_at, noise_scale_at
 from moe.profiling.stats import cv
+from moe.progress import Progress
 from moe.sampler import TaskSampler
 from moe.tasks.losses import row_losses
 from moe.tasks.metrics import evaluate
@@ -166,6 +167,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.config.train
         chunks = self.sampler.next_batch()
+        noise = noise_scale_at(self.step, final=t.noise_final, total=t.steps)
+        self.model.set_noise_scale(noise)
         out = self.model.forward(chunks, train=True, rng=self.rng_noise)
         loss, d_outs = task_loss(self.model, chunks, out.outputs)
         self.model.backward(d_outs)
@@ -185,7 +188,8 @@ class Trainer:
         self.step += 1
         r = out.routings[0]
         return {"loss": loss + out.aux_loss, "task_loss": loss, "aux_loss": out.aux_loss,
-                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq))}
+                "cv_load": cv(r.load.astype(np.float64)), "lr": lr, "grad_norm": float(np.sqrt(sq)),
+                "noise_scale": noise}
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
@@ -278,8 +282,7 @@ class Trainer:
             except ExpertGroupFailure as e:
                 error = e
         if self._bar is not None:
-            self._bar.n = self.step
-            self._bar.refresh()
+            self._bar.set_position(self.step)
 
     def _count_failure(self, error: ExpertGroupFailure) -> None:
         s = self.config.shards
@@ -302,12 +305,8 @@ class Trainer:
             self._rate = (self.step, now)
         bar.update(1)
 
-    def _progress(self, total: int):
-        if not self.config.train.progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+    def _progress(self, total: int) -> Progress:
+        return Progress(total, "train", initial=self.step, enabled=self.config.train.progress)
 
     def _log_eval(self, path: Path, m: dict[str, float]) -> None:
         if self.step <= self._logged:
@@ -315,8 +314,10 @@ class Trainer:
         val = evaluate_tasks(self.model, self.data, "val")
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
-                  "lr": m["lr"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
-                  "tasks": val}
+                  "lr": m["lr"], "noise_scale": m["noise_scale"], "cv_load": m["cv_load"], "mean_score": float(np.mean(list(primary.values()))),
+                  "tasks": val,
+                  # cv_load is block 0 on this step's training batch, not the val split the scores are on
+                  "cv_load_split": "train", "cv_load_noise": self.model.config.gates[0] == "noisy_topk"}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._logged = self.step

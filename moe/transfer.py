@@ -25,6 +25,7 @@ from moe.baseline import baseline_config
 from moe.config import Config
 from moe.model import Chunk, MultiTaskMoE
 from moe.optim import Adam, AdamConfig
+from moe.progress import Progress
 from moe.tasks.losses import loss_and_grad
 from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
@@ -60,6 +61,21 @@ def select_shots(task: TaskData, shots: int | None, rng: np.random.Generator) ->
     return np.sort(rng.choice(n, size=min(shots, n), replace=False))
 
 
+def shots_short(task: TaskData, shots: int | None) -> dict[str, int]:
+    """What select_shots cannot give: {class label: examples it has} for each class (or
+    {"in total": n} for a task without classes) whose train split holds fewer than `shots`."""
+    if shots is None:
+        return {}
+    kind = task.spec.kind
+    if kind in ("multiclass", "binary"):
+        labels = task.y_train if kind == "multiclass" else task.y_train[:, 0]
+        ids, have = np.unique(labels.astype(np.int64), return_counts=True)
+        names = task.decode_labels(ids) if task.classes is not None else ids
+        return {str(n): int(h) for n, h in zip(names.tolist(), have.tolist(), strict=True) if h < shots}
+    n = task.x_train.shape[0]
+    return {"in total": n} if n < shots else {}
+
+
 def split_fit_stop(task: TaskData, idx: np.ndarray, rng: np.random.Generator, frac: float = 0.3):
     """Hold out ~frac of the few examples (at least one per class when possible) for early stopping."""
     kind = task.spec.kind
@@ -88,7 +104,7 @@ def _train(model, params, grads, task, rows, *, lr, weight_decay, epochs=None, s
     fit_chunk = [Chunk(task.name, task.x_train[rows], task.y_train[rows])]
     best, best_epoch = np.inf, 0
     for epoch in range(1, (epochs or 10_000) + 1):
-        out = model.forward(fit_chunk, train=False)
+        out = model.forward(fit_chunk, train=False, grad=True)  # no gate noise, but a backward
         model.backward([loss_and_grad(kind, out.outputs[0], fit_chunk[0].y)[1]])
         opt.step(grads, lr)
         if stop_rows is None:
@@ -160,8 +176,11 @@ def add_task(
     lr: float = 3e-3,
     max_epochs: int = 400,
     patience: int = 40,
+    progress: Progress | None = None,
 ) -> AddTaskResult:
-    """Add `task` to `model` in place (frozen trunk); return its test score next to from-scratch."""
+    """Add `task` to `model` in place (frozen trunk); return its test score next to from-scratch.
+
+    `progress` (2 units) advances after the new task's fit and after the scratch model's."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
     if init_from is None:
@@ -173,6 +192,8 @@ def add_task(
     model.add_task(task.spec, rng=rng, init_from=init_from, grow_experts=grow_experts, head_hidden=head_hidden)
     views = trainable_views(model, task.name, old_e if grow_experts else None, copied=init_from is not None)
     epochs = fit_few_shot(model, views, task, fit, stop, lr=lr, max_epochs=max_epochs, patience=patience)
+    if progress is not None:
+        progress.update(1)
     metric = task.spec.metric
     score = evaluate(task.spec.kind, predict_split(model, task, "test"), task.y_test)[metric]
 
@@ -180,6 +201,8 @@ def add_task(
     scratch = MultiTaskMoE(scratch_cfg.model, TaskRegistry([task.spec]), rng=np.random.default_rng(rng.integers(2**32)))
     everything = {n: (p, scratch.grads[n]) for n, p in scratch.params.items()}
     fit_few_shot(scratch, everything, task, fit, stop, lr=lr, max_epochs=max_epochs, patience=patience)
+    if progress is not None:
+        progress.update(1)
     scratch_score = evaluate(task.spec.kind, predict_split(scratch, task, "test"), task.y_test)[metric]
     return AddTaskResult(task.name, metric, float(score), float(scratch_score), int(idx.size), init_from, epochs)
 

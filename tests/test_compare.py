@@ -83,9 +83,7 @@ def test_balanced_inference_keeps_its_seats_and_reports_drops(data):
     for layer in model.layers:
         layer.gate.params["w_gate"][:, 0] += 3.0  # one expert everyone wants
     out = compare.balanced_inference(model, data, seed=0, batch_size=64)
-    n = sum(d.x_test.shape[0] for d in data)
-    sizes = [64] * (n // 64) + ([n % 64] if n % 64 else [])  # mixed batches of 64, then the rest
-    seats = max(math.ceil(1.25 * b * 2 / 8) / (b * 2 / 8) for b in sizes)  # busiest allowed / mean
+    seats = math.ceil(1.25 * 64 * 2 / 8) / (64 * 2 / 8)  # busiest allowed / mean, full batches of 64
     assert out["balanced"]["max_mean_load_worst"] <= seats + 1e-9
     assert out["topk"]["max_mean_load_worst"] > out["balanced"]["max_mean_load_worst"]
     rates = out["topk_drop_rates"]
@@ -98,3 +96,12 @@ def _predict(model, d):
     from moe.train import predict_split
 
     return predict_split(model, d, "test"), d.y_test
+
+
+def test_group_table_has_a_row_per_group_and_a_column_per_model():
+    moe = {"digits": 0.9, "digitset_000": 0.7, "skill_000": 0.6, "skill_001": 0.4}
+    table = compare.group_table({"moe": moe, "no experts": {k: v - 0.1 for k, v in moe.items()}, "sklearn": {}})
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0] == ["group", "tasks", "moe", "no", "experts", "sklearn"]
+    assert rows[1:] == [["original", "1", "0.900", "0.800", "-"], ["digit", "sets", "1", "0.700", "0.600", "-"],
+                        ["skills", "2", "0.500", "0.400", "-"], ["all", "4", "0.650", "0.550", "-"]]

@@ -1,6 +1,6 @@
 """HierarchicalMoELayer against an independent dense oracle (every group's gate and every expert
 on every example), brute-force balance statistics, finite differences, router cost, dtypes and
-input errors."""
+input errors. The routing tests run on the numpy gates and on the compiled ones (`gate_backend`)."""
 
 import math
 
@@ -147,7 +147,7 @@ def _cv2(v):
 # ----------------------------------------------------------------------------- oracle
 @pytest.mark.parametrize("kp,ks", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 4)])
 @pytest.mark.parametrize("cf", [None, 0.5, 1.25])
-def test_layer_equals_dense_oracle(kp, ks, cf):
+def test_layer_equals_dense_oracle(kp, ks, cf, gate_backend):
     layer, rng = _layer(a=3, b=4, kp=kp, ks=ks, cf=cf)
     x = rng.normal(size=(17, 4))
     y, r = layer.forward(x, rng=np.random.default_rng(9))
@@ -163,7 +163,7 @@ def test_layer_equals_dense_oracle(kp, ks, cf):
 
 
 @pytest.mark.parametrize("kp,ks,a,B", [(2, 2, 3, 17), (1, 2, 4, 9), (2, 1, 3, 13), (1, 1, 7, 3), (3, 4, 3, 5)])
-def test_balance_statistics_match_definitions(kp, ks, a, B):
+def test_balance_statistics_match_definitions(kp, ks, a, B, gate_backend):
     layer, rng = _layer(a=a, b=4, kp=kp, ks=ks, w_importance=0.3, w_load=0.2)
     x = rng.normal(size=(B, 4))
     _, r = layer.forward(x, rng=np.random.default_rng(3))
@@ -176,7 +176,7 @@ def test_balance_statistics_match_definitions(kp, ks, a, B):
         assert (load.reshape(a, 4) == 0).all(axis=1).any(), "this case must have an empty group"
 
 
-def test_eval_mode_has_no_noise_and_hard_load():
+def test_eval_mode_has_no_noise_and_hard_load(gate_backend):
     layer, rng = _layer(a=3, b=4, kp=2, ks=2, w_importance=0.3, w_load=0.2)
     x = rng.normal(size=(15, 4))
     y1, r1 = layer.forward(x, train=False, rng=np.random.default_rng(1))
@@ -205,7 +205,7 @@ def test_noise_comes_from_the_passed_rng():
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("kp,ks", [(1, 1), (1, 2), (2, 1), (2, 2)])
 @pytest.mark.parametrize("cf", [None, 0.6])
-def test_gradients_match_finite_differences(kp, ks, cf):
+def test_gradients_match_finite_differences(kp, ks, cf, gate_backend):
     layer, rng = _layer(a=3, b=3, kp=kp, ks=ks, cf=cf, w_importance=0.3, w_load=0.2, d_gate_extra=2)
     x, te = rng.normal(size=(9, 4)), rng.normal(size=(9, 2))
     up = rng.normal(size=(9, 4))
@@ -232,7 +232,7 @@ def test_gradients_match_finite_differences(kp, ks, cf):
             assert_close(grads[n], numerical_grad(loss, p), name=n)
 
 
-def test_balance_loss_gradient_alone_with_an_empty_group():
+def test_balance_loss_gradient_alone_with_an_empty_group(gate_backend):
     """Only the aux loss (no main loss), with an empty group whose Load_H row is 0/0 := 0."""
     layer, rng = _layer(a=5, b=3, kp=1, ks=2, w_importance=0.4, w_load=0.7)
     x = rng.normal(size=(4, 4))
@@ -247,7 +247,7 @@ def test_balance_loss_gradient_alone_with_an_empty_group():
         assert_close(layer.grads[n].copy(), numerical_grad(loss, layer.params[n]), name=n)
 
 
-def test_idle_groups_get_zero_secondary_gradient():
+def test_idle_groups_get_zero_secondary_gradient(gate_backend):
     """Secondary grads are cleared lazily: a group idle this step must show zero grad."""
     layer, rng = _layer(a=6, b=3, kp=1, ks=1)
     x = rng.normal(size=(20, 4))

@@ -1,6 +1,8 @@
 """The benchmark's quality bars, checked at a smaller scale than `moe train`'s default.
 
-Everything is seeded, so these are deterministic; the margins are what the bars demand.
+Every bar is asserted on the WORST of three training seeds: a bar that one lucky seed clears
+proves nothing. Everything is seeded, so these are deterministic; the margins are what the
+bars demand. The add-task bar misses on the worst seed today (a strict xfail with its figures).
 """
 
 import numpy as np
@@ -14,55 +16,88 @@ from moe.profile_model import balance_summary, collect_profile
 from moe.train import Trainer
 from moe.transfer import add_task
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
+SEEDS = (0, 1, 2)
 SMALL = ["steps=500", "n_family=8", "progress=false"]
 
 
-def _train(tmp_path, *extra):
-    config = load_config(None, [*SMALL, *extra])
+def _train(tmp_path, seed, *extra):
+    config = load_config(None, [*SMALL, f"train.seed={seed}", *extra])
     source = source_of(config.data)
     data = load_source(source)
     trainer = Trainer(config, data, tmp_path, data_source=source, save_checkpoints=False)
     return config, data, trainer, trainer.train()
 
 
+def _kept(old, new):
+    """A per-task table gains the new task's row at the end; everything else is unchanged."""
+    return old.shape[1:] == new.shape[1:] and np.array_equal(old, new[: old.shape[0]])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("quality"))
+    """seed -> (config, data, trainer, result), one balanced run per seed."""
+    return {s: _train(tmp_path_factory.mktemp(f"quality{s}"), s) for s in SEEDS}
+
+
+def test_the_seeds_give_different_models(trained):
+    """Otherwise "worst of three seeds" would be one seed three times."""
+    firsts = {s: next(iter(t[2].model.params.values())) for s, t in trained.items()}
+    assert not np.array_equal(firsts[0], firsts[1]) and not np.array_equal(firsts[1], firsts[2])
 
 
 def test_one_moe_model_beats_per_task_dense_baselines(trained):
-    config, data, _, result = trained
-    moe = [result.test[d.name][d.spec.metric] for d in data]
-    base = [train_baseline(config, d, result.seen[d.name])[d.spec.metric] for d in data]
-    assert np.mean(moe) >= np.mean(base), (np.mean(moe), np.mean(base))
-    assert config.model.k / config.model.n_experts <= 0.25
+    margins = {}
+    for seed, (config, data, _, result) in trained.items():
+        moe = [result.test[d.name][d.spec.metric] for d in data]
+        base = [train_baseline(config, d, result.seen[d.name])[d.spec.metric] for d in data]
+        margins[seed] = float(np.mean(moe) - np.mean(base))
+        assert config.model.k / config.model.n_experts <= 0.25
+    assert min(margins.values()) >= 0.0, margins
 
 
-def test_add_task_from_ten_shots_per_class_beats_scratch_by_ten_points(trained, tmp_path):
-    config, _, trainer, _ = trained
-    trunk = save_model(tmp_path, 0, trainer.model, config, {"data_source": {}})
+@pytest.fixture(scope="module")
+def added(trained, tmp_path_factory):
+    """seed -> (result, names of trunk tensors whose existing rows changed): the held-out
+    task added from 10 shots per class to each seed's trunk (saved and loaded, as a user would)."""
     task = load_added({"heldout": True, "name": "digits_ge5", "seed": 0})
-    gains = []
-    for seed in range(3):
+    out = {}
+    for seed, (config, _, trainer, _) in trained.items():
+        trunk = save_model(tmp_path_factory.mktemp(f"trunk{seed}"), 0, trainer.model, config, {"data_source": {}})
         model = load(trunk)
         before = {n: p.copy() for n, p in model.params.items()}
         res = add_task(model, config, task, shots=10, rng=np.random.default_rng(seed))
-        assert res.shots == 20
-        gains.append(res.score - res.scratch_score)
-        for n, p in before.items():  # the trunk is frozen: nothing that existed before moved
-            after = model.params[n]  # stacked per-task tables grow by a row; old rows stay
-            assert after.shape[1:] == p.shape[1:] and after.shape[0] >= p.shape[0], n
-            assert np.array_equal(p, after[: p.shape[0]]), n
-    assert min(gains) >= 0.10, gains
+        out[seed] = res, [n for n, p in before.items() if not _kept(p, model.params[n])]
+    return out
+
+
+def test_add_task_uses_ten_shots_per_class_and_keeps_the_trunk(added):
+    for seed, (res, moved) in added.items():
+        assert res.shots == 20, seed
+        assert moved == [], (seed, moved)  # the trunk is frozen: every row that existed is kept
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="bar missed on the worst seed (measured 2026-12-01): at steps=500, n_family=8 the gains over "
+    "scratch are 0.145, 0.081, 0.047 on training seeds 0, 1, 2; at the default steps=1500, seed 1 gives "
+    "0.078, 0.117, 0.095 over add-task seeds 0, 1, 2. Strict: it fails as soon as the bar holds",
+)
+def test_add_task_from_ten_shots_per_class_beats_scratch_by_ten_points(added):
+    gains = {seed: res.score - res.scratch_score for seed, (res, _) in added.items()}
+    assert min(gains.values()) >= 0.10, gains
 
 
 def test_balance_losses_balance_the_load(trained, tmp_path):
-    _, data, trainer, _ = trained
-    balanced = balance_summary(collect_profile(trainer.model, data))
-    _, data0, trainer0, _ = _train(tmp_path, "w_importance=0", "w_load=0")
-    unbalanced = balance_summary(collect_profile(trainer0.model, data0))
-    assert balanced["cv_load"] <= 0.15 and balanced["max_mean_load"] <= 1.3, balanced
-    assert unbalanced["cv_load"] >= 3 * balanced["cv_load"], (balanced, unbalanced)
-    assert unbalanced["max_mean_load"] >= 2 * balanced["max_mean_load"], (balanced, unbalanced)
+    balanced, unbalanced = {}, {}
+    for seed, (_, data, trainer, _) in trained.items():
+        balanced[seed] = balance_summary(collect_profile(trainer.model, data))
+        _, data0, trainer0, _ = _train(tmp_path / f"off{seed}", seed, "w_importance=0", "w_load=0")
+        unbalanced[seed] = balance_summary(collect_profile(trainer0.model, data0))
+    worst = {k: max(b[k] for b in balanced.values()) for k in ("cv_load", "max_mean_load")}
+    assert worst["cv_load"] <= 0.15 and worst["max_mean_load"] <= 1.3, balanced
+    # each seed's run without the losses against the same seed's run with them
+    cv_ratio = min(unbalanced[s]["cv_load"] / balanced[s]["cv_load"] for s in SEEDS)
+    max_ratio = min(unbalanced[s]["max_mean_load"] / balanced[s]["max_mean_load"] for s in SEEDS)
+    assert cv_ratio >= 3 and max_ratio >= 2, (balanced, unbalanced)

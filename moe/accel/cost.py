@@ -11,6 +11,9 @@ Conventions, each with its source:
   Capacity padding and recomputation are hardware FLOPs, not model FLOPs.
 - Each op takes max(FLOPs / peak, bytes / HBM bandwidth): the roofline model (Williams,
   Waterman & Patterson 2009, "Roofline: an insightful visual performance model", CACM).
+  Bytes are every byte read plus every byte written, against a bandwidth that counts the
+  same way (DeviceSpec.hbm_bw; on the measured cpu, the copy rate with both directions
+  counted). bench/ uses this one accounting too (bench/_bound.py).
 - Collectives: ring all-reduce and torus all-to-all bounds from moe.accel.devices
   (Patarasuk & Yuan 2009; Dally & Towles 2004 bisection of a k-ary n-cube).
 - Optimizer: memory-bound; Adam reads param, grad, m, v and writes param, m, v (moments in

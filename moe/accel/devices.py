@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,9 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One chip. peak_flops is per chip for `flops_kind` (see module docstring)."""
+    """One chip. peak_flops is per chip for `flops_kind` (see module docstring). hbm_bw is
+    bytes read + written per second: a vendor's memory bandwidth is that total, and the
+    measured "cpu" counts both directions of a copy (copy_bandwidth)."""
 
     name: str
     peak_flops: float
@@ -237,6 +240,43 @@ def _median_seconds(fn, budget: float, max_reps: int = 50) -> float:
     return float(np.median(times))
 
 
+def sgemm_peak(budget: float, extra_shapes: tuple[tuple[int, int, int], ...] = ()) -> float:
+    """FLOP/s: the best median float32 matmul rate over a few shapes (m, n, k) and any
+    `extra_shapes` (a benchmark's own products), numpy's BLAS and its threads; `budget`
+    seconds in all."""
+    shapes = _SGEMM_SHAPES + tuple(extra_shapes)
+    best = 0.0
+    for m, n, kk in shapes:
+        a = np.full((m, kk), 0.5, dtype=np.float32)  # [m, k]
+        b = np.full((kk, n), 0.25, dtype=np.float32)  # [k, n]
+        out = np.empty((m, n), dtype=np.float32)  # [m, n]
+        dt = _median_seconds(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), budget / len(shapes))
+        best = max(best, 2.0 * m * n * kk / dt)
+    return best
+
+
+def copy_bandwidth(budget: float) -> float:
+    """Bytes read + written per second by a copy of a 64 MiB float32 array (past any cache),
+    the faster of one thread and one thread per core (numpy's copy releases the GIL).
+
+    The one accounting of memory traffic: a model counts every byte it reads and every byte
+    it writes against this rate (write-allocate traffic is not counted, so this is the usable
+    copy rate). A copy of n bytes counts 2 n.
+    """
+    src = np.full(16 * 2**20, 1.0, dtype=np.float32)  # 64 MiB
+    dst = np.empty_like(src)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    best = 2.0 * src.nbytes / _median_seconds(lambda: np.copyto(dst, src), budget / 2)
+    if cores > 1:
+        parts = [slice(i * src.size // cores, (i + 1) * src.size // cores) for i in range(cores)]
+        with ThreadPoolExecutor(cores) as pool:
+            def threaded() -> None:
+                list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts))
+
+            best = max(best, 2.0 * src.nbytes / _median_seconds(threaded, budget / 2))
+    return best
+
+
 def _last_level_cache_bytes() -> float:
     """Largest cache size the kernel reports for cpu0 (0 when unknown)."""
     best = 0.0
@@ -262,27 +302,17 @@ def _physical_memory_bytes() -> float:
 def calibrate_cpu(seconds: float = 1.0, *, refresh: bool = False) -> DeviceSpec:
     """Measure this machine as a single "cpu" device, once per process.
 
-    peak_flops: the best median float32 sgemm rate over a few shapes (numpy matmul, so the
-    BLAS numpy links and its threads). hbm_bw: np.copyto of a 64 MiB float32 array, counting
-    bytes read + written (write-allocate traffic is not counted, so this is the usable copy
-    rate). Later calls return the cached spec unless refresh=True.
+    peak_flops: sgemm_peak; hbm_bw: copy_bandwidth (bytes read + written per second, the one
+    accounting of memory traffic in the cost model and bench/). Later calls return the cached
+    spec unless refresh=True.
     """
     if "cpu" in _CPU_CACHE and not refresh:
         return _CPU_CACHE["cpu"]
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"calibrate_cpu needs seconds > 0, got {seconds}")
     budget = seconds / (len(_SGEMM_SHAPES) + 1)
-    best_flops = 0.0
-    for m, n, kk in _SGEMM_SHAPES:
-        a = np.full((m, kk), 0.5, dtype=np.float32)  # [m, k]
-        b = np.full((kk, n), 0.25, dtype=np.float32)  # [k, n]
-        out = np.empty((m, n), dtype=np.float32)  # [m, n]
-        dt = _median_seconds(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), budget)
-        best_flops = max(best_flops, 2.0 * m * n * kk / dt)
-    src = np.full(16 * 2**20, 1.0, dtype=np.float32)  # 64 MiB, past any cache
-    dst = np.empty_like(src)
-    dt = _median_seconds(lambda: np.copyto(dst, src), budget)
-    copy_bw = 2.0 * src.nbytes / dt
+    best_flops = sgemm_peak(budget * len(_SGEMM_SHAPES))
+    copy_bw = copy_bandwidth(budget)
     router_elem_s = _router_elem_seconds(best_flops, budget)
     dispatch_elem_s = _dispatch_elem_seconds(budget)
     spec = DeviceSpec(

@@ -29,7 +29,7 @@ from moe import checkpoint as ckpt
 from moe.accel.jax_backend import JaxMoE, check_fits, is_expert_param, make_mesh
 from moe.accel.jax_model import loss_fn, pack_batch
 from moe.config import Config
-from moe.optim import AdamConfig, lr_at
+from moe.optim import Adam, AdamConfig, lr_at
 from moe.profiling.stats import cv
 from moe.tasks.spec import TaskData
 from moe.train import Trainer, TrainResult, evaluate_tasks
@@ -110,29 +110,23 @@ class JaxTrainer:
         dense = self.trainer.optimizer
         m, v = {}, {}
         for n in self.model.params:
-            if is_expert_param(n):
-                i, local = self._expert_slot(n)
-                opt = self.model.layers[i].experts.optimizer
-                m[n], v[n] = opt.m[local], opt.v[local]
-            else:
-                opt, local = self._dense_slot(n)
-                m[n], v[n] = opt.m[local], opt.v[local]
+            opt, local = self._slot(n)
+            m[n], v[n] = opt.moments(local)  # dense on the mesh (zeros where a row has none)
         sh = self.jm.shardings
         self.m = {n: jax.device_put(np.asarray(a), sh[n]) for n, a in m.items()}
         self.v = {n: jax.device_put(np.asarray(a), sh[n]) for n, a in v.items()}
         self.t = jnp.asarray(int(dense.t[0]), dtype=jnp.int32)
         self.jm.params = {n: jax.device_put(np.asarray(p), sh[n]) for n, p in self.model.params.items()}
 
-    def _dense_slot(self, name: str):
-        """(numpy optimizer, its key) holding a coordinator parameter's moments."""
+    def _slot(self, name: str) -> tuple[Adam, str]:
+        """(numpy optimizer, its key) holding a parameter's moments: the dense one, a task
+        table's or an expert bank's (lazy-row Adam)."""
+        if is_expert_param(name):
+            block, _, _, local = name.split(".")  # block<i>.moe.experts.<w>
+            return self.model.layers[int(block[len("block"):])].experts.optimizer, local
         prefix, local = name.rsplit(".", 1)
         table_opt = self.trainer.table_optimizers.get(prefix)
         return (self.trainer.optimizer, name) if table_opt is None else (table_opt, local)
-
-    @staticmethod
-    def _expert_slot(name: str) -> tuple[int, str]:
-        block, _, _, local = name.split(".")  # block<i>.moe.experts.<w>
-        return int(block[len("block"):]), local
 
     def sync(self) -> None:
         """Copy parameters and Adam state from the devices into the numpy model and optimizers."""
@@ -140,17 +134,17 @@ class JaxTrainer:
         t = int(self.t)
         dense = self.trainer.optimizer
         dense.t[...] = t
+        rows: dict[int, tuple[Adam, dict[str, np.ndarray]]] = {}  # lazy-row optimizers' new state
         for n in self.model.params:
             m, v = np.asarray(self.m[n]), np.asarray(self.v[n])
-            if is_expert_param(n):
-                i, local = self._expert_slot(n)
-                opt = self.model.layers[i].experts.optimizer
-                opt.m[local][...], opt.v[local][...] = m, v
-                opt.t[...] = t  # dense Adam: every expert took every step
+            opt, local = self._slot(n)
+            if opt is dense:
+                dense.m[n][...], dense.v[n][...] = m, v
             else:
-                opt, local = self._dense_slot(n)
-                opt.m[local][...], opt.v[local][...] = m, v
-                opt.t[...] = t  # dense Adam on the mesh: every task row took every step
+                rows.setdefault(id(opt), (opt, {}))[1].update({f"m.{local}": m, f"v.{local}": v})
+        for opt, sd in rows.values():  # dense Adam on the mesh: every row took every step
+            if t > 0:  # before any step no row has state
+                opt.load_state_dict({"t": np.full(opt.t.shape, t, dtype=np.int64), **sd})
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:
@@ -195,7 +189,7 @@ class JaxTrainer:
         while tr.step < end:
             m = self.train_step()
             if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", cv_load=f"{m['cv_load']:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", cv_load=f"{m['cv_load']:.3f}")
                 bar.update(1)
             if tr.save_checkpoints and (tr.step % t.eval_every == 0 or tr.step == t.steps):
                 self.sync()

@@ -38,5 +38,7 @@ def cmd_plan(args) -> dict[str, Any]:
     shape = shape_from_config(config, args.tokens, tasks)
     loads = read_profile_loads(args.profile) if args.profile else None
     cfs = tuple(None if c == "none" else float(c) for c in args.capacity_factors.split(","))
-    result = plan(shape, get_pod(args.target), profile_loads=loads, capacity_factors=cfs)
+    per_device = None if args.tokens_per_device is None else [int(t) for t in args.tokens_per_device.split(",")]
+    result = plan(shape, get_pod(args.target), profile_loads=loads, capacity_factors=cfs,
+                  per_device_batches=per_device, top=args.top, max_drop_rate=args.max_drop_rate)
     return {"text": format_plan(result), "result": result}

@@ -238,7 +238,7 @@ def format_plan(result: PlanResult) -> str:
         if best.drop_rate > 0.01:
             lines.append(f"  warning: the best layout is expected to drop {best.drop_rate:.1%} of assignments "
                          f"(C = {best.capacity} rows/expert/device); raise the capacity factor or tokens "
-                         "per device, or pass max_drop_rate")
+                         "per device, or leave such layouts out with max_drop_rate (moe plan --max-drop-rate)")
     else:
         lines.append("  no layout fits in HBM")
     if result.closest_misses:

@@ -1,4 +1,4 @@
-"""Sparse dispatch and grouped-GEMM kernels: compiled (Cython) when built, numpy otherwise.
+"""Sparse dispatch, grouped-GEMM and gate kernels: compiled (Cython) when built, numpy otherwise.
 
 `HAVE_COMPILED` says whether the Cython extensions imported. Every public function here
 has the same signature on both paths; `reference` is the numpy oracle. `use_backend("numpy")`
@@ -15,11 +15,11 @@ import numpy as np
 from moe.bindings import reference
 
 try:  # the compiled path is optional at import time; `make test` insists on it
-    from moe.bindings import _dispatch, _grouped, _optim  # type: ignore[attr-defined]
+    from moe.bindings import _dispatch, _gates, _grouped, _optim  # type: ignore[attr-defined]
 
     HAVE_COMPILED = True
 except ImportError:  # pragma: no cover - exercised only on a machine without the build
-    _dispatch = _grouped = _optim = None
+    _dispatch = _gates = _grouped = _optim = None
     HAVE_COMPILED = False
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -76,14 +76,25 @@ def combine_backward(dy: np.ndarray, out: np.ndarray, slot: np.ndarray, weights:
     return _mod(_dispatch, out.dtype).combine_backward(dy, out, slot, weights)
 
 
-def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str):
-    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation)
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation: str, keep: bool = True):
+    return _mod(_grouped, packed.dtype).ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep)
 
 
-def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2):
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation: str, dw1, db1, dw2, db2,
+                 d_pre=None, implicit: int = 0):
     return _mod(_grouped, packed.dtype).ffn_backward(
-        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2
+        d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2, d_pre, implicit
     )
+
+
+def compiled_gates(dtype: np.dtype):
+    """The fused gate kernels (`_gates`) for this dtype when the compiled path is live, else
+    None: then `moe.routing.gates.GroupedTopK` runs its numpy path, the oracle."""
+    return _gates if _mod(_gates, dtype) is _gates else None
+
+
+def lowrank_rows(u, v, starts, counts, out):
+    return _mod(_optim, out.dtype).lowrank_rows(u, v, starts, counts, out)
 
 
 def compiled_adam_rows():
@@ -91,8 +102,16 @@ def compiled_adam_rows():
     return _optim.adam_rows if _backend == "compiled" else None
 
 
+def compiled_adam_lowrank():
+    """The fused lazy-Adam kernel for low-rank gradients (moe.optim.LowRank), or None."""
+    return _optim.adam_lowrank if _backend == "compiled" else None
+
+
 __all__ = [
     "compiled_adam_rows",
+    "compiled_gates",
+    "compiled_adam_lowrank",
+    "lowrank_rows",
     "HAVE_COMPILED",
     "backend",
     "use_backend",

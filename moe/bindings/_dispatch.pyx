@@ -22,6 +22,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.string cimport memcpy
 
+from moe.bindings._select cimport _topk_row
+
 # Below this many scalar operations (a few ms on one core) a loop runs on one thread. At the
 # target sizes (T = 8192, k = 2, d = 256) a second thread saves under a millisecond (combine:
 # 1.2 ms -> 0.4 ms on an idle machine), but on a machine shared with other work a parallel
@@ -168,36 +170,6 @@ def _check_slots(slot, Py_ssize_t n_rows, bint unique):
 
 
 # ----------------------------------------------------------------------------- top-k
-cdef inline bint _ranks_before(floating a, floating b) noexcept nogil:
-    """a comes before b in a descending stable sort that puts NaN last (argsort of -h)."""
-    return a > b or (b != b and a == a)
-
-
-cdef inline void _topk_row(
-    const floating* row, Py_ssize_t E, Py_ssize_t k, int32_t* out_i, floating* out_v
-) noexcept nogil:
-    """Keep a sorted buffer of the k best seen so far; most values fail the first compare."""
-    cdef Py_ssize_t i, p, filled = 0
-    cdef floating v
-    if k == 0:
-        return
-    for i in range(E):
-        v = row[i]
-        if filled < k:
-            p = filled
-            filled += 1
-        elif _ranks_before(v, out_v[k - 1]):
-            p = k - 1
-        else:
-            continue
-        while p > 0 and _ranks_before(v, out_v[p - 1]):  # equal values stay behind: lower index first
-            out_v[p] = out_v[p - 1]
-            out_i[p] = out_i[p - 1]
-            p -= 1
-        out_v[p] = v
-        out_i[p] = <int32_t>i
-
-
 def _topk_impl(const floating[:, ::1] h, int32_t[:, ::1] idx, floating[:, ::1] val) -> None:
     cdef Py_ssize_t B = h.shape[0], E = h.shape[1], k = idx.shape[1], b
     if B == 0 or k == 0:

@@ -1,7 +1,7 @@
 """Compiled grouped FFN: every expert's two-layer MLP on its own slice of the packed rows.
 
 Twins of `ffn_forward` / `ffn_backward` in `moe.bindings.reference` (same arguments, same
-outputs, same "write only the experts that got rows" rule for the weight gradients). The loop
+outputs, the same packed weight gradients: one row per expert that got rows). The loop
 over experts is a C loop; each expert calls BLAS (sgemm/dgemm, sgemv/dgemv from
 scipy.linalg.cython_blas) directly, and the bias add and activation are fused C loops.
 
@@ -13,6 +13,9 @@ Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
   expert needs no synchronisation at all.
 - An expert too big to share (it holds more than 1/T of the remaining rows, T = OpenMP threads)
   runs first, alone, with multi-threaded BLAS and row-parallel elementwise loops.
+- A call below `_parallel_min_flops` (forward FLOPs, ~1 ms on one core) runs every expert in a
+  serial loop on one thread: on a busy machine each parallel region can wait milliseconds
+  for a thread to be scheduled (measured in bench/RESULTS.md, the busy-machine section).
 - Without a way to set the BLAS thread count (a BLAS other than OpenBLAS), with one OpenMP
   thread, or in a child forked after this process ran OpenMP (GNU OpenMP would hang there),
   every expert runs in a serial loop with BLAS's own threading.
@@ -20,8 +23,7 @@ Schedule (chosen by measurement on 2 cores; see bench/kernels.py):
   product per row: OpenBLAS's gemm packs the whole weight matrix on every call (~60 us for
   256 x 512 floats), which dominates at a few rows, while gemv streams it. The weight
   gradients (small operands, big output) always use gemm, which beat a C rank-n loop 2-3x.
-The BLAS thread count is found through the library that holds sgemm (dladdr + dlsym of
-`openblas_set_num_threads` under its scipy-openblas names) and is restored after each call.
+The BLAS thread count is set through moe.bindings._blas and restored after each call.
 GELU: act = x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2 from libm; the backward reads Phi back
 from act (see `_act_grad_row`). `schedule_info()` reports the live choices; `_configure()`
 overrides them for benchmarks and tests.
@@ -35,8 +37,9 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport M_SQRT1_2, erfc, exp, expf, fabs
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+from moe.bindings._blas cimport _gemm, _gemv, blas_single_enter, blas_single_exit, blas_threads_controllable
 
+from moe.bindings._blas import blas_thread_info
 from moe.bindings._dispatch import _claim_threads, _describe, _float_array
 
 cdef enum:
@@ -50,85 +53,16 @@ cdef enum:
 
 cdef double INV_SQRT_2PI = 0.39894228040143267794
 cdef int GEMV_MAX_ROWS = 8
+# Below this many forward FLOPs (rows x 4 d h, about 1 ms on one core) the "auto" schedule runs
+# the experts in a serial loop: a parallel region waits for every thread of the team, and on
+# a machine shared with other work a thread can wait a scheduler time slice (milliseconds)
+# to run, which small calls (the default job's: 16 MFLOP) cannot amortise. See
+# bench/RESULTS.md, "The whole step on a busy machine".
+cdef double _parallel_min_flops = 1 << 26
 cdef int _schedule = SCHEDULE_AUTO
 _SCHEDULES = {"auto": SCHEDULE_AUTO, "experts": SCHEDULE_EXPERTS, "serial": SCHEDULE_SERIAL}
 _ACTIVATIONS = {"relu": RELU, "gelu": GELU}
 _INT_MAX = np.iinfo(np.int32).max
-
-
-# ----------------------------------------------------------------------------- BLAS threads
-cdef extern from "<dlfcn.h>" nogil:
-    ctypedef struct Dl_info:
-        const char* dli_fname
-    int dladdr(const void* addr, Dl_info* info)
-    void* dlopen(const char* filename, int flags)
-    void* dlsym(void* handle, const char* symbol)
-    int dlclose(void* handle)
-    int RTLD_LAZY
-    int RTLD_NOLOAD
-
-ctypedef void (*set_threads_fn)(int) noexcept nogil
-ctypedef int (*get_threads_fn)() noexcept nogil
-
-cdef set_threads_fn _blas_set = NULL
-cdef get_threads_fn _blas_get = NULL
-cdef int _blas_depth = 0
-cdef int _blas_saved = 1
-_blas_symbol = None
-
-_THREAD_SYMBOLS = [
-    (b"scipy_openblas_set_num_threads", b"scipy_openblas_get_num_threads"),
-    (b"scipy_openblas_set_num_threads64_", b"scipy_openblas_get_num_threads64_"),
-    (b"openblas_set_num_threads", b"openblas_get_num_threads"),
-    (b"openblas_set_num_threads64_", b"openblas_get_num_threads64_"),
-]
-
-
-cdef void _find_blas_threads():
-    """Look up the thread-count setter of the BLAS that scipy's cython_blas calls into."""
-    global _blas_set, _blas_get, _blas_symbol
-    cdef Dl_info info
-    cdef void* handle
-    cdef void* s
-    cdef void* g
-    if dladdr(<const void*>sgemm, &info) == 0 or info.dli_fname == NULL:
-        return
-    handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)  # already loaded: no new load
-    if handle == NULL:
-        return
-    for set_name, get_name in _THREAD_SYMBOLS:
-        s = dlsym(handle, <const char*>set_name)
-        g = dlsym(handle, <const char*>get_name)
-        if s != NULL and g != NULL:
-            _blas_set = <set_threads_fn>s
-            _blas_get = <get_threads_fn>g
-            _blas_symbol = set_name.decode()
-            break
-    dlclose(handle)
-
-
-_find_blas_threads()
-
-
-cdef bint _blas_single_enter():
-    """BLAS to one thread for a parallel-over-experts phase. Runs with the GIL held, so the
-    depth count is safe across Python threads; the outermost caller restores the count."""
-    global _blas_depth, _blas_saved
-    if _blas_set == NULL:
-        return False
-    if _blas_depth == 0:
-        _blas_saved = _blas_get()
-        if _blas_saved != 1:
-            _blas_set(1)
-    _blas_depth += 1
-    return True
-
-
-cdef void _blas_single_exit():
-    global _blas_depth
-    _blas_depth -= 1
-    if _blas_depth == 0 and _blas_saved != 1:
-        _blas_set(_blas_saved)
 
 
 def schedule_info() -> dict:
@@ -137,19 +71,21 @@ def schedule_info() -> dict:
     return {
         "schedule": name,
         "threads": openmp.omp_get_max_threads(),
-        "blas_thread_control": _blas_symbol,
-        "blas_threads": _blas_get() if _blas_get != NULL else None,
+        **blas_thread_info(),
         "gemv_max_rows": GEMV_MAX_ROWS,
+        "parallel_min_flops": _parallel_min_flops,
     }
 
 
-def _configure(schedule=None, gemv_max_rows=None) -> dict:
-    """Override the schedule ("auto" | "experts" | "serial") or the matrix-vector cut-off.
+def _configure(schedule=None, gemv_max_rows=None, parallel_min_flops=None) -> dict:
+    """Override the schedule ("auto" | "experts" | "serial"), the matrix-vector cut-off or the
+    size below which "auto" runs serially (tests use 0 to reach the parallel paths).
 
     For benchmarks and tests only; returns the previous settings so callers can restore them.
     """
-    global _schedule, GEMV_MAX_ROWS
-    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS}
+    global _schedule, GEMV_MAX_ROWS, _parallel_min_flops
+    old = {"schedule": schedule_info()["schedule"], "gemv_max_rows": GEMV_MAX_ROWS,
+           "parallel_min_flops": _parallel_min_flops}
     if schedule is not None:
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
@@ -158,32 +94,11 @@ def _configure(schedule=None, gemv_max_rows=None) -> dict:
         if int(gemv_max_rows) < 0:
             raise ValueError(f"gemv_max_rows must be >= 0, got {gemv_max_rows}")
         GEMV_MAX_ROWS = int(gemv_max_rows)
+    if parallel_min_flops is not None:
+        if not parallel_min_flops >= 0:
+            raise ValueError(f"parallel_min_flops must be >= 0, got {parallel_min_flops}")
+        _parallel_min_flops = float(parallel_min_flops)
     return old
-
-
-# ----------------------------------------------------------------------------- BLAS calls
-cdef inline void _gemm(
-    char ta, char tb, int m, int n, int k,
-    const floating* a, int lda, const floating* b, int ldb, floating* c, int ldc,
-) noexcept nogil:
-    """Column-major C[m, n] = op(A)[m, k] op(B)[k, n] (row-major callers pass transposes)."""
-    cdef floating one = 1, zero = 0
-    if floating is float:
-        sgemm(&ta, &tb, &m, &n, &k, &one, <float*>a, &lda, <float*>b, &ldb, &zero, c, &ldc)
-    else:
-        dgemm(&ta, &tb, &m, &n, &k, &one, <double*>a, &lda, <double*>b, &ldb, &zero, c, &ldc)
-
-
-cdef inline void _gemv(
-    char ta, int m, int n, const floating* a, int lda, const floating* x, floating* y
-) noexcept nogil:
-    """Column-major y = op(A) x with A [m, n]."""
-    cdef floating one = 1, zero = 0
-    cdef int inc = 1
-    if floating is float:
-        sgemv(&ta, &m, &n, &one, <float*>a, &lda, <float*>x, &inc, &zero, y, &inc)
-    else:
-        dgemv(&ta, &m, &n, &one, <double*>a, &lda, <double*>x, &inc, &zero, y, &inc)
 
 
 # ----------------------------------------------------------------------------- C loops
@@ -284,16 +199,20 @@ cdef inline void _colsum(const floating* g, Py_ssize_t n, Py_ssize_t q, floating
 cdef void _forward_expert(
     Py_ssize_t e, const int64_t* offsets, const floating* x,
     const floating* w1, const floating* b1, const floating* w2, const floating* b2,
-    floating* pre, floating* act, floating* out, int d, int h, int kind, bint par,
+    floating* pre, floating* act, floating* out, int d, int h, int kind, bint par, bint scratch,
 ) noexcept nogil:
-    """Rows s..t of expert e: pre = x W1 + b1, act = f(pre), out = act W2 + b2."""
+    """Rows s..t of expert e: pre = x W1 + b1, act = f(pre), out = act W2 + b2.
+
+    scratch: pre and act are one [n, h] block of this thread (act written over pre), not the
+    kept [N, h] arrays; for forwards that no backward follows."""
     cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
     cdef Py_ssize_t dh = <Py_ssize_t>d * h
     cdef const floating* w1e = w1 + e * dh
     cdef const floating* w2e = w2 + e * dh
     x += s * d
-    pre += s * h
-    act += s * h
+    if not scratch:
+        pre += s * h
+        act += s * h
     out += s * d
     if n <= GEMV_MAX_ROWS:
         for r in range(n):
@@ -310,37 +229,42 @@ cdef void _forward_expert(
 
 
 cdef void _backward_expert(
-    Py_ssize_t e, const int64_t* offsets, const floating* g, const floating* x,
-    const floating* w1, const floating* w2, const floating* pre, const floating* act,
-    floating* d_pre, floating* d_x, floating* dw1, floating* db1, floating* dw2, floating* db2,
-    int d, int h, int kind, bint par,
+    Py_ssize_t e, const int64_t* offsets, const int64_t* gslot, const floating* g,
+    const floating* x, const floating* w1, const floating* w2, const floating* pre,
+    const floating* act, floating* d_pre, floating* d_x, floating* dw1, floating* db1,
+    floating* dw2, floating* db2, int d, int h, int kind, bint par, bint kept_pre,
 ) noexcept nogil:
-    """Gradients of expert e from its rows s..t; writes dw1/db1/dw2/db2[e] and d_x rows.
+    """Gradients of expert e from its rows s..t; writes dw1/db1/dw2/db2[gslot[e]] (the packed
+    gradient row of e; gslot[e] < 0: none, the gradient stays as factors) and d_x rows.
 
-    d_pre is scratch for this expert's [n, h] block (a per-thread buffer, reused across the
-    experts a thread runs, so it stays in cache and costs no fresh pages)."""
+    d_pre is this expert's [n, h] block: of the kept [N, h] array (kept_pre) or else scratch
+    (a per-thread buffer, reused across the experts a thread runs, so it stays in cache)."""
     cdef Py_ssize_t s = offsets[e], n = offsets[e + 1] - offsets[e], r
-    cdef Py_ssize_t dh = <Py_ssize_t>d * h
+    cdef Py_ssize_t dh = <Py_ssize_t>d * h, q = gslot[e]
     cdef bint few = n <= GEMV_MAX_ROWS
     cdef const floating* w1e = w1 + e * dh
     cdef const floating* w2e = w2 + e * dh
-    cdef floating* dw1e = dw1 + e * dh
-    cdef floating* dw2e = dw2 + e * dh
+    cdef floating* dw1e = dw1 + q * dh if q >= 0 else NULL
+    cdef floating* dw2e = dw2 + q * dh if q >= 0 else NULL
     g += s * d
     x += s * d
     pre += s * h
     act += s * h
     d_x += s * d
-    _gemm(c"N", c"T", d, h, <int>n, g, d, act, h, dw2e, d)  # dw2 [h, d] = act^T g
-    _colsum(g, n, d, db2 + e * d)  # [d]
+    if kept_pre:
+        d_pre += s * h
+    if q >= 0:
+        _gemm(c"N", c"T", d, h, <int>n, g, d, act, h, dw2e, d)  # dw2 [h, d] = act^T g
+        _colsum(g, n, d, db2 + q * d)  # [d]
     if few:  # d_pre [n, h] = g w2^T
         for r in range(n):
             _gemv(c"T", d, h, w2e, d, g + r * d, d_pre + r * h)  # [h]
     else:
         _gemm(c"T", c"N", h, <int>n, d, w2e, d, g, d, d_pre, h)
     _act_grad_rows(d_pre, pre, act, n, h, kind, par)  # [n, h]
-    _gemm(c"N", c"T", h, d, <int>n, d_pre, h, x, d, dw1e, h)  # dw1 [d, h] = x^T d_pre
-    _colsum(d_pre, n, h, db1 + e * h)  # [h]
+    if q >= 0:
+        _gemm(c"N", c"T", h, d, <int>n, d_pre, h, x, d, dw1e, h)  # dw1 [d, h] = x^T d_pre
+        _colsum(d_pre, n, h, db1 + q * h)  # [h]
     if few:  # d_x [n, d] = d_pre w1^T
         for r in range(n):
             _gemv(c"T", h, d, w1e, h, d_pre + r * h, d_x + r * d)  # [d]
@@ -349,14 +273,22 @@ cdef void _backward_expert(
 
 
 # ----------------------------------------------------------------------------- schedule
-cdef tuple _plan(const int64_t[::1] offsets):
+cdef inline bint _worth_threads(const int64_t[::1] offsets, int d, int h):
+    """Whether this call is big enough for the OpenMP team (always, when forced to "experts")."""
+    cdef Py_ssize_t E = offsets.shape[0] - 1
+    if _schedule == SCHEDULE_EXPERTS:
+        return True
+    return <double>(offsets[E] - offsets[0]) * 4.0 * d * h >= _parallel_min_flops
+
+
+cdef tuple _plan(const int64_t[::1] offsets, int d, int h):
     """Split the experts that got rows into (alone, shared): see the module docstring."""
     cdef Py_ssize_t E = offsets.shape[0] - 1, e, i, n_alone = 0, n_shared = 0, n_front = 0
     cdef int T = openmp.omp_get_max_threads()
-    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and (
-        _blas_set != NULL or _schedule == SCHEDULE_EXPERTS
-    ) and _claim_threads()
     cdef int64_t rows, remaining = offsets[E] - offsets[0], best_rows
+    cdef bint share = T > 1 and _schedule != SCHEDULE_SERIAL and _worth_threads(offsets, d, h) and (
+        blas_threads_controllable() or _schedule == SCHEDULE_EXPERTS
+    ) and _claim_threads()
     cdef Py_ssize_t best
     alone_arr = np.empty(E, dtype=np.int64)
     shared_arr = np.empty(E, dtype=np.int64)
@@ -400,16 +332,20 @@ def _forward_impl(
     const floating[:, ::1] x, const int64_t[::1] offsets,
     const floating[:, :, ::1] w1, const floating[:, ::1] b1,
     const floating[:, :, ::1] w2, const floating[:, ::1] b2, int kind,
-    floating[:, ::1] pre, floating[:, ::1] act, floating[:, ::1] out,
+    floating[:, ::1] pre, floating[:, ::1] act, floating[:, ::1] out, bint keep,
 ) -> None:
+    """keep=False: pre and act are per-thread scratch [T * most, h] (see _forward_expert)."""
     cdef int d = w1.shape[1], h = w1.shape[2]
-    cdef Py_ssize_t i
-    alone_arr, shared_arr = _plan(offsets)
+    cdef Py_ssize_t i, most = 0
+    alone_arr, shared_arr = _plan(offsets, d, h)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
     if x.shape[0] == 0:
         return
+    if not keep:
+        most = pre.shape[0] // openmp.omp_get_max_threads()
+    cdef Py_ssize_t block = most * h
     cdef const int64_t* off = &offsets[0]
     cdef const floating* xp = &x[0, 0]
     cdef const floating* w1p = &w1[0, 0, 0]
@@ -419,24 +355,27 @@ def _forward_impl(
     cdef floating* prep = &pre[0, 0]
     cdef floating* actp = &act[0, 0]
     cdef floating* outp = &out[0, 0]
-    cdef bint rows_par = n_alone > 0 and openmp.omp_get_max_threads() > 1 and _claim_threads()
+    cdef bint rows_par = (
+        n_alone > 0 and openmp.omp_get_max_threads() > 1 and _worth_threads(offsets, d, h) and _claim_threads()
+    )
     with nogil:
         for i in range(n_alone):
             _forward_expert(
-                alone[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, rows_par
+                alone[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, rows_par, not keep
             )
     if n_shared == 0:
         return
-    cdef bint single = _blas_single_enter()
+    cdef bint single = blas_single_enter()
     try:
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
                 _forward_expert(
-                    shared[i], off, xp, w1p, b1p, w2p, b2p, prep, actp, outp, d, h, kind, False
+                    shared[i], off, xp, w1p, b1p, w2p, b2p, prep + threadid() * block,
+                    actp + threadid() * block, outp, d, h, kind, False, not keep,
                 )
     finally:
         if single:
-            _blas_single_exit()
+            blas_single_exit()
 
 
 def _backward_impl(
@@ -444,23 +383,35 @@ def _backward_impl(
     const floating[:, :, ::1] w1, const floating[:, :, ::1] w2,
     const floating[:, ::1] pre, const floating[:, ::1] act, int kind,
     floating[:, :, ::1] dw1, floating[:, ::1] db1, floating[:, :, ::1] dw2, floating[:, ::1] db2,
-    floating[:, ::1] d_x,
+    floating[:, ::1] d_x, floating[:, ::1] kept, Py_ssize_t implicit,
 ) -> None:
+    """kept: d_pre [N, h] output, or [0, h] (scratch only). Experts with at most `implicit`
+    rows get no packed gradient row."""
     cdef int d = w1.shape[1], h = w1.shape[2]
     cdef Py_ssize_t i, e, most = 0
-    alone_arr, shared_arr = _plan(offsets)
+    cdef bint kept_pre = kept.shape[0] > 0
+    alone_arr, shared_arr = _plan(offsets, d, h)
     cdef const int64_t[::1] alone = alone_arr
     cdef const int64_t[::1] shared = shared_arr
     cdef Py_ssize_t n_alone = alone.shape[0], n_shared = shared.shape[0]
     if x.shape[0] == 0:
         return
     cdef int T = openmp.omp_get_max_threads()
+    gslot_arr = np.empty(offsets.shape[0] - 1, dtype=np.int64)  # expert -> packed gradient row
+    cdef int64_t[::1] gslot = gslot_arr
+    cdef int64_t q = 0
     for e in range(offsets.shape[0] - 1):
         most = max(most, offsets[e + 1] - offsets[e])
+        if offsets[e + 1] - offsets[e] > implicit:
+            gslot[e] = q
+            q += 1
+        else:
+            gslot[e] = -1
     # d_pre scratch: one [most, h] block per thread  # [T, most, h]
-    scratch = np.empty((T, most, h), dtype=np.float32 if floating is float else np.float64)
+    scratch = np.empty((T, 0 if kept_pre else most, h), dtype=np.float32 if floating is float else np.float64)
     cdef floating[:, :, ::1] d_pre = scratch
     cdef const int64_t* off = &offsets[0]
+    cdef const int64_t* gs = &gslot[0]
     cdef const floating* gp = &g[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef const floating* w1p = &w1[0, 0, 0]
@@ -471,29 +422,29 @@ def _backward_impl(
     cdef floating* db1p = &db1[0, 0]
     cdef floating* dw2p = &dw2[0, 0, 0]
     cdef floating* db2p = &db2[0, 0]
-    cdef floating* dpp = &d_pre[0, 0, 0]
+    cdef floating* dpp = &kept[0, 0] if kept_pre else &d_pre[0, 0, 0]
     cdef floating* dxp = &d_x[0, 0]
-    cdef Py_ssize_t block = most * h
-    cdef bint rows_par = n_alone > 0 and T > 1 and _claim_threads()
+    cdef Py_ssize_t block = 0 if kept_pre else most * h
+    cdef bint rows_par = n_alone > 0 and T > 1 and _worth_threads(offsets, d, h) and _claim_threads()
     with nogil:
         for i in range(n_alone):
             _backward_expert(
-                alone[i], off, gp, xp, w1p, w2p, prep, actp, dpp, dxp,
-                dw1p, db1p, dw2p, db2p, d, h, kind, rows_par,
+                alone[i], off, gs, gp, xp, w1p, w2p, prep, actp, dpp, dxp,
+                dw1p, db1p, dw2p, db2p, d, h, kind, rows_par, kept_pre,
             )
     if n_shared == 0:
         return
-    cdef bint single = _blas_single_enter()
+    cdef bint single = blas_single_enter()
     try:
         with nogil:
             for i in prange(n_shared, schedule="dynamic", chunksize=1):
                 _backward_expert(
-                    shared[i], off, gp, xp, w1p, w2p, prep, actp, dpp + threadid() * block, dxp,
-                    dw1p, db1p, dw2p, db2p, d, h, kind, False,
+                    shared[i], off, gs, gp, xp, w1p, w2p, prep, actp, dpp + threadid() * block, dxp,
+                    dw1p, db1p, dw2p, db2p, d, h, kind, False, kept_pre,
                 )
     finally:
         if single:
-            _blas_single_exit()
+            blas_single_exit()
 
 
 # ----------------------------------------------------------------------------- checks
@@ -568,10 +519,12 @@ def _grad_buffer(a, str name, tuple shape, dtype):
 
 
 # ----------------------------------------------------------------------------- public
-def ffn_forward(packed, offsets, w1, b1, w2, b2, activation):
+def ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep=True):
     """Every expert on its own slice of packed rows: out = act(x W1 + b1) W2 + b2.
 
     Returns (out [N, d], pre [N, h], act [N, h]); pre and act are kept for the backward.
+    keep=False (no backward follows) returns (out, None, None) and holds the hidden layer
+    only for the experts being computed, one [rows, h] block per thread.
     """
     kind = _activation_kind(activation)
     x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
@@ -579,18 +532,27 @@ def ffn_forward(packed, offsets, w1, b1, w2, b2, activation):
     b1 = _check_vector_bank(b1, "b1", E, h, "[E, h]", x.dtype)
     b2 = _check_vector_bank(b2, "b2", E, d, "[E, d]", x.dtype)
     N = x.shape[0]
-    pre = np.empty((N, h), dtype=x.dtype)
-    act = np.empty((N, h), dtype=x.dtype)
     out = np.empty((N, d), dtype=x.dtype)
-    _forward_impl(x, off, w1, b1, w2, b2, kind, pre, act, out)
-    return out, pre, act
+    if keep:
+        pre = np.empty((N, h), dtype=x.dtype)
+        act = np.empty((N, h), dtype=x.dtype)
+    else:
+        most = int(np.diff(off).max(initial=0))
+        pre = act = np.empty((openmp.omp_get_max_threads() * max(most, 1), h), dtype=x.dtype)  # [T * most, h]
+    _forward_impl(x, off, w1, b1, w2, b2, kind, pre, act, out, keep)
+    return (out, pre, act) if keep else (out, None, None)
 
 
-def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2):
+def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1, dw2, db2,
+                 d_pre=None, implicit=0):
     """Backward of `ffn_forward`. Returns d_packed [N, d].
 
-    Weight gradients are written (not accumulated) for the experts that received rows; the
-    other experts' slices of dw1/db1/dw2/db2 are left untouched.
+    Weight gradients are packed: dw1 [A, d, h], db1 [A, h], dw2 [A, h, d], db2 [A, d] hold
+    the A experts that received more than `implicit` rows, in ascending expert order, and
+    are written (not accumulated); experts without rows have no gradient rows at all, and
+    neither do those with 1..implicit rows: their gradients stay as factors (x and d_pre
+    for W1, b1; act and d_out for W2, b2; see moe.optim.LowRank). d_pre [N, h], if given,
+    receives the hidden layer's gradient of every row (required when implicit > 0).
     """
     kind = _activation_kind(activation)
     x, off, w1, w2 = _check_bank(packed, offsets, w1, w2)
@@ -599,15 +561,21 @@ def ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, dw1, db1,
     g = _check_rows(d_out, "d_out", N, d, dt)
     pre = _check_rows(pre, "pre", N, h, dt)
     act = _check_rows(act, "act", N, h, dt)
+    if implicit < 0:
+        raise ValueError(f"implicit must be >= 0, got {implicit}")
+    if implicit > 0 and d_pre is None:
+        raise ValueError("implicit > 0 leaves gradients as factors: pass d_pre [N, h] to keep them")
+    kept = np.empty((0, h), dtype=dt) if d_pre is None else _grad_buffer(d_pre, "d_pre", (N, h), dt)
+    A = int(np.count_nonzero(np.diff(off) > implicit))
     grads = [
-        _grad_buffer(dw1, "dw1", (E, d, h), dt),
-        _grad_buffer(db1, "db1", (E, h), dt),
-        _grad_buffer(dw2, "dw2", (E, h, d), dt),
-        _grad_buffer(db2, "db2", (E, d), dt),
+        _grad_buffer(dw1, "dw1", (A, d, h), dt),
+        _grad_buffer(db1, "db1", (A, h), dt),
+        _grad_buffer(dw2, "dw2", (A, h, d), dt),
+        _grad_buffer(db2, "db2", (A, d), dt),
     ]
     d_x = np.empty((N, d), dtype=dt)
-    _backward_impl(g, x, off, w1, w2, pre, act, kind, *grads, d_x)
-    for given, used in zip((dw1, db1, dw2, db2), grads, strict=True):
-        if used is not given:
+    _backward_impl(g, x, off, w1, w2, pre, act, kind, *grads, d_x, kept, implicit)
+    for given, used in zip((dw1, db1, dw2, db2, d_pre), (*grads, kept), strict=True):
+        if given is not None and used is not given:
             given[...] = used
     return d_x

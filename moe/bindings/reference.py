@@ -135,10 +135,12 @@ def ffn_forward(
     w2: np.ndarray,
     b2: np.ndarray,
     activation: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keep: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Every expert on its own slice of packed rows: out = act(x W1 + b1) W2 + b2.
 
     Returns (out [N, d], pre [N, h], act [N, h]); pre and act are kept for the backward.
+    keep=False (no backward follows) returns (out, None, None).
     """
     N, d = packed.shape
     h = w1.shape[2]
@@ -150,7 +152,7 @@ def ffn_forward(
         pre[s:t] = packed[s:t] @ w1[e] + b1[e]  # [n_e, h]
         act[s:t] = activation_forward(pre[s:t], activation)  # [n_e, h]
         out[s:t] = act[s:t] @ w2[e] + b2[e]  # [n_e, d]
-    return out, pre, act
+    return (out, pre, act) if keep else (out, None, None)
 
 
 def ffn_backward(
@@ -166,21 +168,60 @@ def ffn_backward(
     db1: np.ndarray,
     dw2: np.ndarray,
     db2: np.ndarray,
+    d_pre: np.ndarray | None = None,
+    implicit: int = 0,
 ) -> np.ndarray:
     """Backward of `ffn_forward`. Returns d_packed [N, d].
 
-    Weight gradients are *written* (not accumulated) into dw1/db1/dw2/db2 for the experts
-    that received rows; the other experts' slices are left untouched, so the caller decides
-    how to clear them (this keeps a step's cost proportional to the experts used).
+    Weight gradients are packed: row q of dw1/db1/dw2/db2 is the q-th expert (ascending)
+    that received more than `implicit` rows, *written* (not accumulated). Experts without
+    rows have no gradient rows, so a step's gradient memory and cost follow the experts
+    used; neither do experts with 1..implicit rows, whose gradients stay as factors (see
+    moe.optim.LowRank). d_pre [N, h], if given, receives every row's hidden-layer gradient.
     """
+    if implicit > 0 and d_pre is None:
+        raise ValueError("implicit > 0 leaves gradients as factors: pass d_pre [N, h] to keep them")
     d_packed = np.empty_like(packed)  # [N, d]
-    for e in np.flatnonzero(np.diff(offsets)):
-        s, t = offsets[e], offsets[e + 1]
+    counts = np.diff(offsets)
+    explicit = np.flatnonzero(counts > implicit)
+    want = (explicit.size,) + w1.shape[1:]
+    if dw1.shape != want:
+        raise ValueError(f"dw1 must be [A, d, h] = {list(want)} (one row per expert with rows), got {list(dw1.shape)}")
+    slot = np.full(counts.size, -1)
+    slot[explicit] = np.arange(explicit.size)
+    for e in np.flatnonzero(counts):
+        s, t, q = offsets[e], offsets[e + 1], slot[e]
         g = d_out[s:t]  # [n_e, d]
-        dw2[e] = act[s:t].T @ g  # [h, d]
-        db2[e] = g.sum(axis=0)  # [d]
-        d_pre = (g @ w2[e].T) * activation_backward(pre[s:t], activation)  # [n_e, h]
-        dw1[e] = packed[s:t].T @ d_pre  # [d, h]
-        db1[e] = d_pre.sum(axis=0)  # [h]
-        d_packed[s:t] = d_pre @ w1[e].T  # [n_e, d]
+        dp = (g @ w2[e].T) * activation_backward(pre[s:t], activation)  # [n_e, h]
+        if q >= 0:
+            dw2[q] = act[s:t].T @ g  # [h, d]
+            db2[q] = g.sum(axis=0)  # [d]
+            dw1[q] = packed[s:t].T @ dp  # [d, h]
+            db1[q] = dp.sum(axis=0)  # [h]
+        if d_pre is not None:
+            d_pre[s:t] = dp
+        d_packed[s:t] = dp @ w1[e].T  # [n_e, d]
     return d_packed
+
+
+def lowrank_rows(
+    u: np.ndarray | None, v: np.ndarray, starts: np.ndarray, counts: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """out[i] = sum_{r < counts[i]} outer(u[starts[i] + r], v[starts[i] + r]) (u None: ones).
+
+    The products are added in row order, starting from the first (no zero start), so the
+    bits are those of the compiled kernel and of the fused low-rank Adam update.
+    """
+    n = starts.shape[0]
+    flat = out.reshape(n, 1 if u is None else u.shape[1], v.shape[1])  # [n, a, b]
+    if n == 0:
+        return out
+
+    def term(r: np.ndarray) -> np.ndarray:
+        return v[r][:, None, :] if u is None else u[r][:, :, None] * v[r][:, None, :]  # [n_r, a, b]
+
+    flat[...] = term(starts)
+    for r in range(1, int(counts.max())):
+        sel = np.flatnonzero(counts > r)
+        flat[sel] = flat[sel] + term(starts[sel] + r)
+    return out

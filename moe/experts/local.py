@@ -14,8 +14,9 @@ from moe.optim import Adam, AdamConfig
 class LocalExperts:
     """Experts that live in this process. Implements the ExpertGroup protocol.
 
-    The optimizer is lazy Adam by default: only experts that received rows are updated
-    (see moe.optim); `lazy=False` gives dense Adam for comparison.
+    The optimizer is lazy Adam by default: only experts that received rows are updated, and
+    an expert's moments are allocated on its first update (see moe.optim); `lazy=False`
+    gives dense Adam for comparison. Built, the group holds its weights and nothing else.
     """
 
     def __init__(
@@ -47,16 +48,18 @@ class LocalExperts:
         )
         for n, p in self.params.items():
             new.params[n][:E] = p
-            new.optimizer.m[n][:E] = self.optimizer.m[n]
-            new.optimizer.v[n][:E] = self.optimizer.v[n]
-        if self.lazy:
-            new.optimizer.t[:E] = self.optimizer.t
+        sd = self.optimizer.state_dict()
+        if self.lazy:  # the new experts have no state yet
+            sd["t"] = np.concatenate([sd["t"], np.zeros(m, dtype=np.int64)])
         else:
-            new.optimizer.t[...] = self.optimizer.t
+            for n, p in new.params.items():
+                for k in "mv":
+                    sd[f"{k}.{n}"] = np.concatenate([sd[f"{k}.{n}"], np.zeros((m,) + p.shape[1:], p.dtype)])
+        new.optimizer.load_state_dict(sd)
         return new
 
-    def forward(self, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        return self.bank.forward(packed, offsets)
+    def forward(self, packed: np.ndarray, offsets: np.ndarray, keep: bool = True) -> np.ndarray:
+        return self.bank.forward(packed, offsets, keep)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         return self.bank.backward(grad_out)
@@ -66,35 +69,54 @@ class LocalExperts:
 
         Summing these in id order gives the same bits wherever the experts live.
         """
-        t = self.bank.touched
-        sq = np.zeros(t.shape[0], dtype=np.float64)
+        b = self.bank
+        sq = np.zeros(b.touched.shape[0], dtype=np.float64)
+        explicit = np.searchsorted(b.touched, b.explicit)  # their places in touched
         for n in state.PARAM_NAMES:
-            g = self.grads[n][t].reshape(t.shape[0], -1)  # [n_touched, size]
-            # float64 accumulation without a float64 copy; numpy's own loop, so the bits do
+            g = b.grad_rows[n].reshape(b.explicit.shape[0], b.params[n][0].size)  # [A_x, size]
+            # float64 accumulation without a float64 copy; numpy's own loops, so the bits do
             # not depend on BLAS threads (shards and coordinator must agree)
-            sq += np.einsum("ij,ij->i", g, g, dtype=np.float64)
-        return t, sq
+            sq[explicit] += np.einsum("ij,ij->i", g, g, dtype=np.float64)
+            if b.implicit.size:  # from the factors, without building the gradients
+                sq[np.searchsorted(b.touched, b.implicit)] += b.low_rank[n].sq_norms()
+        return b.touched, sq
 
     def grad_sq_norm(self) -> float:
         return float(np.sum(self.expert_sq_norms()[1]))
 
     def apply_update(self, lr: float, grad_scale: float = 1.0) -> None:
-        if self.lazy:
-            self.optimizer.step(self.grads, lr, grad_scale, rows=self.bank.touched)
-        else:
-            self.optimizer.step(self.grads, lr, grad_scale)
+        b = self.bank
+        if self.lazy:  # two disjoint sets of rows: each expert takes exactly one update
+            if b.explicit.size:
+                self.optimizer.step(b.grad_rows, lr, grad_scale, rows=b.explicit, packed=True)
+            if b.implicit.size:
+                self.optimizer.step(b.low_rank, lr, grad_scale, rows=b.implicit, packed=True)
+        else:  # dense Adam reads every expert's gradient (comparison mode: builds them densely)
+            self.optimizer.step(dict(self.grads), lr, grad_scale)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by kind (DeepSpeed ZeRO's three budgets), and experts with Adam state."""
+        return {
+            "weights_bytes": int(sum(p.nbytes for p in self.params.values())),
+            "grad_bytes": self.bank.grad_bytes(),
+            "adam_bytes": self.optimizer.state_bytes(),
+            "experts_with_adam": int(self.optimizer.state_rows().size),
+        }
 
     def save_part(self, folder: Path, layer: int) -> dict[str, dict]:
-        """Write this group's experts (params + Adam state) into a checkpoint being assembled."""
-        ids = np.arange(self.n_experts)
-        fname = f"experts-l{layer}.safetensors"
-        rows = state.export_rows(self.params, self.optimizer, ids, ids)
-        return {fname: state.write_part(Path(folder) / fname, rows, layer)}
+        """Write this group's experts (weights file + Adam file) into a checkpoint being assembled."""
+        rows = state.export_rows(self.params, self.optimizer, np.arange(self.n_experts))
+        return state.write_part(Path(folder), state.part_stem(layer), rows, layer)
 
     def load_part(self, folder: Path, entries: dict[str, dict], layer: int) -> None:
-        """Load every expert of this layer from whatever part files hold them (any sharding)."""
+        """Load every expert of this layer from whatever part files hold them (any sharding).
+
+        The Adam state is loaded when `entries` list Adam files for this layer (a resume);
+        an inference load passes only the weight files and the optimizer stays empty."""
         ids = np.arange(self.n_experts)
-        state.import_rows(self.params, self.optimizer, ids, state.read_rows(Path(folder), entries, layer, ids))
+        state.load_weights(Path(folder), entries, layer, ids, self.params)
+        if any(e.get("kind") == state.ADAM and e.get("layer") == layer for e in entries.values()):
+            state.load_adam(Path(folder), entries, layer, ids, self.optimizer)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {**self.params, **self.optimizer.state_dict("adam.")}
@@ -108,5 +130,6 @@ class LocalExperts:
                     f"expert param {n!r}: expected {p.dtype}{list(p.shape)}, "
                     f"got {state[n].dtype}{list(state[n].shape)}"
                 )
-            p[...] = state[n]
         self.optimizer.load_state_dict(state, "adam.")
+        for n, p in self.params.items():
+            p[...] = state[n]

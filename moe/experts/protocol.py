@@ -17,9 +17,10 @@ class ExpertGroupFailure(RuntimeError):
 class ExpertGroup(Protocol):
     """E experts mapping packed rows [N, d] to outputs [N, d], with their own optimizer.
 
-    `offsets[e]:offsets[e+1]` are expert e's rows. `backward` returns the gradient for the
-    packed rows and keeps the weight gradients where the weights live; `apply_update`
-    applies the optimizer there. `save_part` writes the group's experts into a checkpoint
+    `offsets[e]:offsets[e+1]` are expert e's rows. `forward(..., keep=False)` says no
+    backward follows (an inference forward), so nothing need be kept for one. `backward`
+    returns the gradient for the packed rows and keeps the weight gradients where the
+    weights live; `apply_update` applies the optimizer there. `save_part` writes the group's experts into a checkpoint
     folder being assembled (phase one; the manifest is the commit) and returns the manifest
     entries; `load_part` reads them back from any set of part files. `grad_sq_norm` must be
     the float64 sum, in ascending expert id, of each touched expert's squared gradient norm,
@@ -30,7 +31,7 @@ class ExpertGroup(Protocol):
     n_experts: int
     d_model: int
 
-    def forward(self, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray: ...
+    def forward(self, packed: np.ndarray, offsets: np.ndarray, keep: bool = True) -> np.ndarray: ...
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray: ...
 

@@ -1,55 +1,44 @@
-"""Profile reports: one JSON file, PNG plots per layer, an HTML page, and a text table.
+"""Profile reports: one JSON file, a per-task CSV, PNG plots per layer, an HTML page, a text table.
 
-Why: balance numbers are easiest to trust when they can be re-read (JSON), seen (sorted
-per-expert load, task x expert heatmap) and skimmed in a terminal (format_summary).
-matplotlib is imported inside write_report only, so importing moe.profiling never
-touches a plotting backend.
+Why: balance numbers are easiest to trust when they can be re-read (JSON, CSV), seen
+(per-expert load by id and sorted, the task x expert heatmap, load per shard) and skimmed
+in a terminal (format_summary). Every output says which split was routed and whether the
+gate noise was on, because the same checkpoint gives quite different figures either way.
+The page and the pictures are drawn from the JSON document alone (moe.profiling.page), so
+fields added to a summary later appear without changes here. matplotlib is imported
+inside write_report only, so importing moe.profiling never touches a plotting backend.
 """
 
 from __future__ import annotations
 
-import html
+import csv
+import io
 import json
 import math
 import os
 import re
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
+from moe.profiling import plots
+from moe.profiling.placement import lpt_placement, placement_stats
+from moe.profiling.plots import MAX_HEATMAP_COLS, aggregate_expert_columns
 from moe.profiling.stats import LoadProfile, ModelProfile, encode_matrix
 
 REPORT_FORMAT = "moe.profile_report/1"
-MAX_HEATMAP_COLS = 512  # experts are summed into at most this many column bins in heatmaps
-_BAR_LIMIT = 256  # above this many experts the sorted load is drawn as a filled step curve
-_TICK_LIMIT = 40  # label heatmap rows with task names up to this many tasks
+__all__ = ["MAX_HEATMAP_COLS", "REPORT_FORMAT", "aggregate_expert_columns", "format_summary", "write_report"]
 
-
-def aggregate_expert_columns(
-    matrix: np.ndarray | sp.spmatrix, max_cols: int = MAX_HEATMAP_COLS
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sum contiguous, balanced groups of expert columns of a [T, E] matrix into at most max_cols.
-
-    Returns (binned float64 [T, n_cols], edges int64 [n_cols + 1]): column e falls in bin b
-    when edges[b] <= e < edges[b + 1]. With E <= max_cols every expert is its own bin.
-    """
-    if isinstance(max_cols, bool) or not isinstance(max_cols, int) or max_cols < 1:
-        raise ValueError(f"max_cols must be a positive int, got {max_cols!r}")
-    T, E = matrix.shape
-    n_cols = min(E, max_cols)
-    edges = (np.arange(n_cols + 1, dtype=np.int64) * E) // n_cols  # [n_cols+1]
-    if sp.issparse(matrix):
-        coo = sp.coo_matrix(matrix)
-        col_bin = np.searchsorted(edges, coo.col, side="right") - 1  # [nnz]
-        flat = coo.row.astype(np.int64) * n_cols + col_bin  # [nnz]
-        binned = np.bincount(flat, weights=coo.data.astype(np.float64), minlength=T * n_cols)  # [T*n_cols]
-        return binned.reshape(T, n_cols), edges
-    dense = np.asarray(matrix, dtype=np.float64)  # [T, E]
-    return np.add.reduceat(dense, edges[:-1], axis=1), edges  # [T, n_cols]
+# Per-layer summary keys the page and the text table show in their own places; any other
+# scalar a layer summary holds is listed under "other figures".
+KNOWN_LAYER_KEYS = frozenset({
+    "n_experts", "n_tasks", "examples", "assignments", "dropped", "counts", "importance", "load",
+    "cv_importance", "cv_load", "max_mean_load", "balance_basis", "drop_rate", "dead_experts",
+    "hot_experts", "drops_by_capacity", "per_task",
+})
+KNOWN_TASK_KEYS = ("examples", "share", "entropy", "top_experts", "top_shares")
 
 
 def _layers_and_summary(
@@ -76,23 +65,68 @@ def _file_stems(names: list[str], prefix: str) -> dict[str, str]:
     return stems
 
 
-def write_report(
-    profile: ModelProfile | LoadProfile, out_dir: Path, *, prefix: str = "profile", html_page: bool = True
-) -> dict[str, str]:
-    """Write <prefix>.json, per-layer load and heatmap PNGs and (optionally) <prefix>.html.
+def layer_summaries(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """{layer name: LoadProfile summary} of a ModelProfile or LoadProfile summary."""
+    if not isinstance(summary, Mapping):
+        raise TypeError(f"format_summary expects a summary dict, got {type(summary).__name__}")
+    if "layers" in summary and "headline" in summary:
+        return dict(summary["layers"])
+    if "per_task" in summary and "cv_load" in summary:
+        return {"layer": summary}
+    raise ValueError(
+        f"format_summary expects LoadProfile.summary() or ModelProfile.summary(), got keys {sorted(summary)}"
+    )
 
-    Returns {kind: path}: "json", "html", and per layer "load:<layer>" / "heatmap:<layer>"
-    (just "load" / "heatmap" for a single LoadProfile). The JSON holds the summary and each
-    layer's task x expert matrices ("gates", "counts"): dense list-of-lists when the profile
-    stores them dense, CSR triplets {indptr, indices, data} when sparse.
+
+def placement_section(
+    layers: Mapping[str, Mapping[str, Any]], assignment: Sequence[int], *, label: str = "shard", source: str = ""
+) -> dict[str, Any]:
+    """Load per bin (shard or device) of each layer under `assignment` (bin of each expert),
+    next to what a load-balanced (LPT) placement of the same experts would give."""
+    a = np.asarray(assignment, dtype=np.int64)  # [E]
+    n_bins = int(a.max()) + 1
+    out: dict[str, Any] = {"label": label, "source": source, "n_bins": n_bins, "assignment": a.tolist(),
+                           "layers": {}}
+    for name, s in layers.items():
+        basis = np.asarray(s[s["balance_basis"]], dtype=np.float64)  # [E]
+        if basis.shape != a.shape:
+            raise ValueError(f"the placement places {a.size} experts, layer {name!r} has {basis.size}")
+        current = placement_stats(basis, a, n_bins)
+        suggested = None
+        if basis.any():
+            lpt = lpt_placement(basis, n_bins, capacity=math.ceil(basis.size / n_bins))
+            suggested = placement_stats(basis, lpt, n_bins)
+        out["layers"][name] = {"current": current, "balanced": suggested}
+    return out
+
+
+def write_report(
+    profile: ModelProfile | LoadProfile,
+    out_dir: Path,
+    *,
+    prefix: str = "profile",
+    html_page: bool = True,
+    placement: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write <prefix>.json, <prefix>_tasks.csv, per-layer PNGs and (optionally) <prefix>.html.
+
+    Returns {kind: path}: "json", "csv", "html", and per layer "load:<layer>" (expert-id
+    order), "sorted:<layer>", "heatmap:<layer>" and, with a placement, "bins:<layer>" (just
+    "load", "sorted", ... for a single LoadProfile). The JSON holds the context (split,
+    noise, batching), the summary, each layer's task x expert matrices ("gates", "counts":
+    dense list-of-lists, or CSR triplets {indptr, indices, data} when the profile is
+    sparse) and, with a placement {"assignment": bin per expert, "label", "source"}, the
+    load per bin. The CSV holds every task of every layer (the page may show only some).
     """
     if not isinstance(prefix, str) or not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a non-empty file name without path separators, got {prefix!r}")
     layers, summary, single = _layers_and_summary(profile)
+    per_layer = {"layer": summary} if single else summary["layers"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {
+    doc: dict[str, Any] = {
         "format": REPORT_FORMAT,
+        "context": summary.get("context", {}),
         "summary": summary,
         "matrices": {
             name: {
@@ -101,25 +135,41 @@ def write_report(
             }
             for name, p in layers.items()
         },
+        "placement": None if placement is None else placement_section(
+            per_layer, placement["assignment"], label=placement.get("label", "shard"),
+            source=placement.get("source", "")),
     }
-    paths: dict[str, str] = {"json": str(out / f"{prefix}.json")}
+    paths: dict[str, str] = {"json": str(out / f"{prefix}.json"), "csv": str(out / f"{prefix}_tasks.csv")}
     _write_text(Path(paths["json"]), json.dumps(doc, allow_nan=False))
+    _write_text(Path(paths["csv"]), tasks_csv(per_layer))
 
-    plt = _pyplot()
+    plt = plots.pyplot()
     stems = {"layer": prefix} if single else _file_stems(list(layers), prefix)
-    layer_summaries = {"layer": summary} if single else summary["layers"]
     for name, p in layers.items():
         suffix = "" if single else f":{name}"
-        load_path = out / f"{stems[name]}_load.png"
-        heat_path = out / f"{stems[name]}_heatmap.png"
-        title = "" if single else name
-        _plot_load(plt, title, layer_summaries[name], load_path)
-        _plot_heatmap(plt, title, p, heat_path)
-        paths[f"load{suffix}"] = str(load_path)
-        paths[f"heatmap{suffix}"] = str(heat_path)
+        s = per_layer[name]
+        title = layer_title(name)
+        drawn = {
+            "load": lambda path, s=s, t=title: plots.plot_load_by_id(plt, t, s, path),
+            "sorted": lambda path, s=s, t=title: plots.plot_load_sorted(plt, t, s, path),
+            "heatmap": lambda path, p=p, t=title: plots.plot_heatmap(plt, t, p.task_expert_matrix("gates"),
+                                                                     list(p.task_names), path),
+        }
+        if doc["placement"] is not None:
+            bins = doc["placement"]["layers"][name]
+            drawn["bins"] = lambda path, b=bins, t=title: plots.plot_bins(
+                plt, t, doc["placement"]["label"], b["current"], b["balanced"], path)
+        for kind, draw in drawn.items():
+            path = out / f"{stems[name]}_{kind}.png"
+            draw(path)
+            paths[f"{kind}{suffix}"] = str(path)
     if html_page:
+        from moe.profiling.page import render_page
+
         html_path = out / f"{prefix}.html"
-        _write_text(html_path, _html(summary, paths))
+        images = {kind: Path(p).name for kind, p in paths.items() if p.endswith(".png")}
+        _write_text(html_path, render_page(doc, images, csv_name=Path(paths["csv"]).name,
+                                           json_name=Path(paths["json"]).name, single=single))
         paths["html"] = str(html_path)
     return paths
 
@@ -130,118 +180,90 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _pyplot() -> Any:
-    """pyplot on the Agg backend, chosen here (never at package import); a session that
-    already imported pyplot keeps its backend, since switching would close its figures."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+# ----------------------------------------------------------------------------- shared wording
+def layer_title(name: str) -> str:
+    """'block0' -> 'MoE block 0'; other names as they are."""
+    m = re.fullmatch(r"block(\d+)", name)
+    return f"MoE block {m.group(1)}" if m else name
 
 
-def _mpl_errstate() -> np.errstate:
-    """matplotlib relies on numpy's default float-error handling (tests raise on all)."""
-    return np.errstate(divide="warn", over="warn", invalid="warn", under="ignore")
+def routing_words(context: Mapping[str, Any]) -> str:
+    """How the figures were measured, in a few words: 'train split, gate noise on'."""
+    if not context:
+        return "split and gate noise not recorded"
+    noise = "gate noise on" if context.get("noise") else "no gate noise"
+    words = f"{context.get('split', '?')} split, {noise}"
+    if context.get("routing") not in (None, "", "top-k"):
+        words += f", {context['routing']} routing"
+    return words
 
 
-def _plot_load(plt: Any, name: str, s: Mapping[str, Any], path: Path) -> None:
-    """Per-expert load sorted high to low with its mean, and the histogram of load / mean."""
-    values, label = np.asarray(s["load"], dtype=np.float64), "load"  # [E]
-    if not np.any(values):
-        values, label = np.asarray(s["counts"], dtype=np.float64), "dispatched rows"
-    ranked = np.sort(values)[::-1]  # [E]
-    mean = float(ranked.mean())
-    E = ranked.size
-    with _mpl_errstate():
-        fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
-        try:
-            x = np.arange(E)
-            if E <= _BAR_LIMIT:
-                ax.bar(x, ranked, width=1.0, color="C0")
-            else:
-                ax.fill_between(x, ranked, step="post", color="C0")
-            ax.axhline(mean, color="C3", linestyle="--", label=f"mean {mean:.4g}")
-            ax.set_xlabel(f"{E} experts, sorted by {label}")
-            ax.set_ylabel(label)
-            ax.set_title(
-                f"{name + ': ' if name else ''}per-expert {label} "
-                f"(cv {s['cv_load']:.3f}, max/mean {s['max_mean_load']:.2f})"
-            )
-            ax.legend(loc="upper right")
-            rel = values / mean if mean > 0 else values  # [E]
-            hx.hist(rel, bins=int(min(50, max(10, E // 4))), color="C0")
-            if mean > 0:
-                hx.axvline(1.0, color="C3", linestyle="--")
-            hx.set_xlabel(f"{label} / mean" if mean > 0 else label)
-            hx.set_ylabel("experts")
-            hx.set_title(f"{len(s['dead_experts'])} dead experts, drop rate {100 * s['drop_rate']:.1f}%")
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-        finally:
-            plt.close(fig)
+def id_ranges(ids: Sequence[int], limit: int = 40) -> str:
+    """[3, 17, 18, 19, 40] -> '3, 17-19, 40' (at most `limit` items, then '... (N in all)')."""
+    if not ids:
+        return "none"
+    parts: list[str] = []
+    start = prev = int(ids[0])
+    for e in [*map(int, ids[1:]), None]:
+        if e is not None and e == prev + 1:
+            prev = e
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if e is not None:
+            start = prev = e
+    text = ", ".join(parts[:limit])
+    return text + (f", ... ({len(ids)} in all)" if len(parts) > limit else "")
 
 
-def _plot_heatmap(plt: Any, name: str, p: LoadProfile, path: Path) -> None:
-    """Each task's share of its gate mass per expert (rows sum to 1), experts binned if many."""
-    binned, edges = aggregate_expert_columns(p.task_expert_matrix("gates"))  # [T, n_cols]
-    totals = binned.sum(axis=1, keepdims=True)  # [T, 1]
-    share = np.divide(binned, totals, out=np.zeros_like(binned), where=totals > 0)  # [T, n_cols]
-    T, n_cols = share.shape
-    title = f"{name + ': ' if name else ''}task x expert routing (row-normalised gate mass)"
-    xlabel = "expert"
-    if n_cols < p.n_experts:
-        title += f"\n{p.n_experts} experts aggregated into {n_cols} column bins of ~{p.n_experts / n_cols:.0f}"
-        xlabel = "expert bin (contiguous expert ids)"
-    with _mpl_errstate():
-        fig, ax = plt.subplots(figsize=(11, max(3.0, min(12.0, 1.0 + 0.25 * T))))
-        try:
-            vmax = float(share.max()) if share.max() > 0 else 1.0
-            im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=vmax)
-            fig.colorbar(im, ax=ax, label="share of task's gate mass")
-            ax.set_title(title)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("task")
-            if T <= _TICK_LIMIT:
-                ax.set_yticks(np.arange(T))
-                ax.set_yticklabels(p.task_names)
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-        finally:
-            plt.close(fig)
+def top_experts_text(t: Mapping[str, Any], n: int = 5) -> str:
+    """'12 (41%), 3 (22%)' from a per-task summary's top_experts and top_shares."""
+    experts = list(t.get("top_experts", []))[:n]
+    shares = list(t.get("top_shares", []))
+    if not experts:
+        return "-"
+    if len(shares) < len(experts):
+        return ", ".join(map(str, experts))
+    return ", ".join(f"{e} ({100 * v:.0f}%)" for e, v in zip(experts, shares, strict=False))
 
 
-def _html(summary: Mapping[str, Any], paths: Mapping[str, str]) -> str:
-    """A self-contained page beside the PNGs (images referenced by file name)."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>moe load profile</title>",
-        "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}"
-        "img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
-        "<h1>moe load profile</h1>",
-        f"<pre>{html.escape(format_summary(summary, max_tasks=None))}</pre>",
-    ]
-    for kind, path in paths.items():
-        if kind.startswith(("load", "heatmap")):
-            parts.append(f"<h2>{html.escape(kind)}</h2>")
-            parts.append(f"<img src='{html.escape(Path(path).name, quote=True)}' alt='{html.escape(kind, quote=True)}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+def hot_text(h: Mapping[str, Any]) -> str:
+    """'expert 12: 2.3x mean (digits 41%, wine 20%)'."""
+    tasks = ", ".join(f"{name} {100 * share:.0f}%" for name, share in h.get("tasks", []))
+    return f"expert {h['expert']}: {h['over_mean']:.2f}x mean" + (f" ({tasks})" if tasks else "")
 
 
-def _layer_summaries(summary: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]], Mapping[str, Any] | None]:
-    if not isinstance(summary, Mapping):
-        raise TypeError(f"format_summary expects a summary dict, got {type(summary).__name__}")
-    if "layers" in summary and "headline" in summary:
-        return dict(summary["layers"]), summary["headline"]
-    if "per_task" in summary and "cv_load" in summary:
-        return {"layer": summary}, None
-    raise ValueError(
-        f"format_summary expects LoadProfile.summary() or ModelProfile.summary(), got keys {sorted(summary)}"
-    )
+def extra_scalars(mapping: Mapping[str, Any], known: frozenset[str] | Sequence[str]) -> dict[str, Any]:
+    """The scalar (number, str, bool) entries of a summary that no fixed place shows."""
+    return {k: v for k, v in mapping.items() if k not in known and isinstance(v, int | float | str | bool)}
 
 
+def task_columns(layers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Extra per-task scalar keys (beyond KNOWN_TASK_KEYS), in first-seen order."""
+    seen: dict[str, None] = {}
+    for s in layers.values():
+        for t in s["per_task"].values():
+            for k in extra_scalars(t, KNOWN_TASK_KEYS):
+                seen.setdefault(k, None)
+    return list(seen)
+
+
+def tasks_csv(layers: Mapping[str, Mapping[str, Any]]) -> str:
+    """Every task of every layer, one row each, with every per-task figure."""
+    extra = task_columns(layers)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "task", "examples", "share_of_gate_mass", "entropy_nats", "effective_experts",
+                "top_experts", "top_shares", *extra])
+    for name, s in layers.items():
+        for task, t in s["per_task"].items():
+            w.writerow([name, task, t["examples"], f"{t.get('share', 0.0):.6g}", f"{t['entropy']:.6g}",
+                        f"{math.exp(t['entropy']):.6g}", " ".join(map(str, t["top_experts"])),
+                        " ".join(f"{v:.4g}" for v in t.get("top_shares", [])),
+                        *(t.get(k, "") for k in extra)])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- text
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
@@ -253,11 +275,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_summary(summary: Mapping[str, Any], *, max_tasks: int | None = 50) -> str:
     """A readable text table of LoadProfile.summary() or ModelProfile.summary() for the CLI.
 
-    Per-task rows show entropy in nats and exp(entropy), the effective number of experts
-    a task uses; only the first max_tasks tasks per layer are listed (None: all).
+    Opens with how the decisions were made (split, gate noise); per layer the balance
+    figures, the hottest and the dead experts by id and the drops at other capacity
+    factors; per task the entropy in nats and exp(entropy), the effective number of experts
+    a task uses, its share of the gate mass and its top experts. Only the first max_tasks
+    tasks per layer are listed (None: all).
     """
-    layers, headline = _layer_summaries(summary)
-    out = []
+    layers = layer_summaries(summary)
+    headline = summary.get("headline")
+    context = summary.get("context", {})
+    out = [f"routing measured on: {routing_words(context)}"
+           + (f"; {context['examples']:,} examples of {context['tasks']} tasks" if "examples" in context else "")]
     rows = [
         [name, str(s["n_experts"]), str(s["examples"]), f"{s['cv_importance']:.3f}", f"{s['cv_load']:.3f}",
          f"{s['max_mean_load']:.2f}", f"{100 * s['drop_rate']:.2f}%", str(len(s["dead_experts"]))]
@@ -273,16 +301,24 @@ def format_summary(summary: Mapping[str, Any], *, max_tasks: int | None = 50) ->
             f"dropped {100 * headline['drop_rate']:.2f}%  dead experts {headline['dead_experts']}"
         )
     for name, s in layers.items():
+        out.append("")
+        out.append(f"{name}: hottest " + "; ".join(hot_text(h) for h in s.get("hot_experts", [])[:3])
+                   if s.get("hot_experts") else f"{name}: nothing routed")
+        out.append(f"{name}: dead experts: {id_ranges(s['dead_experts'])}")
+        drops = s.get("drops_by_capacity")
+        if drops:
+            out.append(f"{name}: would drop at capacity factor " + ", ".join(
+                f"{d['capacity_factor']:g}: {100 * d['drop_rate']:.1f}%" for d in drops))
         tasks = list(s["per_task"].items())
         shown = tasks if max_tasks is None else tasks[:max_tasks]
         out.append("")
         out.append(f"per-task routing ({name}):")
         rows = [
-            [task, str(t["examples"]), f"{t['entropy']:.3f}", f"{math.exp(t['entropy']):.1f}",
-             ", ".join(str(e) for e in t["top_experts"]) or "-"]
+            [task, str(t["examples"]), f"{100 * t.get('share', 0.0):.1f}%", f"{t['entropy']:.3f}",
+             f"{math.exp(t['entropy']):.1f}", top_experts_text(t, 3)]
             for task, t in shown
         ]
-        out += _table(["task", "examples", "entropy(nats)", "eff.experts", "top experts"], rows)
+        out += _table(["task", "examples", "share", "entropy(nats)", "eff.experts", "top experts (share)"], rows)
         if len(shown) < len(tasks):
-            out.append(f"... {len(tasks) - len(shown)} more tasks")
+            out.append(f"... {len(tasks) - len(shown)} more tasks (all of them in the CSV and JSON)")
     return "\n".join(out) + "\n"

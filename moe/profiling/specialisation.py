@@ -21,18 +21,18 @@ def _rows(matrix) -> np.ndarray:
 
 
 def mutual_information(matrix) -> tuple[float, np.ndarray]:
-    """(MI in nats, each task's KL(p(e|t) || p(e)) [T]; 0 for a task with no assignments)."""
-    m = _rows(matrix)
-    total = m.sum()
-    per_task = np.zeros(m.shape[0])
+    """(MI in nats, each task's KL(p(e|t) || p(e)) [T]; 0 for a task with no assignments).
+    Sparse in, sparse throughout: the cost follows the nonzero (task, expert) pairs."""
+    m = sp.csr_matrix(matrix, dtype=np.float64)
+    total = float(m.sum())
     if total <= 0:
-        return 0.0, per_task
-    n_t = m.sum(axis=1)  # [T]
-    p_e = m.sum(axis=0) / total  # [E]
-    for t in np.flatnonzero(n_t > 0):
-        q = m[t] / n_t[t]  # [E] p(e | t)
-        nz = q > 0
-        per_task[t] = float(np.sum(q[nz] * np.log(q[nz] / p_e[nz])))
+        return 0.0, np.zeros(m.shape[0])
+    n_t = np.asarray(m.sum(axis=1)).ravel()  # [T]
+    p_e = np.asarray(m.sum(axis=0)).ravel() / total  # [E]
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))  # [nnz] task of each entry
+    keep = m.data > 0
+    rows, cols, q = rows[keep], m.indices[keep], m.data[keep] / n_t[rows[keep]]  # q = p(e | t)
+    per_task = np.bincount(rows, weights=q * np.log(q / p_e[cols]), minlength=m.shape[0])  # [T]
     return float(np.sum(n_t / total * per_task)), per_task
 
 

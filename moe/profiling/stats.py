@@ -8,18 +8,25 @@ on purpose: they sum millions of float32 gate values, and float32 sums drift.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from moe.profiling.specialisation import mutual_information
+from moe.routing.capacity import expert_capacity
 from moe.routing.types import Routing
 
 PROFILE_FORMAT = "moe.load_profile/1"
 MODEL_PROFILE_FORMAT = "moe.model_profile/1"
 SPARSE_THRESHOLD = 4096  # above this many experts the task x expert matrices are scipy.sparse
 TOP_EXPERTS = 5  # experts listed per task in the summary
+HOT_EXPERTS = 5  # busiest experts named per layer in the summary, with the tasks that load them
+HOT_TASKS = 3  # tasks named per hot expert
+# What the same gate decisions would drop at these capacity factors (the planner's defaults).
+CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)
 _FLUSH_TRIPLETS = 1 << 18  # pending COO triplets before they are summed into the CSR matrices
 _HEADLINE_METRICS = ("cv_load", "cv_importance", "max_mean_load", "drop_rate")
 
@@ -53,6 +60,19 @@ def max_over_mean(values: np.ndarray) -> float:
     if v.size == 0 or not np.any(v):
         return 0.0
     return float(v.max() / v.mean())
+
+
+def capacity_drops(expert_index: np.ndarray, n_experts: int) -> np.ndarray:
+    """int64[len(CAPACITY_FACTORS)]: assignments of one batch that a capacity of
+    C = ceil(cf * B * k / E) rows per expert would cut, for each cf in CAPACITY_FACTORS.
+
+    An expert chosen a_e times keeps min(a_e, C) of them whatever the priority order, so the
+    count is sum_e max(a_e - C, 0): exactly Routing.dropped of a layer with that factor.
+    """
+    B, k = expert_index.shape
+    assigned = np.bincount(expert_index.reshape(-1), minlength=n_experts)  # [E], before any capacity
+    caps = np.array([expert_capacity(cf, B, k, n_experts) for cf in CAPACITY_FACTORS], dtype=np.int64)  # [n_cf]
+    return np.maximum(assigned[None, :] - caps[:, None], 0).sum(axis=1)  # [n_cf]
 
 
 def encode_matrix(matrix: np.ndarray | sp.spmatrix) -> dict[str, Any]:
@@ -175,6 +195,9 @@ class LoadProfile:
         self.examples = 0
         self.assignments = 0
         self.dropped = 0
+        # capacity_drops[i]: assignments a capacity of CAPACITY_FACTORS[i] would cut, batch by batch;
+        # None for a profile read from a file written before it was recorded
+        self.capacity_drops: np.ndarray | None = np.zeros(len(CAPACITY_FACTORS), dtype=np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_n = 0
         if self.sparse:
@@ -198,6 +221,8 @@ class LoadProfile:
         self.examples += B
         self.assignments += B * k
         self.dropped += int(routing.dropped)
+        if self.capacity_drops is not None:
+            self.capacity_drops += capacity_drops(index, E)  # [n_cf]
         rows = np.repeat(tasks.astype(np.int64), k)  # [B*k]
         cols = index.reshape(-1).astype(np.int64)  # [B*k]
         vals = gates.reshape(-1).astype(np.float64)  # [B*k]
@@ -296,6 +321,10 @@ class LoadProfile:
         self.examples += other.examples
         self.assignments += other.assignments
         self.dropped += other.dropped
+        if self.capacity_drops is None or other.capacity_drops is None:
+            self.capacity_drops = None
+        else:
+            self.capacity_drops = self.capacity_drops + other.capacity_drops
         if self.sparse:
             self._gates = self._gates + sp.csr_matrix(g)
             self._hits = self._hits + sp.csr_matrix(h)
@@ -324,28 +353,68 @@ class LoadProfile:
         cols = np.flatnonzero(row > 0)  # [nnz_t]
         return cols, row[cols]
 
-    def _per_task(self) -> dict[str, dict[str, Any]]:
+    def _per_task(self, mi_terms: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Per task: examples, routing entropy, top experts with their share of the task's
+        gate mass, the task's share of the layer's gate mass, and its term of the task-expert
+        mutual information (KL of its expert distribution from the layer's, by assignments)."""
         out = {}
+        total = float(self._gates.sum())
         for t, name in enumerate(self.task_names):
             cols, vals = self._task_row(t)
-            entropy = 0.0
+            entropy, mass = 0.0, float(vals.sum())
             if vals.size:
-                p = vals / vals.sum()  # [nnz_t]
+                p = vals / mass  # [nnz_t]
                 entropy = float(-np.sum(p * np.log(p)))
             order = np.lexsort((cols, -vals))[:TOP_EXPERTS]  # heaviest first, ties: lower id
             out[name] = {
                 "examples": int(self.task_examples[t]),
                 "entropy": entropy,
                 "top_experts": cols[order].tolist(),
+                "top_shares": (vals[order] / mass).tolist() if vals.size else [],
+                "share": mass / total if total > 0 else 0.0,
+                "mutual_information": float(mi_terms[t]),
             }
         return out
 
+    def _hot_experts(self, basis: np.ndarray) -> list[dict[str, Any]]:
+        """The busiest experts by `basis`, each with basis/mean and the tasks whose
+        assignments make up most of it (share of that expert's assignments)."""
+        mean = float(basis.mean())
+        if mean <= 0:
+            return []
+        hot = np.lexsort((np.arange(self.n_experts), -basis))[:HOT_EXPERTS]  # busiest first, ties: lower id
+        hits = sp.csc_matrix(self._hits) if self.sparse else self._hits
+        out = []
+        for e in hot.tolist():
+            col = np.asarray(hits[:, e].toarray()).ravel() if self.sparse else hits[:, e]  # [T]
+            n = int(col.sum())
+            tasks = np.lexsort((np.arange(self.n_tasks), -col))[:HOT_TASKS]
+            out.append({
+                "expert": e,
+                "over_mean": float(basis[e]) / mean,
+                "tasks": [[self.task_names[t], float(col[t]) / n] for t in tasks.tolist() if col[t] > 0] if n else [],
+            })
+        return out
+
+    def _drops_by_capacity(self) -> list[dict[str, Any]] | None:
+        if self.capacity_drops is None:
+            return None
+        return [
+            {"capacity_factor": cf, "dropped": int(d), "drop_rate": int(d) / self.assignments if self.assignments else 0.0}
+            for cf, d in zip(CAPACITY_FACTORS, self.capacity_drops.tolist(), strict=True)
+        ]
+
     def summary(self) -> dict[str, Any]:
-        """JSON-safe statistics. max_mean_load uses counts when load is all 0; drop_rate and
-        max_mean_load are 0.0 before anything was routed; a task's entropy (nats) is 0.0 when
-        it has no gate mass; top_experts lists up to 5 experts with positive gate mass."""
+        """JSON-safe statistics. max_mean_load (and hot_experts) use counts when load is all 0
+        (balance_basis says which); drop_rate and max_mean_load are 0.0 before anything was
+        routed; mutual_information (nats) is the task-expert MI of the assignment counts;
+        a task's entropy (nats) is 0.0 when it has no gate mass; top_experts lists up
+        to 5 experts with positive gate mass. drops_by_capacity is what the same decisions
+        would drop at each capacity factor (None when the profile was read from a file that
+        did not record it)."""
         self._flush()
         basis = self.load if np.any(self.load) else self.counts
+        mi, mi_terms = mutual_information(self._hits)
         return {
             "n_experts": self.n_experts,
             "n_tasks": self.n_tasks,
@@ -358,9 +427,13 @@ class LoadProfile:
             "cv_importance": cv(self.importance),
             "cv_load": cv(self.load),
             "max_mean_load": max_over_mean(basis),
+            "balance_basis": "load" if basis is self.load else "counts",
             "drop_rate": self.dropped / self.assignments if self.assignments else 0.0,
             "dead_experts": np.flatnonzero((self.counts == 0) & (self.importance == 0)).tolist(),
-            "per_task": self._per_task(),
+            "hot_experts": self._hot_experts(basis),
+            "drops_by_capacity": self._drops_by_capacity(),
+            "mutual_information": mi,
+            "per_task": self._per_task(mi_terms),
         }
 
     # ---- JSON ---------------------------------------------------------------------------
@@ -382,6 +455,8 @@ class LoadProfile:
             "load": self.load.tolist(),
             "task_examples": self.task_examples.tolist(),
             "task_expert": {"gates": encode_matrix(self._gates), "counts": encode_matrix(self._hits)},
+            **({} if self.capacity_drops is None else {
+                "capacity_factors": list(CAPACITY_FACTORS), "capacity_drops": self.capacity_drops.tolist()}),
         }
 
     @classmethod
@@ -412,8 +487,23 @@ class LoadProfile:
         else:
             p._gates = np.ascontiguousarray(gates.toarray() if sp.issparse(gates) else gates)
             p._hits = np.ascontiguousarray(hits.toarray() if sp.issparse(hits) else hits)
+        p.capacity_drops = _capacity_drops_from(doc, p.assignments)
         _check_consistent(p, hits)
         return p
+
+
+def _capacity_drops_from(doc: Mapping[str, Any], assignments: int) -> np.ndarray | None:
+    """The optional capacity_factors / capacity_drops pair (absent in older files: None)."""
+    if "capacity_drops" not in doc and "capacity_factors" not in doc:
+        return None
+    if list(doc.get("capacity_factors", [])) != list(CAPACITY_FACTORS):
+        raise ValueError(f"load profile 'capacity_factors' must be {list(CAPACITY_FACTORS)}, "
+                         f"got {doc.get('capacity_factors')!r}")
+    drops = _vector(doc, "capacity_drops", len(CAPACITY_FACTORS), np.int64)
+    if drops.max() > assignments or np.any(np.diff(drops) > 0):
+        raise ValueError(f"load profile 'capacity_drops' must fall as the capacity factor grows and stay "
+                         f"<= {assignments} assignments, got {drops.tolist()}")
+    return drops
 
 
 _PROFILE_KEYS = (
@@ -453,6 +543,10 @@ class ModelProfile:
     layers may differ in size. summary()["headline"] reports, for each of cv_load,
     cv_importance, max_mean_load and drop_rate, the WORST (largest) value over layers and
     which layer it came from; "worst_layer" is the layer with the largest cv_load.
+
+    `context` says how the decisions were made (which split, whether the gate noise was on,
+    how batches were formed, ...): a JSON-safe dict carried into summary() and to_dict(),
+    because a balance figure means little without it.
     """
 
     def __init__(
@@ -461,10 +555,12 @@ class ModelProfile:
         task_names: Sequence[str] | None = None,
         *,
         sparse_threshold: int = SPARSE_THRESHOLD,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
         self.n_tasks = check_count("n_tasks", n_tasks, 1)
         self.task_names = _check_names(task_names, self.n_tasks)
         self.sparse_threshold = check_count("sparse_threshold", sparse_threshold, 0)
+        self.context = _check_context(context)
         self.layers: dict[str, LoadProfile] = {}
 
     def _new_layer(self, n_experts: int) -> LoadProfile:
@@ -502,6 +598,8 @@ class ModelProfile:
             raise TypeError(f"merge() expects a ModelProfile, got {type(other).__name__}")
         if other.task_names != self.task_names:
             raise ValueError(f"cannot merge profiles with different task names: {self.task_names} vs {other.task_names}")
+        if other.context != self.context:
+            raise ValueError(f"cannot merge profiles routed differently: {self.context} vs {other.context}")
         for name, theirs in list(other.layers.items()):
             mine = self.layers.get(name)
             if mine is None:
@@ -517,6 +615,7 @@ class ModelProfile:
             "n_layers": len(layers),
             "n_tasks": self.n_tasks,
             "task_names": list(self.task_names),
+            "context": dict(self.context),
             "layers": layers,
             "headline": _headline(layers),
         }
@@ -527,6 +626,7 @@ class ModelProfile:
             "n_tasks": self.n_tasks,
             "task_names": list(self.task_names),
             "sparse_threshold": self.sparse_threshold,
+            "context": dict(self.context),
             "layers": {name: p.to_dict() for name, p in self.layers.items()},
         }
 
@@ -537,7 +637,8 @@ class ModelProfile:
         if doc.get("format") != MODEL_PROFILE_FORMAT:
             raise ValueError(f"model profile format must be {MODEL_PROFILE_FORMAT!r}, got {doc.get('format')!r}")
         try:
-            m = cls(doc["n_tasks"], doc["task_names"], sparse_threshold=doc["sparse_threshold"])
+            m = cls(doc["n_tasks"], doc["task_names"], sparse_threshold=doc["sparse_threshold"],
+                    context=doc.get("context"))
             layers = doc["layers"]
         except KeyError as err:
             raise ValueError(f"model profile is missing {err}") from None
@@ -549,6 +650,17 @@ class ModelProfile:
                 raise ValueError(f"layer {name!r} has tasks {p.task_names}, the model {m.task_names}")
             m.layers[name] = p
         return m
+
+
+def _check_context(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping) or not all(isinstance(key, str) for key in context):
+        raise TypeError(f"context must be a dict with str keys, got {context!r:.200}")
+    try:
+        return json.loads(json.dumps(dict(context), allow_nan=False))  # a JSON-safe copy
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"context must hold JSON values only: {err}") from None
 
 
 def _headline(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -35,8 +35,9 @@ def cmd_keys_secret(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `shard serve` and `keys generate|secret` to the `moe` parser (handlers return an exit code)."""
-    shard = subparsers.add_parser("shard", help="run an expert shard server",
-                                  description="Expert shard servers (docs/PROTOCOL.md).")
+    shard = subparsers.add_parser("shard", help="run an expert shard server", description=(
+        "Expert shards: processes that hold some experts of every MoE block for a coordinator "
+        "(`moe train` with shards.endpoints; docs/PROTOCOL.md). See `moe shard serve --help`."))
     ss = shard.add_subparsers(dest="shard_command", required=True, metavar="SUBCOMMAND")
     serve = ss.add_parser("serve", help="host experts for a coordinator (`moe train` with shards.endpoints)",
                           description="Serve a set of experts of every MoE layer over ZeroMQ (docs/PROTOCOL.md) "
@@ -45,11 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "folder must be on a shared file system.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_shard_serve)
-    keys = subparsers.add_parser("keys", help="CURVE keys and run secrets for shard servers",
-                                 description="Make the keys shard servers and coordinators authenticate with.")
+    keys = subparsers.add_parser("keys", help="CURVE keys and run secrets for shard servers", description=(
+        "The keys shard servers and coordinators authenticate with: CURVE key pairs that authenticate "
+        "and encrypt coordinator <-> shard traffic (required to bind a shard to anything but loopback "
+        "or ipc), and run secrets. See `moe keys generate --help` and `moe keys secret --help`."))
     ks = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
     gen = ks.add_parser("generate", help="make a server keypair, client keypairs and the allowlist in DIR",
-                        description="CURVE keys for shards bound beyond loopback (see moe/sharding/security.py).")
+                        description="Write a server key pair, one key pair per --client and the allowlist of "
+                                    "client public keys into DIR (pass it as --curve-dir / shards.curve_dir).")
     gen.add_argument("dir", help="folder to write the keys into")
     gen.add_argument("--client", action="append", default=None, metavar="NAME",
                      help="client key name (repeatable; default: client)")

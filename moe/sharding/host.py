@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from moe import bindings
 from moe.checkpoint import CheckpointError, fsync_dir
 from moe.experts import state
 from moe.experts.local import LocalExperts
-from moe.optim import AdamConfig
+from moe.optim import Adam, AdamConfig
 
-PART_FILE = re.compile(r"experts-l(\d+)(-s\d+)?\.safetensors")
+PART_FILE = re.compile(r"experts-l(\d+)(-s\d+)?(\.adam)?\.safetensors")
 FLOAT_LIMIT = 1e38  # below float32's largest finite value (3.4e38), so rounding cannot cross it
 
 
@@ -77,14 +78,18 @@ class FiniteBound:
         self.v = np.zeros(n, dtype=np.float64)
 
     def reset(self, rows: dict[str, np.ndarray], local: np.ndarray) -> None:
-        """Exact bounds for local experts `local` from their weights and Adam moments."""
-        for bound, prefix in ((self.p, ""), (self.m, "adam.m."), (self.v, "adam.v.")):
-            got = np.zeros(local.shape[0], dtype=np.float64)
+        """Exact bounds for local experts `local` from their weights and Adam moments, given as
+        LocalExperts.state_dict gives them: "adam.t" [n] and moments only for the rows with
+        t > 0 (lazy Adam: an expert never updated has none, so its bounds are 0)."""
+        self.p[local] = 0.0
+        for n in state.PARAM_NAMES:
+            self.p[local] = np.maximum(self.p[local], _row_max_abs(rows[n]))
+        with_state = local[np.flatnonzero(rows["adam.t"] > 0)]  # [s], the order of the moment rows
+        for bound, prefix in ((self.m, "adam.m."), (self.v, "adam.v.")):
+            bound[local] = 0.0
             for n in state.PARAM_NAMES:
-                key = prefix + n
-                if key in rows:
-                    got = np.maximum(got, _row_max_abs(rows[key]))
-            bound[local] = got
+                if with_state.size:
+                    bound[with_state] = np.maximum(bound[with_state], _row_max_abs(rows[prefix + n]))
 
     def propose(self, local: np.ndarray, gmax: np.ndarray, lr: float, scale: float,
                 c: AdamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -145,7 +150,7 @@ class ExpertHost:
         self.bounds = [FiniteBound(n) for _ in range(n_layers)]
         everyone = np.arange(n)
         for bank, bound in zip(self.banks, self.bounds, strict=True):
-            bound.reset(bank.params, everyone)  # Adam moments start at zero
+            bound.reset(bank.state_dict(), everyone)  # no expert has Adam moments yet
 
     # -- helpers
     def _bank(self, layer: int) -> LocalExperts:
@@ -195,7 +200,7 @@ class ExpertHost:
         else:  # keeps nothing: the pending training stash stays as it was
             p = bank.params
             yl, _, _ = bindings.ffn_forward(xl, local_offsets, p["w1"], p["b1"], p["w2"], p["b2"],
-                                            bank.activation)  # [N, d]
+                                            bank.activation, False)  # [N, d]
         if not _all_finite(yl):
             raise HostError("forward outputs are not finite (rows too large for these experts)")
         if train:
@@ -256,52 +261,59 @@ class ExpertHost:
         return int(touched.size)
 
     def save(self, layer: int, folder: Path, index: int) -> dict[str, Any]:
+        """Write this shard's weights file and Adam file of `layer` into folder (each fsynced,
+        then renamed into place); the reply meta names both."""
         bank = self._bank(layer)
         if not folder.is_dir():
             raise HostError(f"save folder {str(folder)!r} does not exist", "not_found")
-        name = f"experts-l{layer}-s{index}.safetensors"
-        rows = state.export_rows(bank.params, bank.optimizer, np.arange(self.ids.size), self.ids)
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        stem = state.part_stem(layer, index)
+        rows = state.export_rows(bank.params, bank.optimizer, self.ids)
+        tmp = folder / f".{stem}.tmp-{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
         try:
-            entry = state.write_part(tmp, rows, layer)  # written and fsynced
-            os.replace(tmp, folder / name)
+            entries = state.write_part(tmp, stem, rows, layer)  # written and fsynced
+            for name in entries:
+                os.replace(tmp / name, folder / name)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(folder)
-        return {"file": name, "sha256": entry["sha256"], "bytes": entry["bytes"],
-                "n_experts": entry["n_experts"]}
+        (name, w), (adam_name, a) = sorted(entries.items(), key=lambda kv: kv[1]["kind"])
+        return {"file": name, "sha256": w["sha256"], "bytes": w["bytes"], "n_experts": w["n_experts"],
+                "adam_file": adam_name, "adam_sha256": a["sha256"], "adam_bytes": a["bytes"],
+                "adam_n_experts": a["n_experts"]}
 
     def load(self, layer: int, folder: Path, files: tuple, hashes: tuple) -> None:
-        """Restore every hosted expert of `layer` from the named part files (any sharding wrote
-        them, rows carry global ids); on any failure nothing changes."""
+        """Restore every hosted expert of `layer` from the named weight and Adam part files (any
+        sharding wrote them, rows carry global ids; experts absent from every Adam file get no
+        moments); everything is read and checked before anything changes."""
         bank = self._bank(layer)
         if len(files) != len(hashes):
             raise HostError(f"load needs one sha256 per file, got {len(files)} files and {len(hashes)} hashes")
+        where = f"load layer {layer} from {str(folder)!r}"
         entries = {}
         for f, h in zip(files, hashes, strict=True):
             m = PART_FILE.fullmatch(f) if isinstance(f, str) else None
             if m is None or int(m.group(1)) != layer or not isinstance(h, str):
-                raise HostError(f"load files must be expert parts 'experts-l{layer}[-sN].safetensors', got {f!r}")
-            entries[f] = {"kind": "experts", "layer": layer, "sha256": h}
-        where = f"load layer {layer} from {str(folder)!r}"
+                raise HostError(f"load files must be expert parts 'experts-l{layer}[-sN][.adam].safetensors', got {f!r}")
+            try:
+                size = os.stat(folder / f).st_size  # the sha256 is what protects the bytes
+            except OSError:
+                raise HostError(f"{where}: {f} is missing", "not_found") from None
+            entries[f] = {"kind": state.ADAM if m.group(3) else state.WEIGHTS, "layer": layer, "sha256": h,
+                          "bytes": size}
+        weights = {n: np.empty_like(p) for n, p in bank.params.items()}
+        fresh = Adam(weights, bank.optimizer.config, lazy_rows=True)
         try:
-            rows = state.read_rows(folder, entries, layer, self.ids)
-        except (CheckpointError, FileNotFoundError, OSError) as e:
+            state.load_weights(folder, entries, layer, self.ids, weights)
+            state.load_adam(folder, entries, layer, self.ids, fresh)
+        except (CheckpointError, OSError) as e:
             raise HostError(f"{where}: {e}", "not_found") from None
-        for n in state.PARAM_NAMES:
-            want = bank.params[n]
-            for key in (n, f"adam.m.{n}", f"adam.v.{n}"):
-                got = rows.get(key)
-                if got is None or got.shape[1:] != want.shape[1:] or got.dtype != want.dtype:
-                    what = "missing" if got is None else f"{got.dtype}{list(got.shape[1:])}"
-                    raise HostError(f"{where}: {key!r} rows must be {want.dtype}{list(want.shape[1:])}, got {what}")
-                if not _all_finite(got):
-                    raise HostError(f"{where}: {key!r} holds NaN or Inf")
-        if "adam.t" not in rows:
-            raise HostError(f"{where}: 'adam.t' is missing")
-        everyone = np.arange(self.ids.size)
-        state.import_rows(bank.params, bank.optimizer, everyone, rows)
-        self.bounds[layer].reset(rows, everyone)
+        rows = {**weights, **fresh.state_dict("adam.")}  # moments only of the experts with t > 0
+        for key, got in rows.items():
+            if got.dtype.kind == "f" and not _all_finite(got):
+                raise HostError(f"{where}: {key!r} holds NaN or Inf")
+        bank.load_state_dict(rows)
+        self.bounds[layer].reset(rows, np.arange(self.ids.size))
         self.stash[layer] = self.pending[layer] = None
         self.last_update[layer] = -1
 

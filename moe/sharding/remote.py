@@ -81,8 +81,11 @@ class RemoteExperts:
             plan[s] = (ex.tolist(), offs.tolist(), sel)
         return plan
 
-    def forward(self, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """packed [N, d] grouped by expert -> out [N, d], computed on the shards."""
+    def forward(self, packed: np.ndarray, offsets: np.ndarray, keep: bool = True) -> np.ndarray:
+        """packed [N, d] grouped by expert -> out [N, d], computed on the shards.
+
+        keep=False (no backward follows) sends `train = false`: the shards keep nothing, and
+        a pending training stash stays as it was (docs/PROTOCOL.md §5)."""
         offsets = np.asarray(offsets, dtype=np.int64)
         if offsets.shape != (self.n_experts + 1,):
             raise ValueError(f"offsets must be [{self.n_experts + 1}], got {list(offsets.shape)}")
@@ -90,12 +93,13 @@ class RemoteExperts:
             raise ValueError(f"packed must be float32 [{int(offsets[-1])}, {self.d_model}], "
                              f"got {packed.dtype} {list(packed.shape)}")
         plan = self._split(offsets)
-        req = {s: (ex, offs, [np.ascontiguousarray(packed[sel])], {}) for s, (ex, offs, sel) in plan.items()}
+        meta = {} if keep else {"train": False}
+        req = {s: (ex, offs, [np.ascontiguousarray(packed[sel])], meta) for s, (ex, offs, sel) in plan.items()}
         replies = self.links.call("forward", req, layer=self.layer, step=self.step)
         out = np.empty_like(packed)  # [N, d]
         for s, (_, offs, sel) in plan.items():
             out[sel] = self._rows(replies[s], s, offs[-1])  # [n_s, d]
-        self._fwd = (plan, packed.shape[0])
+        self._fwd = (plan, packed.shape[0]) if keep else None
         self._sq = None
         return out
 
@@ -152,20 +156,24 @@ class RemoteExperts:
 
     # ------------------------------------------------------------------ checkpoints
     def save_part(self, folder: Path, layer: int) -> dict[str, dict]:
-        """Each shard writes experts-l{layer}-s{shard}.safetensors into folder (shared file system)."""
+        """Each shard writes experts-l{layer}-s{shard}.safetensors and its .adam.safetensors
+        into folder (shared file system)."""
         meta = {"dir": str(Path(folder).resolve()), "tag": f"l{layer}"}
         replies = self.links.call("save", {s: ((), (0,), (), meta) for s in self._active()}, layer=layer,
                                   step=self.step)
         entries = {}
         for _, msg in sorted(replies.items(), key=lambda kv: kv[0]):
             m = msg.header.meta
-            entries[str(m["file"])] = {"sha256": m["sha256"], "bytes": int(m["bytes"]), "kind": "experts",
-                                       "layer": int(layer), "n_experts": int(m["n_experts"])}
+            for pre, kind in (("", state.WEIGHTS), ("adam_", state.ADAM)):
+                entries[str(m[f"{pre}file"])] = {"sha256": m[f"{pre}sha256"], "bytes": int(m[f"{pre}bytes"]),
+                                                 "kind": kind, "layer": int(layer),
+                                                 "n_experts": int(m[f"{pre}n_experts"])}
         return entries
 
     def load_part(self, folder: Path, entries: dict[str, dict], layer: int) -> None:
         """Each shard reads its experts' rows from whichever part files hold them (any sharding)."""
-        parts = sorted((f, e) for f, e in entries.items() if e.get("kind") == "experts" and e.get("layer") == layer)
+        parts = sorted((f, e) for f, e in entries.items()
+                       if e.get("kind") in (state.WEIGHTS, state.ADAM) and e.get("layer") == layer)
         lim = self.links.limits.max_meta_items
         if len(parts) > lim:
             raise ValueError(f"layer {layer} is split over {len(parts)} part files; a load names at most {lim}")
@@ -182,19 +190,20 @@ class RemoteExperts:
         self._fwd, self._sq = None, None
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """All experts' params and Adam state, as LocalExperts.state_dict (via a temporary part)."""
+        """All experts' params and Adam state, as LocalExperts.state_dict (via temporary parts)."""
         with tempfile.TemporaryDirectory(prefix="moe-state-") as tmp:
-            rows = state.read_rows(Path(tmp), self.save_part(Path(tmp), self.layer), self.layer,
+            return state.read_rows(Path(tmp), self.save_part(Path(tmp), self.layer), self.layer,
                                    np.arange(self.n_experts))
-        rows.pop("ids")
-        return rows
 
     def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+        """Load a LocalExperts.state_dict (lazy Adam) into the shards (via temporary parts)."""
+        ids = np.arange(self.n_experts, dtype=np.int64)
+        t = np.asarray(tensors["adam.t"], dtype=np.int64)
+        rows = {"ids": ids, **{n: tensors[n] for n in state.PARAM_NAMES}, "adam.ids": ids[t > 0],
+                "adam.t": t[t > 0], **{k: v for k, v in tensors.items() if k.startswith(("adam.m.", "adam.v."))}}
         with tempfile.TemporaryDirectory(prefix="moe-state-") as tmp:
-            part = {"ids": np.arange(self.n_experts, dtype=np.int64), **tensors}
-            name = f"experts-l{self.layer}.safetensors"
-            entry = state.write_part(Path(tmp) / name, part, self.layer)
-            self.load_part(Path(tmp), {name: entry}, self.layer)
+            entries = state.write_part(Path(tmp), state.part_stem(self.layer), rows, self.layer)
+            self.load_part(Path(tmp), entries, self.layer)
 
     def stats(self, reset: bool = False) -> np.ndarray:
         """Rows each expert processed in forward since the last reset, int64[E]."""

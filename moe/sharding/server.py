@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from moe.rss import resident
 from moe.sharding import security, session, wire
 from moe.sharding.host import ExpertHost, HostError
 from moe.sharding.replay import ReplayCache
@@ -377,7 +378,7 @@ class ShardServer:
             self.host.rows[h.layer][:] = 0
         meta = {**self.counters, "uptime_s": time.monotonic() - self.started, "index": self.o.index,
                 "n_layers": self.o.n_layers, "d_model": self.o.d_model, "gen": self.gen,
-                "session": self.admission.sessions}
+                "session": self.admission.sessions, **self.host.banks[h.layer].memory(), **resident()}
         return wire.encode_reply(h, [self.host.ids.astype(np.int32), rows], meta=meta, limits=self.o.limits)
 
     # ------------------------------------------------------------------ worker

@@ -23,7 +23,7 @@ METRIC_BY_KIND = {
     "regression": "r2",
 }
 
-_SPEC_FIELDS = ("name", "kind", "n_inputs", "n_outputs", "loss_weight", "domain")
+_SPEC_FIELDS = ("name", "kind", "n_inputs", "n_outputs", "loss_weight", "domain", "classes")
 
 
 def check_kind(kind: object) -> str:
@@ -51,6 +51,9 @@ class TaskSpec:
     domain names the input space the task reads (the same images, the same feature table):
     tasks of one domain share one input encoder, so such a task owns only its embedding and
     head. None means the task has an input space of its own.
+    classes (optional, classification only): the original label of each class id, e.g.
+    ("barbera", "barolo", "grignolino"); for binary, y = 1 means classes[1]. Kept in the spec
+    so a checkpoint carries the mapping from its outputs back to the user's labels.
     """
 
     name: str
@@ -59,6 +62,7 @@ class TaskSpec:
     n_outputs: int
     loss_weight: float = 1.0
     domain: str | None = None
+    classes: tuple[str | int | float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -86,12 +90,27 @@ class TaskSpec:
         if not math.isfinite(float(w)) or float(w) <= 0:
             raise ValueError(f"task '{self.name}' loss_weight must be finite and > 0, got {w}")
         object.__setattr__(self, "loss_weight", float(w))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", self._checked_classes(self.classes))
         d = self.domain
         if d is not None and (not isinstance(d, str) or not d or any(c.isspace() or c in "/:" for c in d)):
             raise ValueError(
                 f"task '{self.name}' domain must be a non-empty string with no whitespace, '/' or ':', "
                 f"got {d!r}"
             )
+
+    def _checked_classes(self, classes: object) -> tuple[str | int | float, ...]:
+        if self.kind not in ("multiclass", "binary"):
+            raise ValueError(f"{self.kind} task '{self.name}' has no classes, got {classes!r:.100}")
+        if isinstance(classes, str) or not isinstance(classes, list | tuple):
+            raise TypeError(f"task '{self.name}' classes must be a list of labels, got {type(classes).__name__}")
+        out = tuple(c.item() if isinstance(c, np.generic) else c for c in classes)
+        if not all(isinstance(c, str | int | float) and not isinstance(c, bool) for c in out):
+            raise TypeError(f"task '{self.name}' class labels must be str, int or float, got {list(out)!r:.200}")
+        want = self.n_outputs if self.kind == "multiclass" else 2
+        if len(out) != want or len(set(out)) != len(out):
+            raise ValueError(f"{self.kind} task '{self.name}' needs {want} distinct class labels, got {list(out)!r:.200}")
+        return out
 
     @property
     def input_space(self) -> str:
@@ -104,8 +123,9 @@ class TaskSpec:
         return METRIC_BY_KIND[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe plain dict (str, int, float only), for checkpoint manifests."""
-        out = {
+        """JSON-safe plain dict (str, int, float and a list of labels), for checkpoint manifests;
+        "domain" and "classes" only when the spec has them."""
+        d: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "n_inputs": self.n_inputs,
@@ -113,8 +133,10 @@ class TaskSpec:
             "loss_weight": self.loss_weight,
         }
         if self.domain is not None:
-            out["domain"] = self.domain
-        return out
+            d["domain"] = self.domain
+        if self.classes is not None:
+            d["classes"] = list(self.classes)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TaskSpec:
@@ -323,6 +345,9 @@ class TaskData:
                 raise ValueError(f"{kind} task '{name}' classes must be an array of {n}, got {got}")
         elif self.classes is not None:
             raise ValueError(f"{kind} task '{name}' must not have classes")
+        if self.spec.classes is not None and tuple(np.asarray(self.classes).tolist()) != self.spec.classes:
+            raise ValueError(f"task '{name}' classes {np.asarray(self.classes).tolist()!r:.200} differ from its "
+                             f"spec's {list(self.spec.classes)!r:.200}")
 
     # -- conveniences -----------------------------------------------------------------------
 

@@ -17,6 +17,11 @@ TOML file's folder:
 Tasks of one domain must have the same number of features; they are standardised with one
 (mean, std) fitted on the union of their training rows, so a row means the same to each.
 
+A classification target may hold numbers or text labels ("barolo"); class id i is the i-th
+label in sorted order, and the labels travel in the task's spec (so in checkpoints).
+Commands take `--data` in one of two forms everywhere (load_data): such a TOML file, or one
+.csv/.npz table with `--target COLUMN`.
+
 NPZ files hold either one 2-D array `data` plus a string array `columns`, or one 1-D array per
 column; they are always read with allow_pickle=False. Every problem is a ValueError naming the
 file, the task, the column and what was expected versus found.
@@ -67,6 +72,23 @@ class Table:
     def raw(self, col: str) -> object:
         return self._cells[col]
 
+    def labels(self, col: str, where: str) -> np.ndarray | None:
+        """Column as stripped text labels str[n] when any cell is not a number; None when
+        every cell is one (then the column is read with numeric())."""
+        cells = self._cells[col]
+        if isinstance(cells, np.ndarray):
+            if cells.dtype.kind not in "US":
+                return None
+            texts = [str(c).strip() for c in cells.tolist()]
+        else:
+            texts = [c.strip() for c in cells]
+        if all(_is_number(t) for t in texts):
+            return None
+        for i, t in enumerate(texts):
+            if not t:
+                raise ValueError(f"{where}: column '{col}' {self.where_row(i)} is empty; expected a class label")
+        return np.asarray(texts, dtype=str)
+
     def numeric(self, col: str, where: str) -> np.ndarray:
         """Column as finite float64 [n]; the first bad cell is named with its row and value."""
         cells = self._cells[col]
@@ -92,6 +114,14 @@ class Table:
                 "expected a finite number"
             )
         return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_csv(path: Path, where: str) -> Table:
@@ -221,6 +251,40 @@ def _infer_kind(y: np.ndarray, targets: list[str], where: str) -> str:
     return "regression"
 
 
+def _label_kind(labels: np.ndarray, target: str, where: str) -> str:
+    """binary or multiclass for a column of text labels; refuses what cannot be classes."""
+    n, distinct = labels.shape[0], np.unique(labels)
+    if distinct.shape[0] < 2:
+        raise ValueError(f"{where}: target '{target}' has a single label {str(distinct[0])!r}; "
+                         "expected at least 2 classes")
+    if distinct.shape[0] > max(_MAX_INFERRED_CLASSES, n // 2):
+        raise ValueError(f"{where}: target '{target}' has {distinct.shape[0]} distinct text values in {n} rows; "
+                         "class labels repeat (is it an id or free-text column?)")
+    return "binary" if distinct.shape[0] == 2 else "multiclass"
+
+
+def _class_ids(kind: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(y, classes, n_outputs) of one label column (numbers or text): class id i is the
+    i-th smallest label."""
+    classes = np.unique(values)
+    ids = np.searchsorted(classes, values)  # [n]
+    if classes.dtype.kind == "f" and np.all(classes == np.round(classes)):
+        classes = classes.astype(np.int64)
+    if kind == "binary":
+        return ids.astype(np.float32)[:, None], classes, 1
+    return ids.astype(np.int32), classes, classes.shape[0]
+
+
+def _check_class_count(kind: str, classes: np.ndarray, target: str, where: str) -> None:
+    need = "exactly 2" if kind == "binary" else "at least 2"
+    if (kind == "binary" and classes.shape[0] != 2) or classes.shape[0] < 2:
+        shown = ", ".join(f"{c:g}" if classes.dtype.kind in "fiu" else repr(str(c)) for c in classes[:10])
+        raise ValueError(
+            f"{where}: {kind} target '{target}' needs {need} distinct values, "
+            f"found {classes.shape[0]}: [{shown}{', ...' if classes.shape[0] > 10 else ''}]"
+        )
+
+
 def _encode(
     kind: str, y: np.ndarray, targets: list[str], table: Table, where: str
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -230,20 +294,18 @@ def _encode(
             raise ValueError(
                 f"{where}: a {kind} task needs exactly one target column, got {targets}"
             )
-        classes = np.unique(y[:, 0])
-        need = "exactly 2" if kind == "binary" else "at least 2"
-        if (kind == "binary" and classes.shape[0] != 2) or classes.shape[0] < 2:
-            shown = ", ".join(f"{c:g}" for c in classes[:10])
+        v = y[:, 0]
+        distinct = np.unique(v)
+        fractional = np.flatnonzero(v != np.round(v))
+        if fractional.size and distinct.shape[0] > _MAX_INFERRED_CLASSES:
+            i = int(fractional[0])
             raise ValueError(
-                f"{where}: {kind} target '{targets[0]}' needs {need} distinct values, "
-                f"found {classes.shape[0]}: [{shown}{', ...' if classes.shape[0] > 10 else ''}]"
+                f"{where}: target '{targets[0]}' is declared {kind} but holds {distinct.shape[0]} distinct "
+                f"non-integer values ({v[i]:g} in {table.where_row(i)}): it looks continuous; "
+                'for a continuous target say kind = "regression" (--kind regression)'
             )
-        ids = np.searchsorted(classes, y[:, 0])  # [n]
-        if np.all(classes == np.round(classes)):
-            classes = classes.astype(np.int64)
-        if kind == "binary":
-            return ids.astype(np.float32)[:, None], classes, 1
-        return ids.astype(np.int32), classes, classes.shape[0]
+        _check_class_count(kind, distinct, targets[0], where)
+        return _class_ids(kind, v)
     if kind == "multilabel":
         for j, col in enumerate(targets):
             bad = np.flatnonzero((y[:, j] != 0) & (y[:, j] != 1))
@@ -334,10 +396,11 @@ def load_table(
 ) -> TaskData:
     """One task from a .csv/.npz table: pick columns, check them, split, standardise.
 
-    When `kind` is None it is inferred from the target: one column whose values are all
-    integers with at most 20 distinct values is classification (2 values -> binary, more ->
-    multiclass); several 0/1 columns are multilabel; anything else is regression.
-    Class labels are the target's distinct values (kept in TaskData.classes). Without a `split`
+    When `kind` is None it is inferred from the target: one column of text labels, or whose
+    values are all integers with at most 20 distinct values, is classification (2 values ->
+    binary, more -> multiclass); several 0/1 columns are multilabel; anything else is
+    regression. Class labels are the target's distinct values in sorted order (numbers or
+    text such as "barolo"), kept in TaskData.classes and in the spec, so checkpoints carry them. Without a `split`
     column rows are split 60/20/20 by default_rng(seed), stratified for classification.
     scale_inputs=False leaves the inputs as they are (mean 0, std 1), for a caller that scales
     a whole domain at once.
@@ -363,16 +426,24 @@ def load_table(
     if table.n_rows == 0:
         raise ValueError(f"{where}: table is empty (header only, no rows)")
     x = np.stack([table.numeric(c, where) for c in features], axis=1)  # [n, d]
-    y_raw = np.stack([table.numeric(c, where) for c in targets], axis=1)  # [n, T]
-    for arr, cols in ((x, features), (y_raw, targets)):
-        for j, col in enumerate(cols):
-            to_float32(arr[:, j], f"{where}: column '{col}'")  # refuse what float32 cannot hold
-    kind = kind or _infer_kind(y_raw, targets, where)
-    y, classes, n_out = _encode(kind, y_raw, targets, table, where)
+    for j, col in enumerate(features):
+        to_float32(x[:, j], f"{where}: column '{col}'")  # refuse what float32 cannot hold
+    labels = table.labels(targets[0], where) if len(targets) == 1 and kind in (None, "multiclass", "binary") else None
+    if labels is not None:  # text class labels, e.g. "barolo"
+        kind = kind or _label_kind(labels, targets[0], where)
+        _check_class_count(kind, np.unique(labels), targets[0], where)
+        y, classes, n_out = _class_ids(kind, labels)
+    else:
+        y_raw = np.stack([table.numeric(c, where) for c in targets], axis=1)  # [n, T]
+        for j, col in enumerate(targets):
+            to_float32(y_raw[:, j], f"{where}: column '{col}'")
+        kind = kind or _infer_kind(y_raw, targets, where)
+        y, classes, n_out = _encode(kind, y_raw, targets, table, where)
     parts = _make_splits(kind, y, table, split, seed, where)
     if classes is not None:
         _check_classes_in_train(y, classes, parts, targets[0], where)
-    spec = TaskSpec(name, kind, len(features), n_out, loss_weight, domain)
+    spec = TaskSpec(name, kind, len(features), n_out, loss_weight, domain,
+                    classes=None if classes is None else tuple(classes.tolist()))
     identity = (np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32))
     return make_task_data(spec, x, y, parts, classes=classes, x_stats=None if scale_inputs else identity)
 
@@ -422,8 +493,8 @@ def _task_args(entry: object, i: int, path: Path, seed: int) -> dict:
     }
 
 
-def load_task_file(path: str | Path) -> list[TaskData]:
-    """Every task listed in a TOML task file, in file order (see the module doc for the format)."""
+def task_file_entries(path: str | Path) -> list[dict]:
+    """The load_table keyword arguments of every task a TOML task file lists, checked."""
     path = Path(path)
     doc = _read_toml(path)
     unknown = sorted(set(doc) - set(_TOP_KEYS))
@@ -444,6 +515,11 @@ def load_task_file(path: str | Path) -> list[TaskData]:
                 f"and #{i + 1}"
             )
         seen[a["name"]] = i
+    return args
+
+
+def _load_entries(path: Path, args: list[dict]) -> list[TaskData]:
+    """The tasks of a task file's entries; the tasks of a shared domain are scaled together."""
     counts: dict[str, int] = {}  # domain -> its tasks in this file
     for a in args:
         if a["domain"] is not None:
@@ -484,3 +560,55 @@ def _standardize_domains(tasks: list[TaskData], path: Path) -> list[TaskData]:
                 t, x_train=standardize(t.x_train, mean, std), x_val=standardize(t.x_val, mean, std),
                 x_test=standardize(t.x_test, mean, std), mean=mean, std=std)
     return out
+
+
+def load_task_file(path: str | Path) -> list[TaskData]:
+    """Every task listed in a TOML task file, in file order (see the module doc for the format)."""
+    return _load_entries(Path(path), task_file_entries(path))
+
+
+DATA_FORMS = "a TOML task file (.toml), or a table (.csv or .npz) with --target COLUMN"
+
+
+def data_entries(
+    path: str | Path,
+    *,
+    target: str | None = None,
+    name: str | None = None,
+    features: list[str] | None = None,
+    kind: str | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """What a command's `--data` names, as load_table keyword arguments: every task of a TOML
+    task file (`name` then picks one), or one .csv/.npz table read with `target` (the task
+    is called `name`, by default the file's stem). The same forms in every command."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        given = [flag for flag, v in (("--target", target), ("--features", features), ("--kind", kind)) if v]
+        if given:
+            raise ValueError(f"{path}: {', '.join(given)} describe a .csv/.npz table; a TOML task file "
+                             "names each task's target, features and kind itself")
+        entries = task_file_entries(path)
+        if name is None:
+            return entries
+        chosen = [e for e in entries if e["name"] == name]
+        if not chosen:
+            raise ValueError(f"{path} has no task named {name!r}; it has {[e['name'] for e in entries]}")
+        return chosen
+    if suffix in (".csv", ".npz"):
+        if not target:
+            raise ValueError(f"--data {path.name} is a table: say which column is the target with --target COLUMN")
+        return [{"path": path, "name": name or path.stem, "target": target, "features": features, "kind": kind,
+                 "seed": seed, "loss_weight": 1.0, "split": None, "domain": None}]
+    raise ValueError(f"--data must be {DATA_FORMS}; got {path.name!r}")
+
+
+def load_data(path: str | Path, **options) -> list[TaskData]:
+    """The tasks a command's `--data` names (see data_entries for the forms and options). A
+    task of a TOML file is read with the whole file, so a shared domain is scaled as in training."""
+    entries = data_entries(path, **options)
+    if Path(path).suffix.lower() == ".toml":
+        wanted = {e["name"] for e in entries}
+        return [t for t in _load_entries(Path(path), task_file_entries(path)) if t.name in wanted]
+    return [load_table(**e) for e in entries]  # each error names the file and the task

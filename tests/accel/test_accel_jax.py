@@ -83,7 +83,7 @@ def _worker(out_dir: str) -> dict:
         twin.bit_generator.state = noise.bit_generator.state  # the same draws for JAX
         eps = [twin.standard_normal((sum(sizes), mc.n_experts), dtype=np.float32)
                if (train and g == "noisy_topk") else None for g in mc.gates]
-        ref = model.forward(chunks, train=train, rng=noise)
+        ref = model.forward(chunks, train=train, rng=noise, grad=True)  # eval-mode gradients too
         loss, d_outs = task_loss(model, chunks, ref.outputs)
         model.backward(d_outs)
         jm = JaxMoE(model, mesh)

@@ -37,6 +37,7 @@ def _child_runs_parallel_sized_kernels() -> None:
     src = rng.integers(0, 4096, size=4096).astype(np.int32)
     _dispatch._configure(parallel_min_work=0)  # would take the parallel path without the fork guard
     assert np.array_equal(_dispatch.gather_rows(x, src), x[src])
+    _grouped._configure(parallel_min_flops=0)
     w1 = rng.standard_normal((2, 8, 200)).astype(np.float32)
     w2 = rng.standard_normal((2, 200, 8)).astype(np.float32)
     b1, b2 = np.zeros((2, 200), np.float32), np.zeros((2, 8), np.float32)
@@ -47,8 +48,11 @@ def _child_runs_parallel_sized_kernels() -> None:
     assert np.abs(ours - want).max() <= 1e-5 * np.abs(want).max()
     from moe.bindings import _optim  # the fused lazy Adam uses prange too
 
+    _optim._configure(parallel_min_elements=0)
+
     p, m, v = np.ones((64, 300), np.float32), np.zeros((64, 300), np.float32), np.zeros((64, 300), np.float32)
-    _optim.adam_rows(p, m, v, np.ones_like(p), np.arange(64), np.ones(64, np.int64), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0)
+    rows = np.arange(64)
+    _optim.adam_rows(p, m, v, np.ones_like(p), rows, rows, rows, np.ones(64, np.int64), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0)
     assert np.allclose(p, 0.9)
 
 

@@ -29,7 +29,7 @@ SETTINGS = [  # (schedule, gemv_max_rows)
 @pytest.fixture
 def schedule():
     """Set the kernel schedule for one test and restore it afterwards."""
-    saved = _grouped._configure()
+    saved = _grouped._configure(parallel_min_flops=0)  # small shapes still reach the team
     yield lambda name, rows: _grouped._configure(schedule=name, gemv_max_rows=rows)
     _grouped._configure(**saved)
 
@@ -61,6 +61,12 @@ def make_offsets(rng, E, N, skew=False):
     return np.r_[0, np.cumsum(counts)].astype(np.int64)
 
 
+def packed_grads(offsets, bank, fill=0.0):
+    """Gradient buffers for ffn_backward: one row per expert with rows (ascending)."""
+    A = int(np.count_nonzero(np.diff(offsets)))
+    return [np.full((A,) + a.shape[1:], fill, a.dtype) for a in bank]
+
+
 def check_forward_backward(rng, E, d, h, N, dtype, activation, skew=False):
     w1, b1, w2, b2 = make_bank(rng, E, d, h, dtype)
     offsets = make_offsets(rng, E, N, skew)
@@ -69,18 +75,51 @@ def check_forward_backward(rng, E, d, h, N, dtype, activation, skew=False):
     want = ref.ffn_forward(packed, offsets, w1, b1, w2, b2, activation)
     for name, a, b in zip(("out", "pre", "act"), got, want, strict=True):
         assert_scaled_close(a, b, f"forward {name} E={E} d={d} h={h} N={N}")
+    out_only = _grouped.ffn_forward(packed, offsets, w1, b1, w2, b2, activation, keep=False)
+    assert out_only[1] is None and out_only[2] is None
+    np.testing.assert_array_equal(out_only[0], got[0])  # per-thread scratch: the same bits
     _, pre, act = want
     d_out = rng.standard_normal((N, d)).astype(dtype)
-    sentinel = dtype(7.0)
-    ours = [np.full(a.shape, sentinel, dtype) for a in (w1, b1, w2, b2)]
+    ours = packed_grads(offsets, (w1, b1, w2, b2), 7.0)
     theirs = [a.copy() for a in ours]
     d_packed = _grouped.ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, *ours)
     want_packed = ref.ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, *theirs)
     assert_scaled_close(d_packed, want_packed, f"d_packed E={E} N={N}")
-    empty = np.diff(offsets) == 0
     for name, a, b in zip(("dw1", "db1", "dw2", "db2"), ours, theirs, strict=True):
         assert_scaled_close(a, b, f"{name} E={E} N={N}")
-        assert np.all(a[empty] == sentinel), f"{name}: an empty expert's slice was written"
+        assert not np.any(a == 7.0), f"{name}: a packed gradient row was not written"
+    check_implicit(d_out, packed, offsets, w1, w2, pre, act, activation, ours, d_packed)
+
+
+def check_implicit(d_out, packed, offsets, w1, w2, pre, act, activation, full, d_full):
+    """implicit=2: experts with 1-2 rows get no gradient rows but d_pre; the others the rows
+    of the full run (the same bits), and the factors give the full run's gradients."""
+    from moe.optim import LowRank
+
+    counts = np.diff(offsets)
+    touched = np.flatnonzero(counts)
+    many, few = touched[counts[touched] > 2], touched[counts[touched] <= 2]
+    N, h = pre.shape
+    got = {}
+    for name, impl in (("compiled", _grouped), ("reference", ref)):
+        bufs = [np.full((many.size,) + a.shape[1:], 7.0, a.dtype) for a in full]
+        d_pre = np.full((N, h), 7.0, pre.dtype)
+        d_x = impl.ffn_backward(d_out, packed, offsets, w1, w2, pre, act, activation, *bufs, d_pre, 2)
+        got[name] = (d_x, bufs, d_pre)
+    d_x, bufs, d_pre = got["compiled"]
+    np.testing.assert_array_equal(d_x, d_full)
+    at = np.searchsorted(touched, many)
+    for a, b in zip(bufs, full, strict=True):
+        np.testing.assert_array_equal(a, b[at])
+    assert_scaled_close(d_pre, got["reference"][2], "d_pre")
+    for a, b in zip(bufs, got["reference"][1], strict=True):
+        assert_scaled_close(a, b, "implicit packed rows")
+    s, c = offsets[few], counts[few]
+    at = np.searchsorted(touched, few)
+    d, hh = w1.shape[1:]
+    for u, v, shape, want in ((packed, d_pre, (d, hh), full[0]), (None, d_pre, (hh,), full[1]),
+                              (act, d_out, (hh, d), full[2]), (None, d_out, (d,), full[3])):
+        assert_scaled_close(LowRank(u, v, s, c, shape).materialize(), want[at], "factors")
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -138,6 +177,20 @@ def test_ffn_hand_computed_relu():
     assert grads[0].item() == 6.0  # dw1 = x * 3 on the live row
 
 
+@pytest.mark.parametrize("impl", [_grouped, ref], ids=["compiled", "numpy"])
+def test_relu_slope_at_exactly_zero_is_zero_on_both_paths(impl):
+    """pre = 0.5 * 2 - 1 = 0 exactly: the subgradient both paths use there is 0 (relu'(0) = 0)."""
+    w1, b1 = np.array([[[2.0]]]), np.array([[-1.0]])
+    w2, b2 = np.array([[[3.0]]]), np.array([[0.5]])
+    x = np.array([[0.5], [2.0]])
+    out, pre, act = impl.ffn_forward(x, np.array([0, 2]), w1, b1, w2, b2, "relu")
+    assert pre.ravel().tolist() == [0.0, 3.0]
+    grads = [np.zeros((1, 1, 1)), np.zeros((1, 1)), np.zeros((1, 1, 1)), np.zeros((1, 1))]
+    d_x = impl.ffn_backward(np.ones((2, 1)), x, np.array([0, 2]), w1, w2, pre, act, "relu", *grads)
+    assert d_x.ravel().tolist() == [0.0, 6.0]
+    assert grads[1].item() == 3.0  # db1: the row at zero adds nothing
+
+
 def test_ffn_gelu_matches_the_normal_cdf_formula():
     from scipy.stats import norm
 
@@ -164,7 +217,7 @@ def test_gelu_derivative_at_edge_values(dtype):
     one, zero = np.ones((1, 1, 1), dtype), np.zeros((1, 1), dtype)
     offsets = np.array([0, n])
     _, pre, act = _grouped.ffn_forward(x, offsets, one, zero, one, zero, "gelu")
-    grads = [np.zeros_like(a) for a in (one, zero, one, zero)]
+    grads = packed_grads(offsets, (one, zero, one, zero))
     d_x = _grouped.ffn_backward(np.ones_like(x), x, offsets, one, one, pre, act, "gelu", *grads)
     xd = x.astype(np.float64).ravel()
     with np.errstate(under="ignore"):
@@ -189,11 +242,12 @@ def test_ffn_backward_against_finite_differences(activation, setting, schedule):
         return float(np.sum(out * probe))
 
     _, pre, act = _grouped.ffn_forward(packed, offsets, w1, b1, w2, b2, activation)
-    grads = [np.zeros_like(a) for a in (w1, b1, w2, b2)]
+    grads = packed_grads(offsets, (w1, b1, w2, b2))
     d_packed = _grouped.ffn_backward(probe, packed, offsets, w1, w2, pre, act, activation, *grads)
-    for analytic, arr in zip([d_packed, *grads], [packed, w1, b1, w2, b2], strict=True):
+    live = np.flatnonzero(np.diff(offsets))  # expert 1 has no rows and no gradient row
+    for analytic, arr, rows in zip([d_packed, *grads], [packed, w1, b1, w2, b2], [slice(None)] + [live] * 4, strict=True):
         numeric = numerical_grad(loss, arr)
-        err = np.abs(analytic - numeric).max()
+        err = np.abs(analytic - numeric[rows]).max()
         assert err <= 1e-6 * max(1.0, np.abs(numeric).max()), err
 
 
@@ -210,11 +264,12 @@ def test_ffn_accepts_noncontiguous_inputs_and_gradient_buffers():
         assert_scaled_close(a, b)
     _, pre, act = want
     d_out = rng.standard_normal((N, d)).astype(np.float32)
+    A = int(np.count_nonzero(np.diff(offsets)))
     ours = [
-        np.full((E, h, d), 7, np.float32).transpose(0, 2, 1),  # dw1 [E, d, h], not contiguous
-        np.full((h, E), 7, np.float32).T,
-        np.full((E, h, d), 7, np.float32),
-        np.full((E, 2 * d), 7, np.float32)[:, ::2],
+        np.full((A, h, d), 7, np.float32).transpose(0, 2, 1),  # dw1 [A, d, h], not contiguous
+        np.full((h, A), 7, np.float32).T,
+        np.full((A, h, d), 7, np.float32),
+        np.full((A, 2 * d), 7, np.float32)[:, ::2],
     ]
     theirs = [np.array(a) for a in ours]
     d1 = _grouped.ffn_backward(d_out, packed, offsets, w1_t, w2, pre, act, "gelu", *ours)
@@ -267,7 +322,7 @@ def test_ffn_rejects_bad_input():
     ):
         fwd(x, np.array([0.0, 2.0, 5.0]), w1, b1, w2, b2, "relu")
     out, pre, act = fwd(x, off, w1, b1, w2, b2, "relu")
-    grads = [np.zeros_like(a) for a in (w1, b1, w2, b2)]
+    grads = packed_grads(off, (w1, b1, w2, b2))
     bwd = _grouped.ffn_backward
     with pytest.raises(
         ValueError, match=r"d_out must be float32 \[N, 3\] = \[5, 3\], got float32 \[4, 3\]"
@@ -277,6 +332,10 @@ def test_ffn_rejects_bad_input():
         ValueError, match=r"dw1 must be a float32 array \[2, 3, 4\], got float64 \[2, 3, 4\]"
     ):
         bwd(out, x, off, w1, w2, pre, act, "relu", grads[0].astype(np.float64), *grads[1:])
+    with pytest.raises(  # one gradient row per expert with rows: [1, ...] when only one has rows
+        ValueError, match=r"dw1 must be a float32 array \[1, 3, 4\], got float32 \[2, 3, 4\]"
+    ):
+        bwd(out, x, np.array([0, 0, 5]), w1, w2, pre, act, "relu", *grads)
     frozen = grads[3].copy()
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="db2 must be writable"):

@@ -28,7 +28,13 @@ def oracle(batches, E, T, names):
     C = [[0] * E for _ in range(T)]
     task_examples = [0] * T
     examples = assignments = dropped = 0
+    cap_drops = [0] * len(stats.CAPACITY_FACTORS)
     for r, tasks in batches:
+        B, k = r.expert_index.shape
+        for i, cf in enumerate(stats.CAPACITY_FACTORS):
+            cap = math.ceil(cf * B * k / E)
+            for e in range(E):
+                cap_drops[i] += max(0, int(np.sum(r.expert_index == e)) - cap)
         for e in range(E):
             counts[e] += int(r.counts[e])
             importance[e] += float(r.importance[e])
@@ -50,7 +56,17 @@ def oracle(batches, E, T, names):
         row = G[t]
         ent = float(scipy.stats.entropy(row)) if sum(row) > 0 else 0.0
         top = sorted((e for e in range(E) if row[e] > 0), key=lambda e, row=row: (-row[e], e))[:5]
-        per_task[name] = {"examples": task_examples[t], "entropy": ent, "top_experts": top}
+        mass = sum(row)
+        per_task[name] = {"examples": task_examples[t], "entropy": ent, "top_experts": top,
+                          "top_shares": [row[e] / mass for e in top],
+                          "share": mass / sum(map(sum, G)) if mass else 0.0}
+    hot = sorted(range(E), key=lambda e: (-basis[e], e))[:5] if mean else []
+    hot_experts = []
+    for e in hot:
+        col = [C[t][e] for t in range(T)]
+        tasks = sorted((t for t in range(T) if col[t] > 0), key=lambda t, col=col: (-col[t], t))[:3]
+        hot_experts.append({"expert": e, "over_mean": basis[e] / mean,
+                            "tasks": [[names[t], col[t] / sum(col)] for t in tasks]})
     return {
         "n_experts": E,
         "n_tasks": T,
@@ -66,6 +82,11 @@ def oracle(batches, E, T, names):
         "drop_rate": dropped / assignments if assignments else 0.0,
         "dead_experts": [e for e in range(E) if counts[e] == 0 and importance[e] == 0],
         "per_task": per_task,
+        "hot_experts": hot_experts,
+        "drops_by_capacity": [
+            {"capacity_factor": cf, "dropped": d, "drop_rate": d / assignments if assignments else 0.0}
+            for cf, d in zip(stats.CAPACITY_FACTORS, cap_drops, strict=True)
+        ],
         "_G": np.array(G),
         "_C": np.array(C),
     }
@@ -84,6 +105,14 @@ def assert_summary_matches(got, want):
         assert g["examples"] == w["examples"]
         assert g["entropy"] == pytest.approx(w["entropy"], rel=1e-10, abs=1e-12)
         assert g["top_experts"] == w["top_experts"]
+        np.testing.assert_allclose(g["top_shares"], w["top_shares"], rtol=1e-10, atol=1e-12)
+        assert g["share"] == pytest.approx(w["share"], rel=1e-10, abs=1e-12)
+    assert got["drops_by_capacity"] == want["drops_by_capacity"]
+    assert [h["expert"] for h in got["hot_experts"]] == [h["expert"] for h in want["hot_experts"]]
+    for g, w in zip(got["hot_experts"], want["hot_experts"], strict=True):
+        assert g["over_mean"] == pytest.approx(w["over_mean"], rel=1e-10)
+        assert [n for n, _ in g["tasks"]] == [n for n, _ in w["tasks"]]
+        np.testing.assert_allclose([v for _, v in g["tasks"]], [v for _, v in w["tasks"]], rtol=1e-12)
 
 
 def make_batches(make_routing, rng, n, E, T, k=2, B=None):
@@ -199,14 +228,40 @@ def test_entropy_and_top_experts_hand_example():
     per = p.summary()["per_task"]
     assert per["a"]["entropy"] == pytest.approx(math.log(4), rel=1e-12)
     assert per["a"]["top_experts"] == [1, 3, 5, 7]  # equal mass: lower id first
-    assert per["b"] == {"examples": 1, "entropy": 0.0, "top_experts": [2]}  # expert 0 had gate 0
-    assert per["c"] == {"examples": 0, "entropy": 0.0, "top_experts": []}
+    assert per["a"]["top_shares"] == pytest.approx([0.25] * 4, rel=1e-12)
+    assert per["a"]["share"] == pytest.approx(2 / 3, rel=1e-12)  # gate mass 2 of 3
+    # expert 0 had gate 0; MI is over assignments: p(e) = 1/6 on experts 0,1,2,3,5,7
+    assert per["b"] == {"examples": 1, "entropy": 0.0, "top_experts": [2], "top_shares": [1.0], "share": 1 / 3,
+                        "mutual_information": pytest.approx(math.log(3), rel=1e-12)}
+    assert per["c"] == {"examples": 0, "entropy": 0.0, "top_experts": [], "top_shares": [], "share": 0.0,
+                        "mutual_information": 0.0}
+    assert per["a"]["mutual_information"] == pytest.approx(math.log(1.5), rel=1e-12)
     s = p.summary()
+    assert s["mutual_information"] == pytest.approx(4 / 6 * math.log(1.5) + 2 / 6 * math.log(3), rel=1e-12)
+    # hot experts from counts (load is all 0): six experts at 1 / 0.75, lowest ids first; expert 0
+    # was chosen (gate 0) only by task b
+    assert [h["expert"] for h in s["hot_experts"]] == [0, 1, 2, 3, 5]
+    assert s["hot_experts"][0] == {"expert": 0, "over_mean": pytest.approx(4 / 3), "tasks": [["b", 1.0]]}
     assert s["drop_rate"] == pytest.approx(1 / 6)
     # load all zero -> max/mean from counts: counts [1,1,1,1,0,1,0,1], mean 6/8 -> 1 / 0.75
     assert s["max_mean_load"] == pytest.approx(4 / 3)
     assert s["dead_experts"] == [4, 6]
     assert s["cv_load"] == 0.0 and s["cv_importance"] == 0.0
+
+
+def test_drops_by_capacity_hand_example():
+    # B=4, k=1, E=2, every example on expert 0: C = ceil(cf * 4 / 2) = 2, 3, 3, 4 -> drops 2, 1, 1, 0
+    E = 2
+    index = np.zeros((4, 1), dtype=np.int32)
+    r = Routing(index, np.ones((4, 1), np.float32), np.array([4, 0], np.float32), np.array([4, 0], np.float32),
+                np.array([4, 0], np.int32), 0, 0.0)
+    p = LoadProfile(E, 1)
+    p.add(r, np.zeros(4, dtype=np.int64))
+    p.add(r, np.zeros(4, dtype=np.int64))  # per batch, then summed
+    got = p.summary()["drops_by_capacity"]
+    assert [d["capacity_factor"] for d in got] == list(stats.CAPACITY_FACTORS) == [1.0, 1.25, 1.5, 2.0]
+    assert [d["dropped"] for d in got] == [4, 2, 2, 0]
+    assert [d["drop_rate"] for d in got] == [0.5, 0.25, 0.25, 0.0]
 
 
 def test_empty_profile_summary_is_json_safe():
@@ -448,3 +503,63 @@ def test_model_profile_rejects_bad_input(make_routing):
     with pytest.raises(ValueError, match="has 8 experts, got 16"):
         m.layer("block0", 16)
     assert ModelProfile(2).summary()["headline"]["worst_layer"] is None
+
+
+@pytest.mark.parametrize("gate,k", [("softmax_topk", 2), ("top1", 1), ("noisy_topk", 2)])
+def test_drops_by_capacity_equal_what_a_layer_with_that_factor_drops(gate, k):
+    """Oracle: the layer itself. The same gate weights with capacity_factor=cf drop exactly
+    what the profile of the dropless layer predicts for cf."""
+    from moe.layer import MoELayer
+
+    d, E, B = 8, 6, 50
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, d), dtype=np.float32)
+    skew = (rng.standard_normal((d, E)) * 2.0).astype(np.float32)  # a router with favourites
+    dropless = MoELayer(d, E, 8, k=k, gate=gate, capacity_factor=None, rng=np.random.default_rng(0))
+    dropless.params["gate.w_gate"][...] = skew
+    p = LoadProfile(E, 1)
+    _, r = dropless.forward(x, train=False)
+    p.add(r, np.zeros(B, dtype=np.int64))
+    predicted = p.summary()["drops_by_capacity"]
+    assert any(row["dropped"] > 0 for row in predicted)  # the case is not trivial
+    for row in predicted:
+        layer = MoELayer(d, E, 8, k=k, gate=gate, capacity_factor=row["capacity_factor"], rng=np.random.default_rng(0))
+        layer.params["gate.w_gate"][...] = skew
+        _, routed = layer.forward(x, train=False)
+        np.testing.assert_array_equal(routed.expert_index, r.expert_index)
+        assert routed.dropped == row["dropped"], row
+
+
+def test_model_profile_context_travels_and_guards_merges(make_routing):
+    rng = np.random.default_rng(8)
+    ctx = {"split": "test", "noise": False, "noise_seed": None}
+    m = ModelProfile(2, ["a", "b"], context=ctx)
+    m.add("block0", make_routing(rng, 20, 6, 2), rng.integers(0, 2, size=20))
+    assert m.summary()["context"] == ctx
+    again = ModelProfile.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again.context == ctx and again.summary() == m.summary()
+    old = m.to_dict()
+    del old["context"]  # written before the context was recorded
+    assert ModelProfile.from_dict(old).context == {}
+    with pytest.raises(ValueError, match="cannot merge profiles routed differently"):
+        m.merge(ModelProfile(2, ["a", "b"], context={**ctx, "noise": True}))
+    with pytest.raises(ValueError, match="context must hold JSON values only"):
+        ModelProfile(2, context={"x": np.float32(1)})
+    with pytest.raises(TypeError, match="context must be a dict with str keys"):
+        ModelProfile(2, context={1: "x"})
+
+
+def test_capacity_drops_from_older_files_and_tampering(make_routing):
+    rng = np.random.default_rng(9)
+    p = LoadProfile(6, 2)
+    p.add(make_routing(rng, 30, 6, 2), rng.integers(0, 2, size=30))
+    doc = json.loads(json.dumps(p.to_dict()))
+    old = {k: v for k, v in doc.items() if k not in ("capacity_factors", "capacity_drops")}
+    q = LoadProfile.from_dict(old)
+    assert q.summary()["drops_by_capacity"] is None  # not recorded: not made up
+    assert q.merge(p).capacity_drops is None
+    bad = {**doc, "capacity_drops": [0, 1, 2, 3]}  # more drops at a larger capacity
+    with pytest.raises(ValueError, match="'capacity_drops' must fall as the capacity factor grows"):
+        LoadProfile.from_dict(bad)
+    with pytest.raises(ValueError, match="'capacity_factors' must be"):
+        LoadProfile.from_dict({**doc, "capacity_factors": [1.0, 2.0]})

@@ -34,6 +34,20 @@ def test_with_enough_seats_it_is_plain_topk():
     np.testing.assert_array_equal(idx, np.argsort(-logits, axis=1, kind="stable")[:, :3])
 
 
+def test_k_equal_to_the_number_of_experts_gives_every_row_every_expert_best_first():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(6, 4))
+    idx = balanced_topk(logits, 4, capacity=6)
+    np.testing.assert_array_equal(idx, np.argsort(-logits, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_k_outside_one_to_the_number_of_experts_is_refused(k):
+    with pytest.raises(ValueError) as e:
+        balanced_topk(np.zeros((3, 4)), k, capacity=10)
+    assert str(e.value) == f"k must be in [1, 4], got {k}"
+
+
 def test_oversubscribed_expert_keeps_the_examples_that_want_it_most():
     # everyone prefers expert 0, which has one seat: the example with the highest logit gets it
     logits = np.array([[3.0, 1.0, 0.0], [5.0, 0.0, 1.0], [4.0, 2.0, 0.5]])

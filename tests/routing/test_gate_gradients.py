@@ -1,4 +1,5 @@
-"""Finite-difference checks (float64) for every gate, each balance loss alone, and z-loss.
+"""Finite-difference checks (float64) for every gate, each balance loss alone, and z-loss, on
+the numpy path and on the compiled kernels (the `gate_backend` fixture).
 
 Noise is held fixed by giving every forward the same seeded generator.
 """
@@ -32,8 +33,21 @@ def _gate(name, k, w, seed=0, E=6, d=5):
 
 @pytest.mark.parametrize("name,k", CASES)
 @pytest.mark.parametrize("w", WEIGHTS)
-def test_gate_backward_matches_finite_differences(name, k, w):
+def test_gate_backward_matches_finite_differences(name, k, w, gate_backend):
     gate, x, up = _gate(name, k, w)
+    _check_gradients(gate, x, up)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("scale", [0.4, 2.5])
+def test_noise_scale_gradients_match_finite_differences(k, scale, gate_backend):
+    """H = clean + s * eps * softplus(raw), and P(x, i) over the std s * softplus(raw)."""
+    gate, x, up = _gate("noisy_topk", k, (0.4, 0.7, 0.2))
+    gate.noise_scale = scale
+    _check_gradients(gate, x, up)
+
+
+def _check_gradients(gate, x, up):
 
     def loss():
         out = gate.forward(x, train=True, rng=np.random.default_rng(3))
@@ -47,6 +61,16 @@ def test_gate_backward_matches_finite_differences(name, k, w):
         assert_close(analytic[n], numerical_grad(loss, p), name=n)
 
 
+def test_noise_scale_scales_the_noise():
+    gate, x, _ = _gate("noisy_topk", 2, (0.4, 0.3, 0.0))
+    a = gate.forward(x, train=True, rng=np.random.default_rng(3))
+    gate.noise_scale = 0.0
+    quiet = gate.forward(x, train=True, rng=np.random.default_rng(3))
+    clean = gate.forward(x, train=False, rng=None)
+    np.testing.assert_array_equal(quiet.expert_index, clean.expert_index)
+    assert not np.array_equal(a.expert_index, clean.expert_index)
+
+
 def test_routing_is_piecewise_constant_so_the_check_is_not_trivial():
     gate, x, up = _gate("noisy_topk", 2, (0.4, 0.3, 0.0))
     a = gate.forward(x, train=True, rng=np.random.default_rng(3))
@@ -55,7 +79,7 @@ def test_routing_is_piecewise_constant_so_the_check_is_not_trivial():
     assert a.aux_loss > 0
 
 
-def test_k1_gate_value_has_a_gradient():
+def test_k1_gate_value_has_a_gradient(gate_backend):
     """A softmax over one kept logit is 1 with zero gradient; our k=1 gate must not be."""
     for name in ("noisy_topk", "softmax_topk", "top1"):
         gate, x, up = _gate(name, 1, (0.0, 0.0, 0.0))

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_smooth_load_matches_monte_carlo(k):
+def test_smooth_load_matches_monte_carlo(k, gate_backend):
     E, d, draws = 7, 5, 20_000
     rng = np.random.default_rng(100 + k)
     worst = 0.0
@@ -38,3 +38,19 @@ def test_smooth_load_matches_monte_carlo(k):
             worst = max(worst, abs(freq - p_layer[i]))
             assert abs(freq - p_layer[i]) <= 0.02, (trial, i, freq, p_layer[i])
     assert worst > 0  # the comparison really ran against sampled values
+
+
+def test_a_load_below_float32_range_is_zero_not_an_error(gate_backend):
+    # expert 0's clean logit sits ~30 noise stds under the others: P(x, 0) = Phi(-30) ~ 1e-198
+    # in double, summed in float64 and cast to float32 (np.seterr(all="raise") in tests)
+    E, d = 6, 3
+    gate = NoisyTopKGate(d, E, 2, rng=np.random.default_rng(0), dtype=np.float32)
+    gate.params["w_gate"][...] = 0.0
+    gate.params["w_gate"][0, 0] = -20.0  # std = softplus(0) = ln 2
+    x = np.zeros((8, d), dtype=np.float32)
+    x[:, 0] = 1.0
+    out = gate.forward(x, train=True, rng=np.random.default_rng(1))
+    assert out.load.dtype == np.float32 and out.load[0] == 0.0 and (out.load[1:] > 0).all()
+    assert np.isfinite(out.aux_loss)
+    gate.backward(np.ones((8, 2), dtype=np.float32))
+    assert all(np.isfinite(g).all() for g in gate.grads.values())

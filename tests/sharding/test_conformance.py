@@ -80,11 +80,10 @@ class Link:
     def load(self, oracle: LocalExperts, folder: Path, layer: int = 0) -> None:
         """Put the oracle's weights into the shard, in a new generation (§5 load)."""
         folder.mkdir(parents=True, exist_ok=True)
-        entries = oracle.save_part(folder, layer)
-        (name, entry), = entries.items()
+        entries = oracle.save_part(folder, layer)  # the weights file and the Adam file
         self.gen = next(GENERATIONS)
-        self.ok("load", layer=layer, meta={"dir": str(folder), "tag": f"l{layer}", "files": [name],
-                                           "sha256": [entry["sha256"]]})
+        self.ok("load", layer=layer, meta={"dir": str(folder), "tag": f"l{layer}", "files": list(entries),
+                                           "sha256": [e["sha256"] for e in entries.values()]})
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -119,7 +118,8 @@ def _weights(link: Link, tmp: Path) -> dict[str, np.ndarray]:
 
     tmp.mkdir(exist_ok=True)
     got = link.ok("save", meta={"dir": str(tmp), "tag": "l0"}).header.meta
-    entries = {got["file"]: {"kind": "experts", "layer": 0, "sha256": got["sha256"]}}
+    entries = {got[f"{pre}file"]: {"kind": kind, "layer": 0, "sha256": got[f"{pre}sha256"], "bytes": got[f"{pre}bytes"]}
+               for pre, kind in (("", state.WEIGHTS), ("adam_", state.ADAM))}
     return state.read_rows(tmp, entries, 0, np.arange(E))
 
 

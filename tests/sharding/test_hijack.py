@@ -2,7 +2,8 @@
 stop nor slow down anything (docs/PROTOCOL.md §7.1).
 
 The run trains 30 steps on 2 tcp shards while another thread attacks them as a local process
-would: without the transport password, with a guessed one, and (the worst case: a leaked
+would (the trainer waits at its middle step until two full rounds of attacks have been made, so
+they overlap the run however fast it trains): without the transport password, with a guessed one, and (the worst case: a leaked
 transport password and the real run id) with every op, replayed sequence numbers meant to
 evict the coordinator's cached replies, and wrong proofs. Oracles: the uninterrupted
 in-process run (the final checkpoint is bit-identical), the spec's generic refusal (every
@@ -11,12 +12,22 @@ reply it gets, byte for byte apart from its own fields), and the shards' own cou
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 
 import numpy as np
 import pytest
-from shardkit import STEPS, assert_same_checkpoint, dealer, header, mac, reply, shard_config
+from shardkit import (
+    STEPS,
+    assert_same_checkpoint,
+    dealer,
+    header,
+    mac,
+    reply,
+    shard_config,
+    wait_until,
+)
 
 from moe.sharding import session, wire
 from moe.sharding.coordinator import open_expert_groups
@@ -36,6 +47,7 @@ class Hijacker(threading.Thread):
         self.done = threading.Event()
         self.replies: list[list[bytes]] = []
         self.sent = 0
+        self.rounds = 0  # full rounds: every attack on every shard, then the blind probes
         self.silent_without_password = 0
 
     def attacks(self, seq: int):
@@ -76,9 +88,22 @@ class Hijacker(threading.Thread):
                     except Exception:  # noqa: BLE001 - never connected: nothing is even queued
                         pass
                     self.silent_without_password += reply(s, 0.2) is None
+                self.rounds += 1
         finally:
             for s in socks + blind:
                 s.close(linger=0)
+
+
+class WaitAtStep(logging.Handler):
+    """Holds the trainer when it enters step `step` until the attacker made `rounds` full rounds."""
+
+    def __init__(self, attacker: Hijacker, step: int, rounds: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.attacker, self.step, self.rounds, self.waited = attacker, step, rounds, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == f"phase step at step {self.step}":
+            self.waited = wait_until(lambda: self.attacker.rounds >= self.rounds, 120.0)
 
 
 @pytest.mark.timeout(300)
@@ -92,6 +117,11 @@ def test_a_second_local_client_can_neither_read_change_stop_nor_slow_a_run(data,
         # The worst case: the transport password leaked (it is derived from the secret, which did not).
         password = session.transport_password(links.access.secret)
         attacker = Hijacker(links.endpoints, links.run, password, str(out))
+        hold = WaitAtStep(attacker, STEPS // 2, rounds=2)
+        log = logging.getLogger("moe.train")
+        level = log.level
+        log.addHandler(hold)
+        log.setLevel(logging.DEBUG)
         attacker.start()
         try:
             trainer = Trainer(config, data, out, expert_groups=groups, on_failure=on_failure, echo=said.append)
@@ -99,8 +129,10 @@ def test_a_second_local_client_can_neither_read_change_stop_nor_slow_a_run(data,
         finally:
             attacker.done.set()
             attacker.join(timeout=60)
+            log.removeHandler(hold)
+            log.setLevel(level)
         counters = [m.header.meta for m in links.call("stats", {i: ((), (0,), (), {}) for i in range(2)}).values()]
-    assert result.step == STEPS
+    assert result.step == STEPS and hold.waited
     assert not [s for s in said if "failed" in s], said  # never slowed into a deadline, never rolled back
     assert_same_checkpoint(result.checkpoint, reference)  # nothing changed: the same bits
     assert attacker.sent > 30 and len(attacker.replies) == attacker.sent  # each attempt was answered ...

@@ -9,7 +9,6 @@ it is ready (`--fault start@0`). Oracle: the uninterrupted in-process run (conft
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from shardkit import STEPS, assert_same_checkpoint, shard_config
+from shardkit import STEPS, assert_same_checkpoint, computed_profile, shard_config
 
 from moe import cli
 from moe.sharding import coordinator, session
@@ -191,8 +190,8 @@ def test_moe_train_survives_a_shard_killed_during_the_final_profile(monkeypatch,
     assert "profile at step 12 failed" in err and "shard 0" in err
     code, err = _moe_train(monkeypatch, capsys, tmp_path / "inproc", [])
     assert code == 0, err
-    got = json.loads((tmp_path / "sharded" / "profile" / "profile.json").read_text())
-    want = json.loads((tmp_path / "inproc" / "profile" / "profile.json").read_text())
+    got = computed_profile(tmp_path / "sharded" / "profile" / "profile.json")
+    want = computed_profile(tmp_path / "inproc" / "profile" / "profile.json")
     assert got == want  # the profile of the repaired run is the uninterrupted in-process one
     assert_same_checkpoint(tmp_path / "sharded" / "checkpoints" / "step-00000012",
                            tmp_path / "inproc" / "checkpoints" / "step-00000012")

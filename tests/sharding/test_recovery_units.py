@@ -37,9 +37,9 @@ class Flaky:
             self.fail_in.discard(phase)
             raise ExpertGroupFailure(f"planted failure in {phase}")
 
-    def forward(self, packed, offsets):
+    def forward(self, packed, offsets, keep=True):
         self._maybe_fail()
-        return self.inner.forward(packed, offsets)
+        return self.inner.forward(packed, offsets, keep)
 
     def save_part(self, folder, layer):
         if not self.always:

@@ -1,7 +1,10 @@
-"""What a shard buffers is bounded (docs/PROTOCOL.md §15.6), and a flood keeps RSS under the bound.
+"""What a shard buffers is bounded (docs/PROTOCOL.md §15.6), and a flood keeps RSS under the bound;
+a shard's memory is its experts' weights plus what training touched, and `stats` says so (§15.1).
 
 Oracles: the documented bound, computed from the server's constants; the kernel's own memory
-accounting of the shard process (VmHWM, the peak, and VmRSS from /proc); the spec's replies.
+accounting of the shard process (VmHWM, the peak, and VmRSS from /proc); the spec's replies;
+the byte count of the rows a shard must hold, and an in-process LocalExperts bank given the
+same requests.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from shardkit import admitted, dealer, header, reply, rss_bytes
 from moe.experts.local import LocalExperts
 from moe.sharding import replay, server, session
 from moe.sharding.launch import LocalShards
+from moe.sharding.links import Access, ShardLinks
+from moe.sharding.remote import RemoteExperts
 
 pytestmark = pytest.mark.distributed
 
@@ -42,9 +47,9 @@ def shard():
                      transport="tcp", heartbeat_s=5.0) as shards:
         s = admitted(shards.endpoints[0], SECRET, RUN)
         with tempfile.TemporaryDirectory() as tmp:
-            (name, entry), = LocalExperts(E, D, H, rng=np.random.default_rng(0)).save_part(Path(tmp), 0).items()
-            s.send(header("load", RUN, gen=1, seq=2, meta={"dir": tmp, "tag": "l0", "files": [name],
-                                                           "sha256": [entry["sha256"]]}))
+            entries = LocalExperts(E, D, H, rng=np.random.default_rng(0)).save_part(Path(tmp), 0)
+            s.send(header("load", RUN, gen=1, seq=2, meta={"dir": tmp, "tag": "l0", "files": list(entries),
+                                                           "sha256": [e["sha256"] for e in entries.values()]}))
             assert reply(s, 30.0).header.op == "ok"
         yield shards, s
         s.close(linger=0)
@@ -113,3 +118,47 @@ def test_connections_without_the_password_cannot_make_the_shard_buffer_anything(
     assert rss_bytes(pid) - base < 10 << 20
     link.send(header("ping", RUN, gen=1, seq=2000))
     assert reply(link, 30.0).header.op == "pong"
+
+
+SE, SD, SH = 8, 4, 8  # the stats test's experts
+ROW = 4 * (2 * SD * SH + SH + SD)  # float32 bytes of one expert
+
+
+def _memory(links: ShardLinks) -> dict:
+    replies = links.call("stats", {0: ((), (0,), (), {})}, layer=0)
+    return replies[0].header.meta
+
+
+@pytest.mark.timeout(60)
+def test_stats_report_weights_then_only_what_training_touched():
+    with LocalShards([list(range(SE))], n_layers=1, d_model=SD, d_hidden=SH, run=RUN, secret=SECRET,
+                     heartbeat_s=5.0) as shards:
+        with ShardLinks(shards.endpoints, run=RUN, access=Access(SECRET), gen=0, deadline_s=5.0, heartbeat_s=5.0,
+                        liveness=shards.alive) as links:
+            m = _memory(links)
+            assert (m["weights_bytes"], m["grad_bytes"], m["adam_bytes"], m["experts_with_adam"]) == (SE * ROW, 0, 0, 0)
+            assert m["peak_rss_bytes"] >= m["rss_bytes"] >= SE * ROW
+
+            local = LocalExperts(SE, SD, SH, rng=np.random.default_rng(3))
+            remote = RemoteExperts(links, 0, SE, SD, np.zeros(SE, dtype=np.int32))
+            with tempfile.TemporaryDirectory() as tmp:
+                remote.load_part(Path(tmp), local.save_part(Path(tmp), 0), 0)
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((6, SD)).astype(np.float32)
+            remote.forward(x, np.array([0, 6, 6, 6, 6, 6, 6, 6, 6]))  # a forward alone: no gradients
+            assert _memory(links)["grad_bytes"] == 0
+
+            updated: set[int] = set()
+            for offsets in ([0, 2, 2, 5, 5, 5, 6, 6, 6], [0, 0, 0, 3, 3, 3, 3, 6, 6]):
+                offsets = np.array(offsets)
+                for group in (remote, local):
+                    group.forward(x, offsets)
+                    group.backward(np.ones_like(x))
+                    group.apply_update(0.1)
+                updated |= set(np.flatnonzero(np.diff(offsets)).tolist())
+                m = _memory(links)
+                assert m["experts_with_adam"] == len(updated) < SE
+                assert m["adam_bytes"] == 2 * len(updated) * ROW  # m and v of the updated experts only
+                assert 0 < m["grad_bytes"] <= 3 * ROW  # the largest backward touched three experts
+                assert {k: v for k, v in local.memory().items() if k != "grad_bytes"} == {
+                    k: m[k] for k in ("weights_bytes", "adam_bytes", "experts_with_adam")}

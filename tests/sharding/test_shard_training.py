@@ -44,7 +44,7 @@ def test_sharded_training_is_bit_identical_to_in_process(n_shards, data, referen
     got, _, said = _train_sharded(shard_config(n_shards), data, tmp_path)
     assert sum("ready on ipc://" in s for s in said) == n_shards
     part_files = [f for f in ckpt.read_manifest(got)["files"] if f.startswith("experts-")]
-    assert len(part_files) == 2 * n_shards  # each shard wrote its own part of each layer
+    assert len(part_files) == 2 * 2 * n_shards  # each shard wrote its weights and Adam files of each layer
     assert_same_checkpoint(got, reference)
 
 

@@ -136,12 +136,20 @@ def test_host_refuses_foreign_experts_and_mismatched_backward():
 
 def test_host_save_and_load_by_global_id(tmp_path: Path):
     host, oracle = _pair()
+    x = np.ones((2, 3), dtype=np.float32)
+    host.forward(0, (3,), (0, 2), x, step=1)  # train expert 3 only: it alone gets Adam state
+    host.backward(0, (3,), (0, 2), x, step=1)
+    host.update(0, 1, 0.1, 1.0)
     entry = host.save(0, tmp_path, index=2)
     assert entry["file"] == "experts-l0-s2.safetensors" and entry["n_experts"] == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["experts-l0-s2.safetensors"]  # no temp file left
+    assert entry["adam_file"] == "experts-l0-s2.adam.safetensors" and entry["adam_n_experts"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry["adam_file"], entry["file"]]  # no temp left
     other = ExpertHost((3, 4), 1, 3, 4, rng=np.random.default_rng(5))  # a different sharding
-    other.load(0, tmp_path, (entry["file"],), (entry["sha256"],))
-    assert np.array_equal(other.banks[0].params["w1"], oracle.params["w1"][[1, 2]])
+    other.load(0, tmp_path, (entry["file"], entry["adam_file"]), (entry["sha256"], entry["adam_sha256"]))
+    assert np.array_equal(other.banks[0].params["w1"], host.banks[0].params["w1"][[1, 2]])
+    assert np.array_equal(other.banks[0].params["w2"][1], oracle.params["w2"][2])  # expert 4: untrained
+    assert other.banks[0].optimizer.t.tolist() == [1, 0]  # expert 3 stepped once, expert 4 never
+    assert other.banks[0].memory()["experts_with_adam"] == 1
     with pytest.raises(HostError, match="expert parts"):
         other.load(0, tmp_path, ("../etc/passwd",), ("0" * 64,))
     with pytest.raises(HostError) as e:

@@ -122,6 +122,17 @@ def test_bad_inputs_raise_value_errors(kind, out, y, match):
         loss_and_grad(kind, out, y)
 
 
+@pytest.mark.parametrize(
+    "out,got",
+    [(np.zeros((3, 1), np.int32), "int32 (3, 1)"), (np.zeros(3, np.float32), "float32 (3,)"),
+     ([[0.0], [1.0]], "list"), (None, "NoneType")],
+)
+def test_bad_outputs_say_what_came(out, got):
+    with pytest.raises(ValueError) as e:
+        loss_and_grad("regression", out, np.zeros((2, 1), np.float32))
+    assert str(e.value) == f"regression outputs must be a float array [B, n_outputs], got {got}"
+
+
 def test_predict_per_kind():
     out = np.array([[0.1, 2.0, -1.0], [3.0, -2.0, 0.0]], np.float32)
     p = predict("multiclass", out)

@@ -32,6 +32,25 @@ def test_spec_round_trips_through_json(kind, n_out, metric):
     assert d == {"name": "t1", "kind": kind, "n_inputs": 7, "n_outputs": n_out, "loss_weight": 0.5}
 
 
+def test_class_labels_travel_with_the_spec_and_are_checked():
+    spec = TaskSpec("wine", "multiclass", 4, 3, classes=["barbera", "barolo", "grignolino"])
+    assert spec.classes == ("barbera", "barolo", "grignolino")  # a tuple: the spec stays hashable
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert d["classes"] == ["barbera", "barolo", "grignolino"] and TaskSpec.from_dict(d) == spec
+    assert TaskSpec("b", "binary", 2, 1, classes=(np.int64(0), 5)).classes == (0, 5)
+    assert "classes" not in TaskSpec("a", "binary", 2, 1).to_dict()  # older manifests stay equal
+    with pytest.raises(ValueError, match="multiclass task 'w' needs 3 distinct class labels"):
+        TaskSpec("w", "multiclass", 4, 3, classes=["a", "a", "b"])
+    with pytest.raises(ValueError, match="binary task 'w' needs 2 distinct class labels"):
+        TaskSpec("w", "binary", 4, 1, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match="regression task 'w' has no classes"):
+        TaskSpec("w", "regression", 4, 1, classes=["a"])
+    with pytest.raises(TypeError, match="class labels must be str, int or float"):
+        TaskSpec("w", "binary", 4, 1, classes=[None, "b"])
+    with pytest.raises(TypeError, match="classes must be a list of labels, got str"):
+        TaskSpec("w", "binary", 4, 1, classes="ab")
+
+
 def test_loss_weight_int_becomes_float_and_default_is_one():
     assert TaskSpec("a", "binary", 2, 1).loss_weight == 1.0
     w = TaskSpec("a", "binary", 2, 1, loss_weight=2).loss_weight
@@ -246,3 +265,9 @@ def test_decode_labels_maps_ids_back_to_original_values():
     np.testing.assert_array_equal(_data("binary").decode_labels(np.array([[1.0], [0.0]])), [1, -1])
     with pytest.raises(ValueError, match="not regression"):
         _data("binary").unstandardize_targets(np.zeros((1, 1)))
+
+
+def test_taskdata_classes_must_agree_with_the_specs():
+    assert _data(spec=TaskSpec("t", "multiclass", 2, 3, classes=[3, 5, 7])).classes.tolist() == [3, 5, 7]
+    with pytest.raises(ValueError, match=r"task 't' classes \[3, 5, 7\] differ from its spec's \['a', 'b', 'c'\]"):
+        _data(spec=TaskSpec("t", "multiclass", 2, 3, classes=["a", "b", "c"]))

@@ -1,9 +1,12 @@
 """User tables and TOML task files: happy paths, kind inference, and every documented error."""
 
+import json
+
 import numpy as np
 import pytest
 
-from moe.tasks.userdata import load_table, load_task_file
+from moe.tasks.spec import TaskSpec
+from moe.tasks.userdata import data_entries, load_data, load_table, load_task_file
 
 pytestmark = pytest.mark.unit
 
@@ -471,6 +474,85 @@ def test_value_beyond_float32_is_refused(tmp_path):
     )
 
 
+# ---- text class labels, continuous targets, the --data forms ------------------------------
+
+GRAPES = ("barbera", "barolo", "grignolino")
+
+
+def _grape_rows(n=45):
+    return [[i % 7, (i * 3) % 5, GRAPES[i % 3]] for i in range(n)]
+
+
+def test_text_class_labels_are_mapped_in_sorted_order(tmp_path):
+    path = _csv(tmp_path / "g.csv", ["a", "b", "grape"], _grape_rows())
+    td = load_table(path, name="g", target="grape")
+    assert td.spec.kind == "multiclass" and td.spec.n_outputs == 3
+    assert td.spec.classes == GRAPES and td.classes.tolist() == list(GRAPES)
+    labels = td.decode_labels(np.concatenate([td.y_train, td.y_val, td.y_test]))
+    assert sorted(labels.tolist()) == sorted(GRAPES[i % 3] for i in range(45))  # every row's own label back
+    assert TaskSpec.from_dict(json.loads(json.dumps(td.spec.to_dict()))) == td.spec
+
+
+def test_two_text_labels_make_a_binary_task_and_npz_strings_work(tmp_path):
+    rows = [[i, " yes" if i % 2 else "no "] for i in range(20)]
+    td = load_table(_csv(tmp_path / "b.csv", ["x", "ok"], rows), name="b", target="ok")
+    assert td.spec.kind == "binary" and td.spec.classes == ("no", "yes")  # stripped, sorted
+    x = np.arange(20, dtype=np.float64)
+    assert td.decode_labels(td.y_train).tolist() == ["yes" if v % 2 else "no" for v in
+                                                     np.rint(td.x_train[:, 0] * td.std[0] + td.mean[0])]
+    npz = tmp_path / "g.npz"
+    np.savez(npz, x=x, grape=np.array([GRAPES[i % 3] for i in range(20)]))
+    assert load_table(npz, name="n", target="grape").spec.classes == GRAPES
+
+
+def test_text_label_problems(tmp_path):
+    rows = _grape_rows(30)
+    _err("column 'grape' row 1 \\(line 2\\) has non-numeric value 'barbera'; expected a number",
+         load_table, _csv(tmp_path / "r.csv", ["a", "b", "grape"], rows), name="r", target="grape",
+         kind="regression")
+    rows[4][2] = " "
+    _err("column 'grape' row 5 \\(line 6\\) is empty; expected a class label",
+         load_table, _csv(tmp_path / "e.csv", ["a", "b", "grape"], rows), name="e", target="grape")
+    ids = [[i, f"id{i}"] for i in range(40)]
+    _err("target 'who' has 40 distinct text values in 40 rows; class labels repeat",
+         load_table, _csv(tmp_path / "i.csv", ["x", "who"], ids), name="i", target="who")
+    one = [[i, "barolo"] for i in range(10)]
+    _err("target 'g' has a single label 'barolo'", load_table, _csv(tmp_path / "o.csv", ["x", "g"], one),
+         name="o", target="g")
+    _err("binary target 'grape' needs exactly 2 distinct values, found 3: \\['barbera', 'barolo', 'grignolino'\\]",
+         load_table, _csv(tmp_path / "t.csv", ["a", "b", "grape"], _grape_rows()), name="t", target="grape",
+         kind="binary")
+
+
+def test_a_continuous_target_declared_multiclass_is_named(tmp_path):
+    rows = [[i % 5, f"{1.5 + 0.37 * i:.2f}"] for i in range(60)]
+    path = _csv(tmp_path / "p.csv", ["x", "price"], rows)
+    msg = _err("target 'price' is declared multiclass but holds 60 distinct non-integer values "
+               "\\(1.5 in row 1 \\(line 2\\)\\): it looks continuous", load_table, path, name="p",
+               target="price", kind="multiclass")
+    assert 'kind = "regression"' in msg
+    assert load_table(path, name="p", target="price").spec.kind == "regression"  # inferred: fine
+    few = _csv(tmp_path / "h.csv", ["x", "y"], [[i, [0.5, 1.5][i % 2]] for i in range(20)])
+    assert load_table(few, name="h", target="y", kind="binary").spec.classes == (0.5, 1.5)  # codes, not continuous
+
+
+def test_data_entries_take_a_task_file_or_a_table_with_a_target(tmp_path):
+    table = _csv(tmp_path / "grapes.csv", ["a", "b", "grape"], _grape_rows())
+    toml = tmp_path / "t.toml"
+    toml.write_text('[[task]]\nname = "one"\npath = "grapes.csv"\ntarget = "grape"\n'
+                    '[[task]]\nname = "two"\npath = "grapes.csv"\ntarget = "a"\nfeatures = ["b"]\nkind = "regression"\n')
+    assert [e["name"] for e in data_entries(toml)] == ["one", "two"]
+    assert [d.name for d in load_data(toml, name="two")] == ["two"]
+    _err("has no task named 'three'; it has \\['one', 'two'\\]", data_entries, toml, name="three")
+    _err("--target, --kind describe a .csv/.npz table", data_entries, toml, target="grape", kind="binary")
+    [entry] = data_entries(table, target="grape", seed=3)
+    assert (entry["name"], entry["seed"], entry["split"]) == ("grapes", 3, None)  # named after the file
+    assert load_data(table, target="grape", name="g")[0].spec.classes == GRAPES
+    _err("--data grapes.csv is a table: say which column is the target with --target COLUMN", data_entries, table)
+    _err("--data must be a TOML task file \\(.toml\\), or a table \\(.csv or .npz\\) with --target COLUMN; "
+         "got 'x.txt'", data_entries, tmp_path / "x.txt", target="y")
+
+
 def test_task_file_domain_shares_one_scaling_fitted_on_all_its_train_rows(tmp_path, wine_csv):
     _csv(tmp_path / "more.csv", ["alcohol", "ph", "sweet"],
          [[f"{20 + i}", f"{4 + i / 10:.2f}", i % 2] for i in range(30)])
@@ -487,6 +569,9 @@ def test_task_file_domain_shares_one_scaling_fitted_on_all_its_train_rows(tmp_pa
     xt = np.concatenate([q.x_train, sw.x_train]).astype(np.float64)
     np.testing.assert_allclose(xt.mean(axis=0), 0, atol=1e-5)
     assert abs(q.x_train[:, 0].mean()) > 0.5  # each task alone is no longer centred: one scale for both
+    [picked] = load_data(tmp_path / "tasks.toml", name="sweet")  # --data NAME: scaled as in training
+    np.testing.assert_array_equal(picked.x_train, sw.x_train)
+    np.testing.assert_array_equal(picked.mean, sw.mean)
     (tmp_path / "bad.toml").write_text(
         '[[task]]\nname = "quality"\npath = "wine.csv"\ntarget = "quality"\nfeatures = ["ph"]\n'
         'domain = "cellar"\n'
