@@ -16,6 +16,7 @@ here and not in the tests (tests/accel/test_accel_cost.py checks the model's ari
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 
 import _timing  # noqa: F401  (first: thread settings before numpy loads)

@@ -71,9 +71,13 @@ def cmd_train(args) -> int:
     import contextlib
     import dataclasses
 
+    from moe.accel.train_cli import launch
     from moe.config import load_config
     from moe.datasets import load_source, source_of
 
+    rc = launch(args)  # --processes / --coordinator: this process starts and watches the workers
+    if rc is not None:
+        return rc
     config = load_config(args.config, args.overrides)
     shard_changes = {}
     if args.shards is not None:
@@ -115,19 +119,16 @@ def cmd_train(args) -> int:
     where = "in this process"
     if config.shards.enabled:
         where = f"on {config.shards.local or len(config.shards.endpoints)} shard(s)"
-    say(args, f"moe train: {len(data)} tasks, E={config.model.n_experts} experts ({where}), k={config.model.k}, "
+    header = (f"moe train: {len(data)} tasks, E={config.model.n_experts} experts ({where}), k={config.model.k}, "
               f"{config.model.n_layers} MoE block(s), {config.train.steps} steps -> {out}")
     try:
         if args.backend == "jax":
             if config.shards.enabled:
                 raise UserError("--backend jax places experts on JAX devices; it does not use shard servers")
-            try:
-                from moe.accel.jax_train import train_with_jax
-            except ImportError as e:
-                raise UserError(f"--backend jax needs JAX: pip install 'moe[accel]' ({e})") from None
-            result, trainer = train_with_jax(config, data, out, data_source=source, resume=args.resume,
-                                             stop_at=args.stop_at, echo=lambda m: say(args, m))
-            return _finish_training(args, config, data, result, trainer.model)
+            from moe.accel.train_cli import train as train_jax
+
+            return train_jax(args, config, data, source, out, header, say=say, report=_finish_training)
+        say(args, header)
         if not config.shards.enabled:
             return _train_and_report(args, config, data, source, out, None, None)
         from moe.sharding.coordinator import open_expert_groups
@@ -451,6 +452,7 @@ def cmd_plan(args) -> int:
             "capacity_factor": best.shape.capacity_factor, "step_time_s": best.step_time, "mfu": best.mfu,
             "memory_per_device_bytes": best.memory_total},
         "candidates": r.n_candidates, "rejected": r.n_rejected,
+        "plan": None if out["layout"] is None else {"path": str(args.out), **out["layout"].to_dict()},
     })
     return 0 if best is not None else 1  # no layout fits: a result, not a usage error
 
@@ -510,6 +512,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", help="expert -> shard placement JSON (written by the profiler); default contiguous")
     t.add_argument("--backend", choices=["numpy", "jax"], default="numpy",
                    help="numpy (this process, Cython kernels) or jax (XLA on whatever JAX devices exist)")
+    t.add_argument("--plan", metavar="PLAN.json",
+                   help="with --backend jax: run the layout `moe plan --out` wrote (EP x DP mesh, per-device "
+                        "batch, capacity factor, expert placement); refused if the devices do not match")
+    t.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="with --backend jax: start N processes on this machine over loopback (jax.distributed); "
+                        "all stop when one fails")
+    t.add_argument("--cpu-devices", type=int, default=None, metavar="D",
+                   help="with --backend jax: simulate D XLA host devices per process (a mesh on a CPU, for testing)")
+    t.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="with --backend jax: join a multi-host run whose process 0 serves at HOST:PORT; "
+                        "'auto' reads a TPU pod slice's or SLURM's environment")
+    t.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="processes in the run (with --coordinator HOST:PORT)")
+    t.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process's id, 0..N-1 (with --coordinator HOST:PORT)")
+    t.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
+                   help="with several processes: one silent this long counts as dead and the run stops (default 30)")
+    t.add_argument("--worker", default=None, metavar="LOG", help=argparse.SUPPRESS)  # a launched process
     _json_flag(t)
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500")
     t.set_defaults(func=cmd_train)
@@ -581,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out layouts expected to drop more than this fraction of assignments, e.g. 0.01 "
                          "(expected from the measured load with --profile, else from uniform routing)")
     pl.add_argument("--top", type=int, default=5, metavar="N", help="how many fitting layouts to list (default 5)")
+    pl.add_argument("--out", metavar="PLAN.json",
+                    help="write the best layout the JAX backend can run, for `moe train --backend jax --plan`")
     _json_flag(pl)
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_experts=2048")
     pl.set_defaults(func=cmd_plan)
@@ -601,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from moe.progress import close_open
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher repeats to its workers
     try:
         return args.func(args)
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:

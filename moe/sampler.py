@@ -75,17 +75,18 @@ class TaskSampler:
                 self.epoch[t] += 1
         return taken[0] if len(taken) == 1 else np.concatenate(taken)
 
-    def next_batch(self) -> list[Chunk]:
+    def next_indices(self) -> list[tuple[TaskData, np.ndarray]]:
+        """The next batch as (task, indices into its training split), in batch order, without
+        reading any example: a process that needs only some rows gathers only those."""
         u = self.rng.random(self.batch_size)  # [B]
         draws = np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.data) - 1)  # [B]
         tasks, counts = np.unique(draws, return_counts=True)  # ascending task order
-        chunks = []
-        for t, n in zip(tasks.tolist(), counts.tolist(), strict=True):
-            d = self.data[t]
-            idx = self._take(t, n)
-            chunks.append(Chunk(d.name, d.x_train[idx], d.y_train[idx]))
+        parts = [(self.data[t], self._take(t, n)) for t, n in zip(tasks.tolist(), counts.tolist(), strict=True)]
         self.seen_counts[tasks] += counts
-        return chunks
+        return parts
+
+    def next_batch(self) -> list[Chunk]:
+        return [Chunk(d.name, d.x_train[idx], d.y_train[idx]) for d, idx in self.next_indices()]
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {"data.order": self.order, "data.pos": self.pos, "data.epoch": self.epoch,

@@ -206,7 +206,7 @@ class Trainer:
         if self.save_checkpoints:
             self.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        self._bar = self._progress(t.steps)
+        self._bar = self.progress_bar(t.steps)
         self._rate = (self.step, time.perf_counter())
         if self.remote and self.save_checkpoints and not ckpt.list_checkpoints(self.ckpt_root):
             self.recovering(self.save, "checkpoint save")  # a rollback point before the first step
@@ -230,7 +230,7 @@ class Trainer:
                 self._show(m)
                 if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
                     self._at("evaluation")
-                    self._log_eval(self.out / "metrics.jsonl", m)
+                    self.log_eval(self.out / "metrics.jsonl", m)
                 if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == self._end):
                     self._at("checkpoint save")
                     self.save()
@@ -305,10 +305,13 @@ class Trainer:
             self._rate = (self.step, now)
         bar.update(1)
 
-    def _progress(self, total: int) -> Progress:
+    def progress_bar(self, total: int) -> Progress:
+        """The training progress display from the current step to `total` (moe.progress)."""
         return Progress(total, "train", initial=self.step, enabled=self.config.train.progress)
 
-    def _log_eval(self, path: Path, m: dict[str, float]) -> None:
+    def log_eval(self, path: Path, m: dict[str, float]) -> None:
+        """Evaluate self.model on the val split and append one record (step, the step's
+        metrics `m`, every task's scores) to the metrics log (and TensorBoard if enabled)."""
         if self.step <= self._logged:
             return  # already written before a rollback: the replayed steps give the same values
         val = evaluate_tasks(self.model, self.data, "val")

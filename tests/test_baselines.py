@@ -1,6 +1,5 @@
 """The comparisons: per-task scikit-learn models against a direct fit, and dense configs' sizes."""
 
-import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 

@@ -12,7 +12,7 @@ from moe import threads
 
 VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")
 PROBE = (
-    "import json, os, sys\n"
+    "import json, os, sys\n"  # noqa: UP031
     "import moe\n"
     "from moe import threads\n"
     "print(json.dumps({'env': {k: os.environ.get(k) for k in %r}, 'describe': threads.describe()}))\n" % (VARS,)

@@ -206,19 +206,45 @@ def get_device(name: str) -> DeviceSpec:
 
 
 def get_pod(name: str) -> PodSpec:
-    """A pod by name; a device name gives that chip alone as a one-device pod."""
+    """A pod by name; a device name gives that chip alone as a one-device pod; "cpu:N" is N
+    XLA host devices simulated on this machine (see cpu_mesh)."""
+    if name.startswith("cpu:"):
+        n = name[len("cpu:"):]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"target 'cpu:N' needs a device count N >= 1, got {name!r}")
+        return cpu_mesh(int(n))
     if name in _PODS:
         device, topology, dims, source = _PODS[name]
         return PodSpec(name, _DEVICES[device], math.prod(dims), topology, dims, source)
     if name in _DEVICES or name == "cpu":
         device = get_device(name)
         return PodSpec(name, device, 1, "single", (1,), device.source)
-    raise ValueError(f"unknown pod {name!r}; known targets: {list_targets()}")
+    raise ValueError(f"unknown pod {name!r}; known targets: {list_targets()} and cpu:N")
 
 
 def list_targets() -> list[str]:
-    """Every name get_pod accepts: pods, then single chips (and "cpu")."""
+    """Every name get_pod accepts: pods, then single chips (and "cpu"); also "cpu:N" (cpu_mesh)."""
     return sorted(_PODS) + sorted([*_DEVICES, "cpu"])
+
+
+def cpu_mesh(n_devices: int, device: DeviceSpec | None = None) -> PodSpec:
+    """N XLA host devices simulated on this machine (`moe train --backend jax --cpu-devices N`,
+    i.e. XLA_FLAGS=--xla_force_host_platform_device_count=N), as a pod.
+
+    They share the machine's cores, memory and memory bandwidth, so each gets 1/N of the
+    measured rates of `device` (default: the numpy-measured "cpu"); an exchange between them
+    is a memory copy, modelled as a switch whose per-device injection bandwidth is 1/N of the
+    copy bandwidth."""
+    base = calibrate_cpu() if device is None else device
+    n = int(n_devices)
+    if n < 1:
+        raise ValueError(f"a cpu mesh needs n_devices >= 1, got {n_devices!r}")
+    per = DeviceSpec(
+        f"{base.name}/{n}", peak_flops=base.peak_flops / n, hbm_bytes=base.hbm_bytes / n, hbm_bw=base.hbm_bw / n,
+        link_bw=base.hbm_bw / n, links_per_chip=1, flops_kind=base.flops_kind, cache_bytes=base.cache_bytes / n,
+        source=f"1/{n} of {base.name} ({base.source})",
+        router_elem_s=base.router_elem_s * n, dispatch_elem_s=base.dispatch_elem_s * n)
+    return PodSpec(f"cpu:{n}", per, n, "switch" if n > 1 else "single", (n,), per.source)
 
 
 # ============================================================================ the measured CPU

@@ -1,21 +1,27 @@
-"""The MoE layer in JAX, expert-parallel over a device mesh (GShard-style), same maths as moe.layer.
+"""The MoE layer in JAX, expert-parallel over a data x expert device mesh (GShard), same maths as moe.layer.
 
-Inside `jax.shard_map` over the mesh axis "expert", each device holds B/n examples and E/n
-experts. Per device:
+The mesh has two axes, "data" (dp) and "expert" (ep). Examples are split over all dp x ep
+devices; experts over the "expert" axis (E/ep per device) and replicated over "data".
+Inside `jax.shard_map`, per device:
 
     gate (local rows)            -> expert_index [b, k], gate values [b, k]   (moe.routing.gates)
-    capacity (global priority)   -> keep [b, k]: every example's first choice before any second
-                                    choice, then example order, over the *whole* batch, exactly
-                                    as moe.bindings.reference.capacity_keep (counts all-gathered)
-    dispatch                     -> send buffer [E, S, d]; all_to_all -> [n_src, E/n, S, d]
-    experts (local weights)      -> [E/n, n*S, d]
+    capacity                     -> keep [b, k] and each assignment's send slot [b, k]
+    dispatch                     -> send buffer [E, S, d]; all_to_all over "expert" -> [ep, E/ep, S, d]
+    experts (local weights)      -> [E/ep, ep*S, d]
     return all_to_all            -> [E, S, d]; combine: y = sum_j gate_kept[b, j] * out[b, j]
 
-S = min(C, b) is the most rows one device can send one expert (an example picks an expert at
-most once, and the expert keeps at most C = ceil(cf * B * k / E) rows in all); dropless
-layers use C = B. Balance statistics (importance, load, Switch fractions, z-loss) are summed
-over devices with psum before the losses, so the aux loss is that of the whole batch.
-Gradients come from jax.grad through all of this, including the all_to_alls.
+Capacity has two scopes (LayerSpec.capacity_scope):
+- "batch" (numpy's): every expert keeps at most C = ceil(cf * B * k / E) rows of the whole
+  batch under one global priority (every example's first choice before any second choice,
+  then example order), exactly as moe.bindings.reference.capacity_keep; counts are
+  all-gathered over the mesh. A device may send one expert up to S = min(C, b) rows.
+- "device" (GShard's, what moe.accel.cost prices and what an executable plan runs): each
+  device keeps at most C = ceil(cf * b * k / E) of its own rows per expert, same priority
+  order locally; no gather, and the buffers are S = min(C, b) rows.
+Dropless layers use C = B (never binds). Balance statistics (importance, load, Switch
+fractions, z-loss) are summed over the whole mesh with psum before the losses, so the aux
+loss is that of the whole batch. Gradients come from jax.grad through all of this,
+including the all_to_alls (and the psum over "data" of the replicated experts' gradients).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 from jax.sharding import PartitionSpec as P
 
-AXIS = "expert"
+DATA, EXPERT = "data", "expert"
+ROWS = (DATA, EXPERT)  # examples are split over both axes, data-major
 TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
@@ -44,17 +51,19 @@ class LayerSpec:
     w_load: float
     w_z: float
     activation: str  # "relu" | "gelu"
+    capacity_scope: str = "batch"  # "batch" (numpy's) | "device" (GShard's), see the module docstring
 
     @property
     def noisy(self) -> bool:
         return self.gate == "noisy_topk"
 
 
-def capacity(spec: LayerSpec, batch: int) -> int:
-    """C = ceil(cf * B * k / E) as moe.routing.capacity; dropless layers get C = B (never binds)."""
+def capacity(spec: LayerSpec, rows: int) -> int:
+    """C = ceil(cf * rows * k / E) as moe.routing.capacity, for the rows the capacity covers (the
+    batch, or one device's rows); dropless layers get C = rows (never binds)."""
     if spec.capacity_factor is None:
-        return batch
-    return int(math.ceil(spec.capacity_factor * batch * spec.k / spec.n_experts))
+        return rows
+    return int(math.ceil(spec.capacity_factor * rows * spec.k / spec.n_experts))
 
 
 def cv_squared(v: jax.Array) -> jax.Array:
@@ -69,7 +78,7 @@ def cv_squared(v: jax.Array) -> jax.Array:
 
 
 def _psum(x: jax.Array) -> jax.Array:
-    return jax.lax.psum(x, AXIS)
+    return jax.lax.psum(x, ROWS)
 
 
 def gate_forward(spec: LayerSpec, xg, w_gate, w_noise, eps, batch: int):
@@ -120,16 +129,22 @@ def gate_forward(spec: LayerSpec, xg, w_gate, w_noise, eps, batch: int):
     return index, gates, importance, load, aux
 
 
-def capacity_slots(index, n_experts: int, cap: int):
-    """keep [b, k] under the global GShard priority, and each assignment's local send slot [b, k].
+def capacity_slots(index, n_experts: int, cap: int, scope: str):
+    """keep [b, k] under the GShard priority, and each assignment's local send slot [b, k].
 
     Rank-major order (all first choices, then all second choices, ...) with example order
-    inside a rank; this device's rows follow those of lower-numbered devices."""
+    inside a rank. scope "batch": over the whole batch, this device's rows after those of
+    lower-numbered devices (data-major over the mesh); scope "device": over this device's rows."""
     b, k = index.shape
     onehot = jax.nn.one_hot(index.T, n_experts, dtype=jnp.int32)  # [k, b, E] rank-major
+    flat = onehot.reshape(k * b, n_experts)  # [k*b, E]
+    local_pos = (jnp.cumsum(flat, axis=0) - flat).reshape(k, b, n_experts)  # [k, b, E]
+    slot = (local_pos * onehot).sum(axis=2).T  # [b, k] rank-major order on this device
+    if scope == "device":
+        return slot < cap, slot
     local_counts = onehot.sum(axis=1)  # [k, E]
-    everyone = jax.lax.all_gather(local_counts, AXIS)  # [n, k, E]
-    me = jax.lax.axis_index(AXIS)
+    everyone = jax.lax.all_gather(local_counts, ROWS)  # [n, k, E]
+    me = jax.lax.axis_index(ROWS)
     n = everyone.shape[0]
     rank_totals = everyone.sum(axis=0)  # [k, E]
     before_rank = jnp.cumsum(rank_totals, axis=0) - rank_totals  # [k, E] earlier ranks, all devices
@@ -137,11 +152,7 @@ def capacity_slots(index, n_experts: int, cap: int):
     before_dev = jnp.einsum("n,nke->ke", lower_dev, everyone)  # [k, E] same rank, earlier devices
     within = jnp.cumsum(onehot, axis=1) - onehot  # [k, b, E] earlier rows of this device, same rank
     pos = ((before_rank + before_dev)[:, None, :] + within) * onehot  # [k, b, E]
-    global_pos = pos.sum(axis=2).T  # [b, k]
-    keep = global_pos < cap  # [b, k]
-    flat = onehot.reshape(k * b, n_experts)  # [k*b, E]
-    local_pos = (jnp.cumsum(flat, axis=0) - flat).reshape(k, b, n_experts)  # [k, b, E]
-    slot = (local_pos * onehot).sum(axis=2).T  # [b, k] rank-major order on this device
+    keep = pos.sum(axis=2).T < cap  # [b, k]
     return keep, slot
 
 
@@ -156,23 +167,23 @@ def moe_local(spec: LayerSpec, batch: int, x, xg, eps, w_gate, w_noise, w1, b1, 
     """The body run on each device by shard_map (see the module docstring)."""
     b, d = x.shape
     E, k = spec.n_experts, spec.k
-    n = jax.lax.axis_size(AXIS)
-    cap = capacity(spec, batch)
+    n = jax.lax.axis_size(EXPERT)
+    cap = capacity(spec, b if spec.capacity_scope == "device" else batch)
     S = min(cap, b)
     index, gates, importance, load, aux = gate_forward(spec, xg, w_gate, w_noise, eps, batch)
-    keep, slot = capacity_slots(index, E, cap)  # [b, k], [b, k]
+    keep, slot = capacity_slots(index, E, cap, spec.capacity_scope)  # [b, k], [b, k]
     # Send buffer: which local row fills (expert, slot); empty slots read an appended zero row.
     rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, k))  # [b, k]
     tgt_e = jnp.where(keep, index, E)  # dropped assignments scatter out of range (dropped)
     src = jnp.full((E, S), b, dtype=jnp.int32).at[tgt_e, slot].set(rows, mode="drop")  # [E, S]
     x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)  # [b+1, d]
     send = x_pad[src]  # [E, S, d]
-    recv = jax.lax.all_to_all(send, AXIS, 0, 0, tiled=True)  # [n*E_l, S, d], source-major
+    recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True)  # [n*E_l, S, d], source-major
     E_l = E // n
     work = recv.reshape(n, E_l, S, d).transpose(1, 0, 2, 3).reshape(E_l, n * S, d)  # [E_l, n*S, d]
     done = experts_forward(spec.activation, work, w1, b1, w2, b2)  # [E_l, n*S, d]
     back = done.reshape(E_l, n, S, d).transpose(1, 0, 2, 3).reshape(n * E_l, S, d)  # [E, S, d]
-    ret = jax.lax.all_to_all(back, AXIS, 0, 0, tiled=True)  # [E, S, d] this device's rows
+    ret = jax.lax.all_to_all(back, EXPERT, 0, 0, tiled=True)  # [E, S, d] this device's rows
     kept_gates = jnp.where(keep, gates, 0.0)  # [b, k]
     y = jnp.zeros_like(x)  # [b, d]
     for j in range(k):  # j = 0..k-1, the numpy summation order
@@ -185,22 +196,22 @@ def moe_local(spec: LayerSpec, batch: int, x, xg, eps, w_gate, w_noise, w1, b1, 
 
 
 def moe_layer(spec: LayerSpec, mesh, x, xg, eps, p: dict):
-    """Global view: x [B, d], xg [B, d_gate] (sharded over the batch), eps [B, E] or None,
-    p: w_gate [d_gate, E] (+ w_noise), w1 [E, d, h], b1, w2, b2 (sharded over experts).
+    """Global view: x [B, d], xg [B, d_gate] (rows over the mesh), eps [B, E] or None,
+    p: w_gate [d_gate, E] (+ w_noise), w1 [E, d, h], b1, w2, b2 (experts over "expert").
     Returns (y [B, d], aux scalar, routing dict)."""
     B = x.shape[0]
-    n = mesh.shape[AXIS]
-    if spec.n_experts % n:
-        raise ValueError(f"n_experts={spec.n_experts} must divide evenly over the {n} devices "
-                         f"of mesh axis {AXIS!r}")
+    ep, n = mesh.shape[EXPERT], mesh.shape[DATA] * mesh.shape[EXPERT]
+    if spec.n_experts % ep:
+        raise ValueError(f"n_experts={spec.n_experts} must divide evenly over the {ep} devices "
+                         f"of mesh axis {EXPERT!r}")
     if B % n:
-        raise ValueError(f"the batch of {B} rows must divide evenly over the {n} devices of mesh axis {AXIS!r}")
+        raise ValueError(f"the batch of {B} rows must divide evenly over the {n} devices of the mesh")
     w_noise = p.get("w_noise", jnp.zeros_like(p["w_gate"]))
-    rep, row = P(), P(AXIS)
+    rep, row, split = P(), P(ROWS), P(EXPERT)
     routing_specs = {"expert_index": row, "keep": row, "gates": row,
                      "importance": rep, "load": rep, "counts": rep}
     weights = (p["w_gate"], w_noise, p["w1"], p["b1"], p["w2"], p["b2"])
-    w_specs = (rep, rep, row, row, row, row)  # gate replicated, experts split over devices
+    w_specs = (rep, rep, split, split, split, split)  # gate replicated, experts split over "expert"
     if eps is None:
         def body(x, xg, *w):
             return moe_local(spec, B, x, xg, None, *w)

@@ -1,22 +1,33 @@
-"""`moe train --backend jax`: the Trainer's loop with the step compiled by XLA.
+"""`moe train --backend jax`: the Trainer's loop with the step compiled by XLA, on one or many processes.
 
 What is the same as moe.train.Trainer: initial weights (the Trainer builds them from the
 seed), the batches (its TaskSampler, so the same task mix and example order), the loss
 (weighted per-task means + aux), the schedule (warmup + cosine), global-norm clipping, Adam
-with decoupled weight decay, the checkpoint layout (written by the Trainer itself, so
-`moe.load`, `moe eval` and `--resume` read it) and the metrics log.
+with decoupled weight decay (dense Adam for the shared parameters, lazy row-Adam for the
+experts and for the per-task / per-domain tables: only experts that received rows and only
+the tasks and domains in the batch move, each row with its own step count), the checkpoint layout
+(written by the Trainer itself, so `moe.load`, `moe eval` and `--resume` read it) and the
+metrics log.
 
 What differs, on purpose:
-- experts use dense Adam (every expert moves every step, one shared step count), not lazy
-  Adam; checkpoints record each expert's Adam step count as that shared count;
-- gate noise comes from jax.random (key = fold_in(seed key, step)), not the numpy generator,
-  so a JAX run and a numpy run with the same seed take different (equally valid) steps;
-- the batch (train.batch_size rows) must divide evenly over the devices of the mesh.
-Not supported (clear errors): remote expert shards.
+- gate noise comes from jax.random (key = fold_in(fold_in(seed key, step), micro-batch)),
+  not the numpy generator, so a JAX run and a numpy run with noisy gates take different
+  (equally valid) steps; without noise they agree to float rounding (tests/accel);
+- with a plan (moe.accel.layout), the capacity is GShard's per device and a step may
+  accumulate gradients over several micro-batches (the aux loss is the mean of theirs);
+- the batch must divide evenly over the devices of the mesh.
+
+Several processes (jax.distributed, see moe.accel.distributed): every process runs this same
+loop. The sampler draws the same example indices everywhere (same seed, no communication),
+and each process reads only the rows that land on its own devices. Process 0 alone logs,
+shows progress, evaluates and writes checkpoints; bringing the sharded state to the host
+for those is a collective that every process joins. Not supported (clear errors): remote
+expert shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -24,42 +35,130 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe import checkpoint as ckpt
-from moe.accel.jax_backend import JaxMoE, check_fits, is_expert_param, make_mesh
-from moe.accel.jax_model import loss_fn, pack_batch
+from moe.accel.jax_backend import (
+    JaxMoE,
+    check_fits,
+    describe_mesh,
+    host,
+    is_expert_param,
+    to_devices,
+)
+from moe.accel.jax_layer import EXPERT, ROWS
+from moe.accel.jax_model import draw_noise, loss_fn, pack_batch, touched_rows
+from moe.accel.layout import Layout
 from moe.config import Config
-from moe.optim import Adam, AdamConfig, lr_at
+from moe.model import Chunk
+from moe.optim import AdamConfig, lr_at
 from moe.profiling.stats import cv
 from moe.tasks.spec import TaskData
 from moe.train import Trainer, TrainResult, evaluate_tasks
 
 
-def adam_step(params, m, v, t, grads, lr, clip_norm: float, cfg: AdamConfig):
-    """Global-norm clipping then Adam (moe.optim.Adam._update); skipped if the norm is not finite."""
+def _adam(p, m, v, g, lr, t, cfg: AdamConfig):
+    """One Adam update (moe.optim.Adam._update); t broadcasts against p (per-row step counts)."""
+    mm = cfg.beta1 * m + (1 - cfg.beta1) * g
+    vv = cfg.beta2 * v + (1 - cfg.beta2) * (g * g)
+    tf = t.astype(jnp.float32)
+    upd = (mm / (1 - cfg.beta1 ** tf)) / (jnp.sqrt(vv / (1 - cfg.beta2 ** tf)) + cfg.eps)
+    if cfg.weight_decay:
+        upd = upd + cfg.weight_decay * p
+    return p - lr * upd, mm, vv
+
+
+def row_group(name: str, tables: tuple[str, ...]) -> str | None:
+    """The lazily updated group a parameter belongs to: its MoE block's experts ("block<i>"),
+    a per-task / per-domain table (its prefix), or None (shared: every step moves it)."""
+    if is_expert_param(name):
+        return name.split(".", 1)[0]
+    prefix = name.rsplit(".", 1)[0]
+    return prefix if prefix in tables else None
+
+
+def adam_step(state: dict, grads: dict, touched: dict, lr, clip_norm: float, cfg: AdamConfig):
+    """Global-norm clipping, then dense Adam for the shared parameters (one step count) and
+    lazy row-Adam for experts and tables (moe.optim): rows the batch did not use keep their
+    weights, moments and step count. Skipped whole if the norm is not finite.
+
+    state: params, m, v (dicts by name), t (int32 scalar), t_rows (group -> int32 [R]);
+    touched: group -> bool [R]."""
     sq = sum(jnp.sum(jnp.square(g)) for g in grads.values())
     norm = jnp.sqrt(sq)
     scale = jnp.where((clip_norm > 0) & (norm > clip_norm), clip_norm / norm, 1.0) if clip_norm > 0 else 1.0
     ok = jnp.isfinite(norm)
-    t1 = t + 1
-    bc1 = 1 - cfg.beta1 ** t1.astype(jnp.float32)
-    bc2 = 1 - cfg.beta2 ** t1.astype(jnp.float32)
-    new_p, new_m, new_v = {}, {}, {}
-    for n, p in params.items():
-        g = grads[n] * scale
-        mm = cfg.beta1 * m[n] + (1 - cfg.beta1) * g
-        vv = cfg.beta2 * v[n] + (1 - cfg.beta2) * (g * g)
-        upd = (mm / bc1) / (jnp.sqrt(vv / bc2) + cfg.eps)
-        if cfg.weight_decay:
-            upd = upd + cfg.weight_decay * p
-        new_p[n] = jnp.where(ok, p - lr * upd, p)
-        new_m[n] = jnp.where(ok, mm, m[n])
-        new_v[n] = jnp.where(ok, vv, v[n])
-    return new_p, new_m, new_v, jnp.where(ok, t1, t), norm
+    t1 = state["t"] + 1
+    t_rows = {g: t + touched[g].astype(t.dtype) for g, t in state["t_rows"].items()}
+    new = {"params": {}, "m": {}, "v": {}}
+    for n, p in state["params"].items():
+        g, m, v = grads[n] * scale, state["m"][n], state["v"][n]
+        group = row_group(n, tuple(t_rows))
+        if group is not None:
+            rows = (-1,) + (1,) * (p.ndim - 1)
+            hit = touched[group].reshape(rows) & ok  # [R, 1, ...]
+            p2, m2, v2 = _adam(p, m, v, g, lr, jnp.maximum(t_rows[group], 1).reshape(rows), cfg)
+        else:
+            hit = ok
+            p2, m2, v2 = _adam(p, m, v, g, lr, t1, cfg)
+        new["params"][n] = jnp.where(hit, p2, p)
+        new["m"][n] = jnp.where(hit, m2, m)
+        new["v"][n] = jnp.where(hit, v2, v)
+    new["t"] = jnp.where(ok, t1, state["t"])
+    new["t_rows"] = {g: jnp.where(ok, t_rows[g], state["t_rows"][g]) for g in t_rows}
+    return new, norm
+
+
+def chunks_in_rows(parts: list[tuple[TaskData, np.ndarray]], start: int, stop: int) -> list[Chunk]:
+    """The examples of global batch rows [start, stop), gathered from the training splits."""
+    out, r = [], 0
+    for d, idx in parts:
+        lo, hi = max(start, r), min(stop, r + idx.shape[0])
+        if lo < hi:
+            sel = idx[lo - r : hi - r]
+            out.append(Chunk(d.name, d.x_train[sel], d.y_train[sel]))
+        r += idx.shape[0]
+    return out
+
+
+def make_step(spec, mesh, adam: AdamConfig, clip: float, n_micro: int):
+    """The jitted training step: forward + backward over n_micro micro-batches (gradients
+    averaged), then Adam. Batch arrays are [n_micro, B_micro, ...], rows over the mesh."""
+
+    def micro(params, tid, x, y, key):
+        eps = draw_noise(spec, mesh, key, tid.shape[0])
+        (loss, (task, aux, rs, _)), g = jax.value_and_grad(
+            lambda p: loss_fn(spec, mesh, p, tid, x, y, eps), has_aux=True)(params)
+        counts = jnp.stack([r["counts"] for r in rs])  # [L, E]
+        return g, jnp.stack([loss, task, aux]), counts, rs[0]["load"]
+
+    def step(state, tid, x, y, key, lr):
+        params = state["params"]
+        if n_micro == 1:
+            g, scalars, counts, load = micro(params, tid[0], x[0], y[0], jax.random.fold_in(key, 0))
+        else:
+            def body(acc, xs):
+                out = micro(params, *xs)
+                return jax.tree.map(jnp.add, acc, out), None
+            keys = jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(n_micro))
+            zero = jax.eval_shape(lambda: micro(params, tid[0], x[0], y[0], keys[0]))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+            (g, scalars, counts, load), _ = jax.lax.scan(body, zero, (tid, x, y, keys))
+            g = jax.tree.map(lambda a: a / n_micro, g)
+            scalars, load = scalars / n_micro, load / n_micro
+        touched = touched_rows(spec, params, tid.reshape(-1))  # tables: rows of any micro-batch
+        touched.update({f"block{i}": counts[i] > 0 for i in range(len(spec.layers))})
+        new, norm = adam_step(state, g, touched, lr, clip, adam)
+        return new, {"loss": scalars[0], "task_loss": scalars[1], "aux_loss": scalars[2],
+                     "grad_norm": norm, "load0": load}
+
+    return jax.jit(step, donate_argnums=(0,))
 
 
 class JaxTrainer:
-    """Same constructor and `train()` as moe.train.Trainer; `.model` is the (synced) numpy model."""
+    """Same constructor and `train()` as moe.train.Trainer; `.model` is the numpy model,
+    brought up to date by `sync()`. layout: an executable plan (moe.accel.layout)."""
 
     def __init__(
         self,
@@ -71,103 +170,152 @@ class JaxTrainer:
         save_checkpoints: bool = True,
         echo=print,
         mesh=None,
+        layout: Layout | None = None,
     ) -> None:
         if config.shards.enabled:
             raise ValueError("the JAX backend runs the experts on JAX devices; remote expert shards "
                              f"(shards.local={config.shards.local}, shards.endpoints="
                              f"{list(config.shards.endpoints)}) are not supported with --backend jax")
-        self.config, self.data, self.echo = config, data, echo
+        if config.train.noise_final != 1.0:
+            raise ValueError(f"train.noise_final={config.train.noise_final}: the JAX backend trains with the "
+                             "full gate noise only (train.noise_final = 1)")
+        self.main = jax.process_index() == 0
+        self.n_micro = 1 if layout is None else layout.n_micro
+        if layout is not None:  # the plan sets the batch: n_micro micro-batches of ep x dp x t rows
+            layout.check_model(dataclasses.asdict(config.model))
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=layout.micro_batch))
+        if not self.main:  # one process logs and shows progress
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
+            echo = lambda *_: None  # noqa: E731
+        self.config, self.data, self.echo, self.layout = config, data, echo, layout
         self.trainer = Trainer(config, data, out_dir, data_source=data_source,
-                               save_checkpoints=save_checkpoints, echo=echo)
+                               save_checkpoints=save_checkpoints and self.main, echo=echo)
+        self.save_checkpoints = save_checkpoints
         self.model = self.trainer.model
-        self.mesh = make_mesh() if mesh is None else mesh
-        self.jm = JaxMoE(self.model, self.mesh)
+        self.jm = JaxMoE(self.model, mesh, layout)
+        self.mesh = self.jm.mesh
         check_fits(self.jm.spec, self.mesh, config.train.batch_size)
         self.adam = AdamConfig(weight_decay=config.train.weight_decay)
         self.key = jax.random.key(config.train.seed)
+        self.rows = NamedSharding(self.mesh, P(None, ROWS))  # [n_micro, B, ...]
+        self.rows_read = 0  # examples this process gathered for training (its share only)
+        self.steps_run = 0  # steps taken by this object (not those before a resume)
+        self.state: dict = {}
         self._load_optimizer_state()
-        spec, mesh_, adam, clip = self.jm.spec, self.mesh, self.adam, float(config.train.clip_norm)
-        noisy = [layer.noisy for layer in spec.layers]
-
-        def step(params, m, v, t, tid, x, y, key, lr):
-            eps = tuple(jax.random.normal(jax.random.fold_in(key, i), (tid.shape[0], layer.n_experts))
-                        if need else None for i, (layer, need) in enumerate(zip(spec.layers, noisy, strict=True)))
-            (loss, (task, aux, rs, _)), g = jax.value_and_grad(
-                lambda p: loss_fn(spec, mesh_, p, tid, x, y, eps), has_aux=True)(params)
-            params, m, v, t, norm = adam_step(params, m, v, t, g, lr, clip, adam)
-            return params, m, v, t, {"loss": loss, "task_loss": task, "aux_loss": aux,
-                                     "grad_norm": norm, "load0": rs[0]["load"]}
-
-        self._step = jax.jit(step, donate_argnums=(0, 1, 2))
+        self.compiled_step = make_step(self.jm.spec, self.mesh, self.adam, float(config.train.clip_norm), self.n_micro)
 
     @property
     def step(self) -> int:
         return self.trainer.step
 
     # ------------------------------------------------------------------ state in and out
-    def _load_optimizer_state(self) -> None:
-        """Adam moments from the numpy optimizers (zeros on a fresh run) onto the mesh."""
-        dense = self.trainer.optimizer
-        m, v = {}, {}
-        for n in self.model.params:
-            opt, local = self._slot(n)
-            m[n], v[n] = opt.moments(local)  # dense on the mesh (zeros where a row has none)
-        sh = self.jm.shardings
-        self.m = {n: jax.device_put(np.asarray(a), sh[n]) for n, a in m.items()}
-        self.v = {n: jax.device_put(np.asarray(a), sh[n]) for n, a in v.items()}
-        self.t = jnp.asarray(int(dense.t[0]), dtype=jnp.int32)
-        self.jm.params = {n: jax.device_put(np.asarray(p), sh[n]) for n, p in self.model.params.items()}
+    def _row_groups(self) -> dict[str, Any]:
+        """Lazily updated parameters by group, with the numpy optimizer that holds their state:
+        each MoE block's experts ("block<i>") and each per-task / per-domain table (its prefix)."""
+        groups = {f"block{i}": layer.experts.optimizer for i, layer in enumerate(self.model.layers)}
+        groups.update(self.trainer.table_optimizers)
+        return groups
 
-    def _slot(self, name: str) -> tuple[Adam, str]:
-        """(numpy optimizer, its key) holding a parameter's moments: the dense one, a task
-        table's or an expert bank's (lazy-row Adam)."""
+    def _slot(self, name: str) -> tuple[str | None, str]:
+        """(row group or None for a shared parameter, the key its optimizer knows it by)."""
         if is_expert_param(name):
             block, _, _, local = name.split(".")  # block<i>.moe.experts.<w>
-            return self.model.layers[int(block[len("block"):])].experts.optimizer, local
+            return block, local
         prefix, local = name.rsplit(".", 1)
-        table_opt = self.trainer.table_optimizers.get(prefix)
-        return (self.trainer.optimizer, name) if table_opt is None else (table_opt, local)
+        return (prefix, local) if prefix in self.trainer.table_optimizers else (None, name)
+
+    def _load_optimizer_state(self) -> None:
+        """Parameters and Adam state from the numpy model and optimizers (zeros on a fresh run) onto the mesh."""
+        dense, groups = self.trainer.optimizer, self._row_groups()
+        m, v = {}, {}
+        for n in self.model.params:
+            group, key = self._slot(n)
+            opt = dense if group is None else groups[group]
+            m[n], v[n] = opt.moments(key)  # dense on the mesh (zeros where a row has none)
+        jm = self.jm
+        split, rep = NamedSharding(self.mesh, P(EXPERT)), NamedSharding(self.mesh, P())
+        t_rows = {g: to_devices(opt.t[jm.order].astype(np.int32), split) if g.startswith("block")
+                  else to_devices(opt.t.astype(np.int32), rep) for g, opt in groups.items()}
+        self.state = {"params": jm.put_params(self.model.params), "m": jm.put_params(m), "v": jm.put_params(v),
+                      "t": to_devices(np.asarray(dense.t[0], np.int32), rep), "t_rows": t_rows}
+        self.jm.params = self.state["params"]
 
     def sync(self) -> None:
-        """Copy parameters and Adam state from the devices into the numpy model and optimizers."""
-        self.jm.write_back(self.model)
-        t = int(self.t)
-        dense = self.trainer.optimizer
-        dense.t[...] = t
-        rows: dict[int, tuple[Adam, dict[str, np.ndarray]]] = {}  # lazy-row optimizers' new state
+        """Copy parameters and Adam state from the devices into the numpy model and
+        optimizers. With several processes every process must call it (it gathers)."""
+        jm, st = self.jm, self.state
+        jm.params = st["params"]
+        jm.write_back(self.model)
+        m, v = jm.get_params(st["m"]), jm.get_params(st["v"])
+        dense, groups = self.trainer.optimizer, self._row_groups()
+        dense.t[...] = int(host(st["t"]))
+        t_rows = {}
+        for g in groups:
+            t = host(st["t_rows"][g])
+            t_rows[g] = np.asarray(jm.experts_from_slots(t) if g.startswith("block") else t, dtype=np.int64)
+        rows: dict[str, dict[str, np.ndarray]] = {g: {} for g in groups}  # lazy-row optimizers' new state
         for n in self.model.params:
-            m, v = np.asarray(self.m[n]), np.asarray(self.v[n])
-            opt, local = self._slot(n)
-            if opt is dense:
-                dense.m[n][...], dense.v[n][...] = m, v
-            else:
-                rows.setdefault(id(opt), (opt, {}))[1].update({f"m.{local}": m, f"v.{local}": v})
-        for opt, sd in rows.values():  # dense Adam on the mesh: every row took every step
-            if t > 0:  # before any step no row has state
-                opt.load_state_dict({"t": np.full(opt.t.shape, t, dtype=np.int64), **sd})
+            group, key = self._slot(n)
+            if group is None:
+                dense.m[key][...], dense.v[key][...] = m[n], v[n]
+            else:  # a lazy-row optimizer holds the moments of rows with t > 0 only
+                live = t_rows[group] > 0
+                rows[group].update({f"m.{key}": np.ascontiguousarray(m[n][live]),
+                                    f"v.{key}": np.ascontiguousarray(v[n][live])})
+        for g, opt in groups.items():
+            opt.load_state_dict({"t": t_rows[g], **rows[g]})
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one step
+    def next_batch(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The next step's n_micro micro-batches as global [n_micro, B, ...] arrays; this
+        process gathers only the rows of its own devices."""
+        tr, spec, M = self.trainer, self.jm.spec, self.n_micro
+        plans = [tr.sampler.next_indices() for _ in range(M)]
+        B = self.config.train.batch_size
+        packed: dict[tuple[int, int, int], tuple] = {}
+
+        def rows(m: int, start: int, stop: int):
+            if (m, start, stop) not in packed:
+                packed[(m, start, stop)] = pack_batch(spec, chunks_in_rows(plans[m], start, stop))
+                self.rows_read += stop - start
+            return packed[(m, start, stop)]
+
+        def part(which: int):
+            def fill(idx):
+                start, stop, _ = idx[1].indices(B)
+                return np.stack([rows(m, start, stop)[which] for m in range(*idx[0].indices(M))])
+            return fill
+
+        shapes = [(M, B), (M, B, spec.d_in_max), (M, B, spec.y_width)]
+        return tuple(jax.make_array_from_callback(s, self.rows, part(i)) for i, s in enumerate(shapes))
+
     def train_step(self) -> dict[str, float]:
         tr, t = self.trainer, self.config.train
-        chunks = tr.sampler.next_batch()
-        tid, x, y = pack_batch(self.jm.spec, chunks)
+        tid, x, y = self.next_batch()
         lr = lr_at(tr.step, lr=t.lr, warmup=t.warmup, total=t.steps, min_ratio=t.min_lr_ratio)
         key = jax.random.fold_in(self.key, tr.step)
-        self.jm.params, self.m, self.v, self.t, met = self._step(
-            self.jm.params, self.m, self.v, self.t, *self.jm.place(tid, x, y), key, jnp.float32(lr))
-        norm = float(met["grad_norm"])
+        self.state, met = self.compiled_step(self.state, tid, x, y, key, jnp.float32(lr))
+        self.jm.params = self.state["params"]
+        norm = float(host(met["grad_norm"]))
         if not np.isfinite(norm):
             raise FloatingPointError(f"gradient norm is {norm} at step {tr.step}; the step was skipped "
                                      "and training stopped")
         tr.step += 1
-        return {"loss": float(met["loss"]), "task_loss": float(met["task_loss"]),
-                "aux_loss": float(met["aux_loss"]), "cv_load": cv(np.asarray(met["load0"], np.float64)),
-                "lr": lr, "grad_norm": norm}
+        self.steps_run += 1
+        return {"loss": float(host(met["loss"])), "task_loss": float(host(met["task_loss"])),
+                "aux_loss": float(host(met["aux_loss"])),
+                "cv_load": cv(host(met["load0"]).astype(np.float64)), "lr": lr, "grad_norm": norm,
+                "noise_scale": 1.0}
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Process 0 writes one checkpoint in the numpy layout; the others join the gather
+        and wait until it is on disk."""
         self.sync()
-        return self.trainer.save()
+        where = self.trainer.save() if self.main else None
+        _barrier(f"checkpoint {self.step}")
+        return where
 
+    # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
         """Train to config.train.steps (or stop after `stop_at`), as Trainer.train."""
         tr, t = self.trainer, self.config.train
@@ -179,36 +327,45 @@ class JaxTrainer:
             tr.restore(found[-1])
             self._load_optimizer_state()
             self.echo(f"resumed from {found[-1]} at step {tr.step}")
-        if tr.save_checkpoints:
+        saving = self.save_checkpoints
+        if saving and self.main:
             tr.out.mkdir(parents=True, exist_ok=True)
-        self.echo(f"jax backend: {self.mesh.shape['expert']} x {jax.devices()[0].device_kind} "
-                  "(dense Adam for experts)")
+        plan = f"; plan {self.layout.describe()}" if self.layout is not None else ""
+        self.echo(f"jax backend: {describe_mesh(self.mesh)}{plan}")
         log_path = tr.out / "metrics.jsonl"
         start = time.perf_counter()
-        bar = tr._progress(t.steps)
+        bar = tr.progress_bar(t.steps)
         while tr.step < end:
             m = self.train_step()
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", cv_load=f"{m['cv_load']:.3f}")
                 bar.update(1)
-            if tr.save_checkpoints and (tr.step % t.eval_every == 0 or tr.step == t.steps):
+            if saving and (tr.step % t.eval_every == 0 or tr.step == t.steps):
                 self.sync()
-                tr._log_eval(log_path, m)
-            if tr.save_checkpoints and (tr.step % t.checkpoint_every == 0 or tr.step == end):
+                if self.main:
+                    tr.log_eval(log_path, m)
+            if saving and (tr.step % t.checkpoint_every == 0 or tr.step == end):
                 self.save()
         if bar is not None:
             bar.close()
         self.sync()
-        test = evaluate_tasks(self.model, self.data, "test")
-        where = ckpt.list_checkpoints(tr.ckpt_root)[-1] if tr.save_checkpoints else None
+        test = evaluate_tasks(self.model, self.data, "test") if self.main else {}
+        where = ckpt.list_checkpoints(tr.ckpt_root)[-1] if saving else None
         return TrainResult(tr.step, test, where, dict(tr.sampler.seen), time.perf_counter() - start)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def train_with_jax(
     config: Config, data: list[TaskData], out_dir: str | Path, *, data_source: dict[str, Any] | None = None,
-    resume: bool = False, stop_at: int | None = None, echo=print,
+    resume: bool = False, stop_at: int | None = None, echo=print, layout: Layout | None = None,
 ) -> tuple[TrainResult, JaxTrainer]:
     """One call for the CLI: train with the JAX backend; returns the result and the trainer
     (its `.model` is the trained numpy model, for baselines and the profile)."""
-    trainer = JaxTrainer(config, data, out_dir, data_source=data_source, echo=echo)
+    trainer = JaxTrainer(config, data, out_dir, data_source=data_source, echo=echo, layout=layout)
     return trainer.train(resume=resume, stop_at=stop_at), trainer

@@ -31,7 +31,8 @@ def test_each_step_trains_with_its_scale_and_a_loaded_model_keeps_the_last(tmp_p
     config, trainer = _trainer(tmp_path / "a", 0.25)
     _, plain = _trainer(tmp_path / "b", 1.0)
     for step in range(config.train.steps):
-        m, p = trainer.train_step(), plain.train_step()
+        m = trainer.train_step()
+        plain.train_step()
         assert m["noise_scale"] == noise_scale_at(step, final=0.25, total=6)
         assert all(layer.gate.noise_scale == m["noise_scale"] for layer in trainer.model.layers)
         same = all(np.array_equal(trainer.model.params[n], plain.model.params[n]) for n in plain.model.params)
