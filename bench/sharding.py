@@ -63,8 +63,10 @@ def worker(n: int, transport: str, steps: int, warmup: int) -> dict:
     import numpy as np
     from _timing import measure_row
 
+    from moe.sharding import session
     from moe.sharding.launch import LocalShards
-    from moe.sharding.remote import RemoteExperts, ShardLinks, contiguous_placement
+    from moe.sharding.links import Access, ShardLinks
+    from moe.sharding.remote import RemoteExperts, contiguous_placement
 
     os.sched_setaffinity(0, set(CPUS))
     rng = np.random.default_rng(0)
@@ -76,9 +78,11 @@ def worker(n: int, transport: str, steps: int, warmup: int) -> dict:
     lists = [np.flatnonzero(placement == s).tolist() for s in range(n)]
     threads = "2" if n == 1 else "1"
     cpus = [list(CPUS)] if n == 1 else [[CPUS[s % 2]] for s in range(n)]
-    with LocalShards(lists, n_layers=1, d_model=D, d_hidden=H, run="bench", transport=transport, cpus=cpus,
-                     env={"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}) as shards:
-        with ShardLinks(shards.endpoints, run="bench", deadline_s=120.0, liveness=shards.alive) as links:
+    secret = session.new_secret()
+    with LocalShards(lists, n_layers=1, d_model=D, d_hidden=H, run="bench", secret=secret, transport=transport,
+                     cpus=cpus, env={"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}) as shards:
+        with ShardLinks(shards.endpoints, run="bench", access=Access(secret), deadline_s=120.0,
+                        liveness=shards.alive) as links:
             links.ping_all(60.0)
             remote.set_experts(RemoteExperts(links, 0, E, D, placement))
             rows, wire = [], []

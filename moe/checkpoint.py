@@ -8,12 +8,14 @@ Layout of one checkpoint (see docs/FORMAT.md):
         experts-l<L>*.safetensors, experts-l<L>*.adam.safetensors
                                expert weights and their Adam state (moe.experts.state)
         manifest.json          written last: format, step, config, RNG states, data cursor,
-                               task registry, and {file: {sha256, bytes}}
+                               task registry, {file: {sha256, bytes}}, and the sha256 of
+                               all of that (`digest`)
 
 Writing goes to a hidden temporary folder: each file is written and fsynced, the manifest
 last, then the folder is renamed into place and the parent folder fsynced. A folder without
-a manifest is not a checkpoint. Loading verifies every hash and refuses anything tampered
-with or truncated.
+a manifest is not a checkpoint; temporary folders left by a killed writer are removed by the
+next save or resume. Loading verifies the manifest's digest and every file's hash, and
+refuses anything edited, tampered with or truncated.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-FORMAT = "moe.checkpoint/2"  # 2: expert Adam state in its own files, touched experts only
+from moe.processes import pid_alive
+
+FORMAT = "moe.checkpoint/3"  # 2: expert Adam state in its own files, touched experts only; 3: and the digest
 OPTIM_FILE = "optim.safetensors"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_TMP_DIR = re.compile(r"^\.step-\d{8}\.tmp-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -72,6 +77,28 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), the `digest` key left out."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return sha256_bytes(text.encode())
+
+
+def remove_stale(root: str | Path) -> list[Path]:
+    """Remove the `.step-*.tmp-PID` folders of writers that are gone (or of this process,
+    which is not writing while it calls this). Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in root.iterdir():
+        m = _TMP_DIR.match(p.name)
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -89,16 +116,16 @@ def save_checkpoint(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         entries = {f"{name}.safetensors": write_tensors(tmp / f"{name}.safetensors", t) for name, t in files.items()}
         for write in writers:
             entries.update(write(tmp))
         full = {"format": FORMAT, "step": int(step), **manifest, "files": entries}
+        full["digest"] = manifest_digest(full)
         _fsync_write(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
         fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a rollback) replaces it whole
@@ -146,9 +173,25 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"checkpoint {str(p)!r}: expected format {FORMAT!r}, got {got!r}")
-    if not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"checkpoint {str(p)!r}: manifest lists no files")
+    try:
+        want = manifest_digest(manifest)
+    except ValueError:  # NaN or Inf: json.loads accepts them, no writer of ours writes them
+        want = None
+    if manifest.get("digest") != want:
+        raise CheckpointError(f"checkpoint {str(p)!r}: manifest.json was edited (its digest does not match "
+                              f"its contents)")
+    require(manifest, {"step": int, "files": dict}, p)
     return manifest
+
+
+def require(manifest: dict[str, Any], keys: dict[str, type], where: str | Path) -> None:
+    """Each key present with the given JSON type, or one clear CheckpointError (never a KeyError)."""
+    for key, kind in keys.items():
+        value = manifest.get(key)
+        if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            got = "nothing" if value is None else type(value).__name__
+            raise CheckpointError(f"checkpoint {str(where)!r}: manifest key {key!r} must be a "
+                                  f"{kind.__name__}, got {got}")
 
 
 def load_checkpoint(

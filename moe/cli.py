@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
         say(args, header)
         if not config.shards.enabled:
             return _train_and_report(args, config, data, source, out, None, None, added)
-        from moe.sharding.cli import open_expert_groups
+        from moe.sharding.coordinator import open_expert_groups
 
         with contextlib.ExitStack() as stack:
             groups, on_failure = stack.enter_context(open_expert_groups(config, out, echo=lambda m: say(args, m)))
@@ -169,19 +169,21 @@ def _train_and_report(args, config, data, source, out, groups, on_failure, added
     trainer = Trainer(config, data, out, data_source=source, expert_groups=groups, on_failure=on_failure,
                       echo=lambda m: say(args, m), **added)
     result = trainer.train(resume=args.resume, stop_at=args.stop_at)
-    return _finish_training(args, config, data, result, trainer.model)
+    return _finish_training(args, config, data, result, trainer.model, trainer.recovering)
 
 
-def _finish_training(args, config, data, result, model) -> int:
+def _finish_training(args, config, data, result, model, recovering=None) -> int:
     if result.step < config.train.steps:
         say(args, f"stopped at step {result.step} of {config.train.steps}; checkpoint {result.checkpoint}")
         emit_json(args, {"step": result.step, "checkpoint": str(result.checkpoint)})
         return 0
-    return _report_training(args, config, data, result, model)
+    return _report_training(args, config, data, result, model, recovering)
 
 
-def _report_training(args, config, data, result, model) -> int:
-    """Baselines, comparisons, profiles, the tables and the JSON summary after a finished run."""
+def _report_training(args, config, data, result, model, recovering=None) -> int:
+    """Baselines, comparisons, profiles, the tables and the JSON summary after a finished run.
+    `recovering` (Trainer.recovering, for experts on shards) repairs and repeats a phase that
+    uses the experts after a failure."""
     from moe import compare
     from moe.baseline import train_baseline
     from moe.profile_model import balance_summary, collect_profile, shard_placement, write_profile
@@ -196,17 +198,21 @@ def _report_training(args, config, data, result, model) -> int:
                 bar.set_postfix(task=d.name)
                 baselines[d.name] = train_baseline(config, d, result.seen[d.name])[d.spec.metric]
                 bar.update(1)
-    compared = compare.after_training(config, data, model, result.test,
-                                      baselines if config.train.baseline != "none" else None,
-                                      echo=lambda m: say(args, m))
+
+    def guarded(phase: str, fn):
+        return fn() if recovering is None else recovering(fn, phase)
+
+    compared = guarded("compare", lambda: compare.after_training(
+        config, data, model, result.test, baselines if config.train.baseline != "none" else None,
+        echo=lambda m: say(args, m)))
     about = {"checkpoint": str(result.checkpoint), "step": result.step}
-    profile = collect_profile(model, data, split="train", batch_size=config.train.batch_size,
-                              progress=config.train.progress, about=about)
+    profile = guarded("profile", lambda: collect_profile(model, data, split="train", batch_size=config.train.batch_size,
+                                                         progress=config.train.progress, about=about))
     placement, note = shard_placement(config.shards, model.config.n_experts)
     files = write_profile(profile, out / "profile", placement=placement)
     balance = balance_summary(profile)
-    inference = balance_summary(collect_profile(model, data, split="test", noise_seed=None,
-                                                batch_size=config.train.batch_size))
+    inference = balance_summary(guarded("profile", lambda: collect_profile(
+        model, data, split="test", noise_seed=None, batch_size=config.train.batch_size)))
     rows = [(d.name, d.spec.metric, result.test[d.name][d.spec.metric], baselines[d.name]) for d in data]
     c = config.model
     summary = {
@@ -636,7 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_USER_ERROR = 2  # a mistake in what was asked (also: shards that cannot be started or reached)
+EXIT_GAVE_UP = 3  # experts failed more than shards.max_failures times within shards.failure_window_s
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moe.train import TooManyFailures
+
     args = build_parser().parse_args(argv)
     from moe.progress import close_open
 
@@ -646,7 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         close_open()
         print(f"moe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except TooManyFailures as e:
+        print(f"moe {args.command}: gave up: {e}", file=sys.stderr)
+        return EXIT_GAVE_UP
     except KeyboardInterrupt:
         close_open()
         print(f"moe {args.command}: interrupted", file=sys.stderr)

@@ -145,6 +145,7 @@ class ShardConfig:
     max_failures: int = 3  # failures tolerated within failure_window_s before giving up
     failure_window_s: float = 600.0
     curve_dir: str | None = None  # folder with client and server keypairs (`moe keys generate`)
+    secret_file: str | None = None  # with endpoints: the run secret the shards were given (`moe keys secret`)
 
     def __post_init__(self) -> None:
         _need(isinstance(self.local, int) and self.local >= 0, "shards.local must be an integer >= 0", self.local)

@@ -8,6 +8,7 @@ from a checkpoint takes exactly the steps an uninterrupted run would, bit for bi
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +31,12 @@ from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
 
 EVAL_BATCH = 2048
+log = logging.getLogger("moe.train")
+
+
+class TooManyFailures(RuntimeError):
+    """Expert groups failed more than shards.max_failures times within shards.failure_window_s:
+    the run gives up (`moe train` prints one line and exits with status 3)."""
 
 
 def task_loss(model: MultiTaskMoE, chunks: list[Chunk], outputs: list[np.ndarray]):
@@ -112,8 +119,10 @@ class Trainer:
         self.on_failure = on_failure
         self._failures: list[float] = []
         self.remote = False  # experts live elsewhere: keep a rollback checkpoint from step 0
-        if expert_groups is not None:
-            self._adopt(expert_groups)
+        self.phase = "start"
+        self._initial: tuple[Path, list[dict[str, dict]]] | None = None  # experts' weights before step 0
+        self._logged = -1  # step of the last evaluation written to metrics.jsonl
+        self._bar, self._end = None, config.train.steps
         t = config.train
         adam = AdamConfig(weight_decay=t.weight_decay)
         self.dense_names = self.model.dense_param_names()
@@ -128,20 +137,35 @@ class Trainer:
         self.step = 0
         self.ckpt_root = self.out / "checkpoints"
         self._tb = None
+        if expert_groups is not None:
+            self._adopt(expert_groups)
 
     def _adopt(self, groups: list[ExpertGroup]) -> None:
-        """Hand each block's freshly initialised experts to the given groups, then use those."""
+        """Hand each block's freshly initialised experts to the given groups, then use those.
+
+        The initial weights stay in a staging folder until the first checkpoint commits, so a
+        failure before then rolls back to them."""
         if len(groups) != len(self.model.layers):
             raise ValueError(f"need one expert group per MoE block ({len(self.model.layers)}), got {len(groups)}")
         staging = self.out / ".init-experts"
-        staging.mkdir(parents=True, exist_ok=True)
-        try:
-            for i, (layer, group) in enumerate(zip(self.model.layers, groups, strict=True)):
-                group.load_part(staging, layer.experts.save_part(staging, i), i)
-                layer.set_experts(group)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run
+        staging.mkdir(parents=True)
+        entries = [layer.experts.save_part(staging, i) for i, layer in enumerate(self.model.layers)]
+        for layer, group in zip(self.model.layers, groups, strict=True):
+            layer.set_experts(group)
+        self._initial = (staging, entries)
         self.remote = True
+        self.recovering(self._load_initial, "start")
+
+    def _load_initial(self) -> None:
+        staging, entries = self._initial
+        for i, layer in enumerate(self.model.layers):
+            layer.experts.load_part(staging, entries[i], i)
+
+    def _drop_initial(self) -> None:
+        if self._initial is not None:
+            shutil.rmtree(self._initial[0], ignore_errors=True)
+            self._initial = None
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -175,61 +199,115 @@ class Trainer:
     def train(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
         """Train to config.train.steps (or stop early after `stop_at`, with a checkpoint)."""
         t = self.config.train
-        end = t.steps if stop_at is None else min(stop_at, t.steps)
+        self._end = t.steps if stop_at is None else min(stop_at, t.steps)
         if resume:
             found = ckpt.list_checkpoints(self.ckpt_root)
             if not found:
                 raise ValueError(f"--resume: no checkpoint under {str(self.ckpt_root)!r}")
-            self.restore(found[-1])
+            ckpt.remove_stale(self.ckpt_root)
+            self.recovering(lambda: self.restore(found[-1]), "load")
             self.echo(f"resumed from {found[-1]} at step {self.step}")
         if self.save_checkpoints:
             self.out.mkdir(parents=True, exist_ok=True)
-        log_path = self.out / "metrics.jsonl"
         start = time.perf_counter()
-        bar = self.progress_bar(t.steps)
-        last = self.step
-        last_t = time.perf_counter()
+        self._bar = self.progress_bar(t.steps)
+        self._rate = (self.step, time.perf_counter())
         if self.remote and self.save_checkpoints and not ckpt.list_checkpoints(self.ckpt_root):
-            self.save()  # a rollback point before the first step
-        while self.step < end:
-            try:
-                m = self.train_step()
-            except ExpertGroupFailure as e:
-                self._recover(e)
-                bar.set_position(self.step)
-                continue
-            now = time.perf_counter()
-            if now - last_t > 0.5:
-                rate = (self.step - last) * t.batch_size / (now - last_t)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:,.0f}", cv_load=f"{m['cv_load']:.3f}")
-                last, last_t = self.step, now
-            bar.update(1)
-            if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
-                self.log_eval(log_path, m)
-            if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == end):
-                self.save()
-        bar.close()
-        test = evaluate_tasks(self.model, self.data, "test")
+            self.recovering(self.save, "checkpoint save")  # a rollback point before the first step
+        self._advance(self._end)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        test = self.recovering(lambda: evaluate_tasks(self.model, self.data, "test"), "final evaluation")
+        self._drop_initial()
         where = ckpt.list_checkpoints(self.ckpt_root)[-1] if self.save_checkpoints else None
         return TrainResult(self.step, test, where, dict(self.sampler.seen), time.perf_counter() - start)
 
+    def _advance(self, target: int) -> None:
+        """Train up to step `target`: each step, then its evaluation and checkpoint when due.
+        An expert failure in any of them rolls back and the loop takes the same steps again."""
+        t = self.config.train
+        while self.step < target:
+            try:
+                self._at("step")
+                m = self.train_step()
+                self._show(m)
+                if self.save_checkpoints and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    self._at("evaluation")
+                    self.log_eval(self.out / "metrics.jsonl", m)
+                if self.save_checkpoints and (self.step % t.checkpoint_every == 0 or self.step == self._end):
+                    self._at("checkpoint save")
+                    self.save()
+            except ExpertGroupFailure as e:
+                self._recover(e)
+
+    def recovering(self, fn: Callable[[], Any], phase: str) -> Any:
+        """Run fn, a phase that uses the experts (evaluation, profiling, a save, a load). After
+        an expert failure: repair, roll back, train again up to the step we were at (the same
+        bits), and run fn again. Gives up with TooManyFailures like the training loop."""
+        target = self.step
+        while True:
+            try:
+                self._at(phase)
+                out = fn()
+            except ExpertGroupFailure as e:
+                self._recover(e)
+                self._advance(target)
+                continue
+            log.debug("phase %s done at step %d", phase, self.step)  # the experts are idle again
+            return out
+
+    def _at(self, phase: str) -> None:
+        self.phase = phase
+        log.debug("phase %s at step %d", phase, self.step)
+
     def _recover(self, error: ExpertGroupFailure) -> None:
-        """Void the step, let the owner repair (restart a shard), roll everything back."""
+        """The phase is void: let the owner repair (restart a shard), roll everything back to the
+        last checkpoint (or, before the first one, to the initial weights). A failure while
+        repairing or rolling back counts as another failure and is repaired the same way."""
+        while True:
+            self._count_failure(error)
+            found = ckpt.list_checkpoints(self.ckpt_root)
+            to = found[-1].name if found else "the initial weights"
+            if not found and (self._initial is None or self.step != 0):
+                raise RuntimeError(f"expert failure at step {self.step} with no checkpoint to roll back to: "
+                                   f"{error}") from error
+            where = f"step {self.step + 1}" if self.phase == "step" else f"{self.phase} at step {self.step}"
+            self.echo(f"{where} failed: {error}; rolling back to {to}")
+            try:
+                self._at("rollback")
+                if self.on_failure is not None:
+                    self.on_failure(error)
+                if found:
+                    self.restore(found[-1])
+                else:
+                    self._load_initial()
+                break
+            except ExpertGroupFailure as e:
+                error = e
+        if self._bar is not None:
+            self._bar.set_position(self.step)
+
+    def _count_failure(self, error: ExpertGroupFailure) -> None:
         s = self.config.shards
         now = time.monotonic()
         self._failures = [t for t in self._failures if now - t <= s.failure_window_s] + [now]
         if len(self._failures) > s.max_failures:
-            raise RuntimeError(
-                f"{len(self._failures)} expert failures within {s.failure_window_s:.0f}s "
-                f"(limit {s.max_failures}); giving up at step {self.step}. Last: {error}"
-            ) from error
-        found = ckpt.list_checkpoints(self.ckpt_root)
-        if not found:
-            raise RuntimeError(f"expert failure at step {self.step} with no checkpoint to roll back to: {error}") from error
-        self.echo(f"step {self.step + 1} failed: {error}; rolling back to {found[-1].name}")
-        if self.on_failure is not None:
-            self.on_failure(error)
-        self.restore(found[-1])
+            raise TooManyFailures(
+                f"{len(self._failures)} expert failures within {s.failure_window_s:g} s (limit "
+                f"{s.max_failures}); giving up at step {self.step}. Last: {error}") from error
+
+    def _show(self, m: dict[str, float]) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        now = time.perf_counter()
+        last, last_t = self._rate
+        if now - last_t > 0.5:
+            rate = (self.step - last) * self.config.train.batch_size / (now - last_t)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{rate:,.0f}", cv_load=f"{m['cv_load']:.3f}")
+            self._rate = (self.step, now)
+        bar.update(1)
 
     def progress_bar(self, total: int) -> Progress:
         """The training progress display from the current step to `total` (moe.progress)."""
@@ -238,6 +316,8 @@ class Trainer:
     def log_eval(self, path: Path, m: dict[str, float]) -> None:
         """Evaluate self.model on the val split and append one record (step, the step's
         metrics `m`, every task's scores) to the metrics log (and TensorBoard if enabled)."""
+        if self.step <= self._logged:
+            return  # already written before a rollback: the replayed steps give the same values
         val = evaluate_tasks(self.model, self.data, "val")
         primary = {d.name: val[d.name][d.spec.metric] for d in self.data}
         record = {"step": self.step, "split": "val", "loss": m["loss"], "aux_loss": m["aux_loss"],
@@ -247,6 +327,7 @@ class Trainer:
                   "cv_load_split": "train", "cv_load_noise": self.model.config.gates[0] == "noisy_topk"}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._logged = self.step
         if self.config.train.tensorboard:
             self._tensorboard(record)
 
@@ -289,11 +370,14 @@ class Trainer:
     def save(self) -> Path:
         writers = [lambda folder, i=i, g=layer.experts: g.save_part(folder, i)
                    for i, layer in enumerate(self.model.layers)]
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_tensors(), self.manifest(),
-                                    keep_last=self.config.train.keep_last, writers=writers)
+        where = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_tensors(), self.manifest(),
+                                     keep_last=self.config.train.keep_last, writers=writers)
+        self._drop_initial()  # from now on failures roll back to a checkpoint
+        return where
 
     def restore(self, path: str | Path) -> None:
         manifest, files, where = ckpt.load_checkpoint(path)
+        ckpt.require(manifest, {"tasks": dict, "rng": dict, "data_cursor": dict}, where)
         if manifest.get("tasks") != self.model.tasks.to_dict():
             raise ckpt.CheckpointError(f"checkpoint {str(where)!r} was trained on other tasks")
         ckpt.assign({n: self.model.params[n] for n in self.dense_names}, files["params"], "model parameters")

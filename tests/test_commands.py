@@ -137,7 +137,8 @@ def test_train_with_local_shards_and_a_placement_equals_in_process(in_process, t
 
 
 def test_keys_generate_then_shard_serve_then_train_on_endpoints(in_process, tasks, tmp_path):
-    """`moe keys generate`, `moe shard serve` with CURVE, and `moe train` with shards.endpoints."""
+    """`moe keys generate` and `moe keys secret`, `moe shard serve` with CURVE and the run secret,
+    and `moe train` with shards.endpoints."""
     reference, _ = in_process
     keys = tmp_path / "keys"
     r = ok(moe("keys", "generate", str(keys)))
@@ -147,6 +148,9 @@ def test_keys_generate_then_shard_serve_then_train_on_endpoints(in_process, task
     assert (keys / "authorized" / "client.key").is_file()
     r = moe("keys", "generate", str(keys))
     assert r.returncode == 2 and "refusing to overwrite a key" in r.stderr and "Traceback" not in r.stderr
+    secret = tmp_path / "run.secret"
+    ok(moe("keys", "secret", str(secret)))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
 
     run = tmp_path / "run"
     run.mkdir()
@@ -154,14 +158,14 @@ def test_keys_generate_then_shard_serve_then_train_on_endpoints(in_process, task
     server = subprocess.Popen(
         [sys.executable, "-m", "moe.cli", "shard", "serve", "--bind", "tcp://127.0.0.1:*", "--experts", f"0-{E - 1}",
          "--layers", "1", "--d-model", "8", "--d-hidden", "8", "--curve-dir", str(keys), "--root", str(tmp_path),
-         "--idle-exit", "60", "--heartbeat", "0.5", "--log-level", "WARNING"],
+         "--secret-file", str(secret), "--idle-exit", "60", "--heartbeat", "0.5", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
     try:
         line = server.stdout.readline()  # blocks until the shard is up (or exits)
         assert line.startswith("READY tcp://127.0.0.1:"), (line, server.poll())
         endpoint = line.split()[1]
         r = ok(moe("train", "--out", str(run), "--no-progress", "--json", f"data.task_file={tasks}", *TINY,
-                   f'shards.endpoints=["{endpoint}"]', f"shards.curve_dir={keys}"))
+                   f'shards.endpoints=["{endpoint}"]', f"shards.curve_dir={keys}", f"shards.secret_file={secret}"))
         assert "on 1 shard(s)" in r.stderr
         assert_same_model(ckpt.resolve(reference), Path(json.loads(r.stdout)["checkpoint"]))
     finally:
@@ -172,9 +176,11 @@ def test_keys_generate_then_shard_serve_then_train_on_endpoints(in_process, task
     assert rc == 0
 
 
-def test_shard_serve_refuses_an_open_bind_without_keys():
+def test_shard_serve_refuses_an_open_bind_without_keys(tmp_path):
+    secret = tmp_path / "run.secret"
+    ok(moe("keys", "secret", str(secret)))
     r = moe("shard", "serve", "--bind", "tcp://0.0.0.0:5799", "--experts", "0-3", "--layers", "1",
-            "--d-model", "8", "--d-hidden", "8")
+            "--d-model", "8", "--d-hidden", "8", "--secret-file", str(secret))
     assert r.returncode == 2 and "needs CURVE keys" in r.stderr and "Traceback" not in r.stderr
 
 

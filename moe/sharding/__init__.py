@@ -1,9 +1,10 @@
 """Experts sharded across processes and hosts over ZeroMQ (spec: docs/PROTOCOL.md).
 
-`RemoteExperts` is the ExpertGroup the trainer uses; `ShardLinks` its connections; the shard
-server lives in `moe.sharding.server` (`python -m moe.sharding.server` / `moe shard serve`);
-`open_expert_groups` wires both into `moe train` (local launch or running endpoints).
-Names are imported on first use, so `python -m moe.sharding.server` does not import itself twice.
+`RemoteExperts` is the ExpertGroup the trainer uses; `ShardLinks` its connections
+(`moe.sharding.links`); the shard server is `moe.sharding.server` with its compute in
+`moe.sharding.host` (`python -m moe.sharding.serve` / `moe shard serve`); `open_expert_groups`
+(`moe.sharding.coordinator`) wires both into `moe train` (local launch or running endpoints).
+Names are imported on first use, so `python -m moe.sharding.serve` does not import itself twice.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from typing import Any
 
 _EXPORTS = {
     "LocalShards": "moe.sharding.launch",
+    "Access": "moe.sharding.links",
     "RemoteExperts": "moe.sharding.remote",
-    "ShardError": "moe.sharding.remote",
-    "ShardFailure": "moe.sharding.remote",
-    "ShardLinks": "moe.sharding.remote",
+    "ShardError": "moe.sharding.links",
+    "ShardFailure": "moe.sharding.links",
+    "ShardLinks": "moe.sharding.links",
+    "ShardSetupError": "moe.sharding.coordinator",
     "contiguous_placement": "moe.sharding.remote",
     "SecurityError": "moe.sharding.security",
     "generate_keys": "moe.sharding.security",
-    "open_expert_groups": "moe.sharding.cli",
+    "open_expert_groups": "moe.sharding.coordinator",
     "register": "moe.sharding.cli",
 }
 

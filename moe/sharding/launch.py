@@ -1,9 +1,11 @@
 """Start N local shard processes, wait until each is ready, restart one, and always clean up.
 
-Each shard is `python -m moe.sharding.server ... --parent <our pid>`: it asks the kernel for
-SIGKILL when we die (prctl PR_SET_PDEATHSIG) and also polls its parent id, so a coordinator
-killed with -9 leaves no orphans. `stop()` (also on exceptions and Ctrl-C, via the context
-manager and an atexit hook) sends SIGTERM, then SIGKILL to whatever is still running.
+Each shard is `python -m moe.sharding.serve ... --parent <our pid> --secret-file -`: the run
+secret arrives on its standard input (never on a command line, where `ps` would show it), it
+asks the kernel for SIGTERM when we die (prctl PR_SET_PDEATHSIG) and also polls its parent
+id, so a coordinator killed with -9 leaves no orphans. A shard killed before it was ready is
+started again (START_ATTEMPTS in all). `stop()` (also on exceptions and Ctrl-C, via the
+context manager and an atexit hook) sends SIGTERM, then SIGKILL to whatever is still running.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import moe
-from moe.sharding.server import format_experts
+from moe.processes import pid_alive
+from moe.sharding.serve import format_experts
 
 READY_TIMEOUT_S = 60.0
+START_ATTEMPTS = 3  # a shard killed by a signal before READY is started again, this often in all
 
 
 class LaunchError(RuntimeError):
@@ -43,6 +47,7 @@ class LocalShards:
         d_hidden: int,
         activation: str = "relu",
         run: str,
+        secret: bytes,
         transport: str = "ipc",
         log_dir: str | Path | None = None,
         root: str | Path | None = None,
@@ -62,7 +67,8 @@ class LocalShards:
         self.n = len(self.expert_lists)
         self.common = ["--layers", str(n_layers), "--d-model", str(d_model), "--d-hidden", str(d_hidden),
                        "--activation", activation, "--run", run, "--heartbeat", repr(float(heartbeat_s)),
-                       "--parent", str(os.getpid())]
+                       "--parent", str(os.getpid()), "--secret-file", "-"]
+        self.secret = secret
         if idle_exit_s is not None:
             self.common += ["--idle-exit", repr(float(idle_exit_s))]
         if root is not None:
@@ -71,7 +77,10 @@ class LocalShards:
             self.common += ["--curve-dir", str(curve_dir)]
         self.transport, self.extra_args, self.echo = transport, extra_args, echo
         self.cpus = list(cpus) if cpus is not None else [None] * self.n
-        self.tmp = Path(tempfile.mkdtemp(prefix="moe-shards-"))  # short path: ipc names max ~100 bytes
+        for gone in remove_stale_launch_folders():
+            echo(f"removed {gone}, the launch folder of a coordinator that is gone")
+        # short path (ipc names max ~100 bytes); the pid lets a later launcher tidy up after a -9
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"moe-shards-{os.getpid()}-"))
         self.log_dir = Path(log_dir) if log_dir is not None else self.tmp
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
@@ -89,6 +98,7 @@ class LocalShards:
             f"ipc://{self.tmp}/s{i}.ipc" if transport == "ipc" else "tcp://127.0.0.1:*" for i in range(self.n)
         ]
         self.gens = [0] * self.n
+        self.log_start = [0] * self.n
         self._closed = False
         atexit.register(self.stop)
 
@@ -109,14 +119,30 @@ class LocalShards:
         for i in range(self.n):
             self._spawn(i, gen=0)
         for i in range(self.n):
-            self._wait_ready(i)
+            self._ready_or_retry(i, gen=0)
         return list(self.endpoints)
 
     def restart(self, i: int, gen: int) -> None:
         """Kill shard i if it still runs (dead or stalled), start it again on the same endpoint."""
         self._kill(i)
         self._spawn(i, gen=gen)
-        self._wait_ready(i)
+        self._ready_or_retry(i, gen=gen)
+
+    def _ready_or_retry(self, i: int, gen: int) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._wait_ready(i)
+                return
+            except LaunchError:
+                try:  # it printed no READY line: it exited (reap it), or it hangs (kill it)
+                    rc = self.procs[i].wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._kill(i)
+                    raise
+                if attempt == START_ATTEMPTS or rc >= 0:
+                    raise  # it exited by itself (a configuration it refuses): starting again will not help
+                self.echo(f"shard {i} was killed before it was ready (signal {-rc}); starting it again")
+                self._spawn(i, gen=gen, attempt=attempt)
 
     def alive(self, i: int) -> str | None:
         """None while shard i runs, else why not (for ShardLinks' liveness check)."""
@@ -159,20 +185,34 @@ class LocalShards:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ one process
-    def _spawn(self, i: int, gen: int) -> None:
-        args = [sys.executable, "-m", "moe.sharding.server", "--bind", self.endpoints[i],
+    def _spawn(self, i: int, gen: int, attempt: int = 0) -> None:
+        old = self.procs[i]
+        if old is not None and old.stdout is not None:
+            old.stdout.close()
+        args = [sys.executable, "-m", "moe.sharding.serve", "--bind", self.endpoints[i],
                 "--experts", format_experts(self.expert_lists[i]), "--index", str(i), "--gen", str(gen),
-                *self.common]
+                "--attempt", str(attempt), *self.common]
         if self.cpus[i] is not None:
             args += ["--cpus", ",".join(map(str, self.cpus[i]))]
         if self.extra_args is not None:
             args += self.extra_args(i)
+        if not self.tmp.is_dir():  # removed by another process: the ipc bind (and the default logs) need it
+            self.echo(f"the launch folder {self.tmp} was removed while the run used it; making it again")
+            self.tmp.mkdir(mode=0o700, exist_ok=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(i), "ab")
+        self.log_start[i] = log.tell()  # this process's lines start here (for one-line errors)
         try:
-            self.procs[i] = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                             env=self.env, close_fds=True)
+            p = self.procs[i] = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                                 env=self.env, close_fds=True)
         finally:
             log.close()
+        try:
+            p.stdin.write(self.secret.hex().encode() + b"\n")
+            p.stdin.close()
+        except OSError:  # it died at once; _wait_ready says so
+            pass
+        p.stdin = None
         self.gens[i] = gen
 
     def _wait_ready(self, i: int, timeout: float = READY_TIMEOUT_S) -> None:
@@ -187,7 +227,11 @@ class LocalShards:
                 if left <= 0 or not sel.select(timeout=left):
                     raise LaunchError(f"shard {i} was not ready within {timeout:g} s{self._tail(i)}")
                 chunk = os.read(p.stdout.fileno(), 4096)
-                if not chunk:
+                if not chunk:  # its stdout closed: it is exiting; reap it to say how it ended
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
                     raise LaunchError(f"shard {i} exited before it was ready ({self.alive(i)}){self._tail(i)}")
                 line += chunk
         finally:
@@ -211,11 +255,27 @@ class LocalShards:
             pass
 
     def _tail(self, i: int) -> str:
+        """'; its log FILE ends: LAST LINE' (one line, for one-line errors)."""
         try:
-            text = self.log_path(i).read_text(errors="replace")[-2000:]
+            with open(self.log_path(i), "rb") as f:
+                f.seek(self.log_start[i])
+                lines = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
-            return ""
-        return f"; log {self.log_path(i)}:\n{text}" if text else ""
+            lines = []
+        last = f" ends: {lines[-1][-300:]}" if lines else ""
+        return f"; its log {self.log_path(i)}{last}"
+
+
+def remove_stale_launch_folders() -> list[Path]:
+    """Remove `moe-shards-PID-*` folders whose launcher is gone (killed with -9 before any of its
+    shards could tidy up, e.g. while they were starting). Returns what was removed."""
+    gone = []
+    for p in Path(tempfile.gettempdir()).glob("moe-shards-*-*"):
+        pid = p.name.split("-")[2]
+        if pid.isdigit() and p.is_dir() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:

@@ -1,4 +1,5 @@
-"""Who may talk to a shard: loopback/ipc by default, CURVE with a client-key allowlist otherwise.
+"""Who may connect to a shard: loopback/ipc with the run's PLAIN password, CURVE with a
+client-key allowlist for anything else (both checked by a ZAP handler before any message).
 
 Key folder layout (`moe keys generate DIR`, made with zmq.auth.create_certificates):
 
@@ -13,6 +14,7 @@ zmq.auth.load_certificate (no object deserialisation).
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import re
@@ -23,6 +25,8 @@ from typing import Any
 
 import zmq
 import zmq.auth
+
+from moe.sharding.session import PLAIN_USER
 
 MIN_LIBZMQ = (4, 3, 5)
 LOCAL_HOSTS = ("localhost",)
@@ -166,11 +170,34 @@ class _AllowList:
         return ok
 
 
-def start_authenticator(ctx: zmq.Context, curve: ServerCurve, log: logging.Logger) -> Any:
-    """A ZAP handler thread for ctx that accepts only curve.allowed (stop() it when done)."""
+def start_authenticator(ctx: zmq.Context, log: logging.Logger, *, curve: ServerCurve | None = None,
+                        password: bytes | None = None) -> Any:
+    """A ZAP handler thread for ctx: CURVE accepting only curve.allowed, or PLAIN accepting only
+    user "moe" with `password` (the run's transport password). stop() it when done."""
     from zmq.auth.thread import ThreadAuthenticator
 
-    auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
+    class _Authenticator(ThreadAuthenticator):
+        def _authenticate_plain(self, domain: str, username: str, pw: str) -> tuple[bool, bytes]:
+            # Constant-time, and never logs the password (the stock handler does at DEBUG).
+            ok = password is not None and username == PLAIN_USER.decode() and hmac.compare_digest(
+                pw.encode(), password)
+            if not ok:
+                log.warning("refused a connection: wrong transport password (PLAIN)")
+            return ok, b"OK" if ok else b"Invalid credentials"
+
+    auth = _Authenticator(ctx, log=log.getChild("zap"))
     auth.start()
-    auth.configure_curve_callback("*", credentials_provider=_AllowList(curve.allowed, log))
+    if curve is not None:
+        auth.configure_curve_callback("*", credentials_provider=_AllowList(curve.allowed, log))
+    else:
+        auth.configure_plain("*", {PLAIN_USER.decode(): "unused"})  # turns PLAIN checks on
     return auth
+
+
+def apply_plain_server(sock: zmq.Socket) -> None:
+    sock.plain_server = True
+
+
+def apply_plain_client(sock: zmq.Socket, password: bytes) -> None:
+    sock.plain_username = PLAIN_USER
+    sock.plain_password = password

@@ -39,12 +39,14 @@ __all__ = [
     "decode",
     "encode",
     "encode_error",
+    "encode_pong",
     "encode_reply",
     "reply_header",
 ]
 
-PROTOCOL_VERSION = 1
-OPS = ("forward", "backward", "update", "save", "load", "stats", "ping", "shutdown")
+PROTOCOL_VERSION = 2
+OPS = ("hello", "auth", "forward", "backward", "update", "save", "load", "stats", "ping", "shutdown")
+HANDSHAKE_OPS = ("hello", "auth")  # the only ops a link may send before it is admitted (§7)
 REPLY_KINDS = ("ok", "pong", "error")
 ERROR_CODES = (
     "bad_request",  # malformed or inconsistent message; fix the sender
@@ -55,6 +57,7 @@ ERROR_CODES = (
     "future_generation",  # the message is from a newer generation; the shard needs a 'load'
     "not_found",  # a named expert, file or checkpoint does not exist
     "internal",  # the receiver failed; the connection stays usable
+    "unauthorized",  # the link has not proven the run secret (one generic refusal, §7)
 )
 # Canonical numpy dtype strings: explicit little-endian ('|' for one-byte types, as numpy spells it).
 DTYPES = ("<f4", "<f8", "<i4", "<i8", "|u1")
@@ -70,6 +73,8 @@ MAX_RUN_LEN = 128
 MAX_META_KEY_LEN = 64
 MAX_ERROR_MESSAGE_LEN = 2000
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")  # handshake nonces and proofs: 32 bytes, lowercase hex
+_HEX32_RE = re.compile(r"[0-9a-f]{32}")  # session ids: 16 bytes
 
 REQUEST_KEYS = frozenset(
     ("v", "op", "run", "gen", "step", "layer", "seq", "experts", "offsets", "arrays", "meta")
@@ -158,6 +163,23 @@ class Header:
         object.__setattr__(self, "meta", MappingProxyType(_check_meta(self.meta)))
         _check_op_meta(self)
 
+    @classmethod
+    def address(cls, op: str, run: Any, gen: Any, step: Any, layer: Any, seq: Any) -> Header:
+        """A request's addressing fields only (experts, offsets and meta left empty), to
+        correlate the error reply to a request whose other fields are wrong (§10). Raises
+        WireError when the addressing fields themselves are wrong."""
+        if op not in OPS:
+            raise WireError(f"op must be one of {OPS}, got {op!r}")
+        _check_run(run, allow_empty=False)
+        h = object.__new__(cls)
+        fields = {"op": op, "run": run, "experts": (), "offsets": (0,), "meta": MappingProxyType({}),
+                  "reply_to": None}
+        for name, value in (("gen", gen), ("step", step), ("layer", layer), ("seq", seq)):
+            fields[name] = _check_int(value, name, 0, MAX_INT)
+        for name, value in fields.items():
+            object.__setattr__(h, name, value)
+        return h
+
     @property
     def is_reply(self) -> bool:
         return self.op in REPLY_KINDS
@@ -182,6 +204,7 @@ class Message:
 
     header: Header
     arrays: tuple[np.ndarray, ...]
+    raw_meta: bytes | None = None  # a ping's meta exactly as it came, for the pong (§5)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -308,6 +331,14 @@ def _check_op_meta(h: Header) -> None:
     elif op == "update":
         if _number(meta, "lr", op) < 0:
             raise WireError(f"'update' meta['lr'] must be >= 0, got {meta['lr']}")
+    elif op in HANDSHAKE_OPS:
+        key = "nonce" if op == "hello" else "proof"
+        value = meta.get(key)
+        if type(value) is not str or not _HEX64_RE.fullmatch(value):
+            raise WireError(f"{op!r} meta[{key!r}] must be 64 lowercase hex digits, got {value!r}")
+        join = meta.get("session")
+        if op == "auth" and join is not None and (type(join) is not str or not _HEX32_RE.fullmatch(join)):
+            raise WireError(f"'auth' meta['session'] must be 32 lowercase hex digits, got {join!r}")
     elif op in ("save", "load"):
         dir_ = meta.get("dir")
         if type(dir_) is not str or not dir_ or "\x00" in dir_:
@@ -461,6 +492,15 @@ def encode(
     Arrays are made C-contiguous (no copy when they already are) and then shared, not copied:
     do not modify them until the send has completed (zmq's ``track=True`` tells when).
     """
+    return _encode(header, arrays, limits, None)
+
+
+def encode_pong(ping: Message, *, limits: Limits = DEFAULT_LIMITS) -> list:
+    """The pong to a decoded ping: its arrays echoed and its meta echoed byte for byte (§5)."""
+    return _encode(reply_header(ping.header), ping.arrays, limits, ping.raw_meta)
+
+
+def _encode(header: Header, arrays: Sequence[np.ndarray], limits: Limits, raw_meta: bytes | None) -> list:
     if not isinstance(header, Header):
         raise TypeError(f"header must be a moe.sharding.wire.Header, got {type(header).__name__}")
     contiguous = []
@@ -474,7 +514,7 @@ def encode(
     _check_limits(header, limits)
     _check_specs(specs, limits)
     _check_op_arrays(header, specs)
-    head = msgpack.packb(_header_map(header, specs), use_bin_type=True)
+    head = _pack_header(_header_map(header, specs), raw_meta)
     if len(head) > limits.max_header_bytes:
         raise WireError(
             f"header is {len(head)} bytes, limit {limits.max_header_bytes}", code="too_large"
@@ -503,6 +543,30 @@ def _header_map(h: Header, specs: Sequence[tuple[str, tuple[int, ...]]]) -> dict
     out["arrays"] = [{"dtype": d, "shape": list(s)} for d, s in specs]
     out["meta"] = {k: list(v) if isinstance(v, tuple) else v for k, v in h.meta.items()}
     return out
+
+
+def _pack_header(fields: dict[str, Any], raw_meta: bytes | None) -> bytes:
+    """msgpack of the header map; with raw_meta, the 'meta' value (the last key) is those bytes."""
+    if raw_meta is None:
+        return msgpack.packb(fields, use_bin_type=True)
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(len(fields))]
+    for key, value in fields.items():
+        parts += [packer.pack(key), raw_meta if key == "meta" else packer.pack(value)]
+    return b"".join(parts)
+
+
+def _raw_meta(view: memoryview) -> bytes:
+    """The bytes of the 'meta' value in a header frame that has already been decoded."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(view.nbytes, 1))
+    unpacker.feed(view)
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        start = unpacker.tell()
+        unpacker.skip()
+        if key == "meta":
+            return bytes(view[start : unpacker.tell()])
+    raise WireError("header has no 'meta'")  # unreachable: decode checked the keys
 
 
 def reply_header(request: Header, *, meta: Mapping[str, Any] | None = None) -> Header:
@@ -546,15 +610,17 @@ def encode_error(
     *,
     code: str = "bad_request",
     limits: Limits = DEFAULT_LIMITS,
+    extra: Mapping[str, Any] | None = None,
 ) -> list:
-    """Frames of an error reply; ``request`` None when the request could not be decoded at all."""
+    """Frames of an error reply; ``request`` None when the request could not be decoded at all.
+    ``extra``: further meta keys (§6 allows them), e.g. the reason of a refused join."""
     if code not in ERROR_CODES:
         raise ValueError(f"error code must be one of {ERROR_CODES}, got {code!r}")
     message = str(message)
     max_len = min(MAX_ERROR_MESSAGE_LEN, limits.max_str_len)
     if len(message) > max_len:
         message = message[: max_len - 3] + "..."
-    meta = {"code": code, "message": message}
+    meta = {**(extra or {}), "code": code, "message": message}
     if request is None:
         header = Header(op="error", run="", gen=0, meta=meta)
     elif isinstance(request, Header) and not request.is_reply:
@@ -612,7 +678,8 @@ def decode(frames: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS) -> Message
     except WireError as e:
         e.header = header
         raise
-    return Message(header=header, arrays=arrays)
+    raw_meta = _raw_meta(views[0]) if header.op == "ping" else None
+    return Message(header=header, arrays=arrays, raw_meta=raw_meta)
 
 
 def _frame_view(frame: Any, i: int) -> memoryview:
@@ -664,8 +731,9 @@ def _unpack_header(view: memoryview, limits: Limits) -> Any:
     except msgpack.OutOfData:
         raise WireError(f"header frame is truncated ({view.nbytes} bytes)") from None
     except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as e:
+        code = "too_large" if "exceeds max_" in str(e) else "bad_request"  # a bounded length, crossed
         raise WireError(
-            f"header frame is not valid msgpack within limits: {type(e).__name__}: {e}"
+            f"header frame is not valid msgpack within limits: {type(e).__name__}: {e}", code=code
         ) from None
     if unpacker.tell() != view.nbytes:
         raise WireError(
@@ -687,23 +755,36 @@ def _parse_header(raw: Any) -> tuple[Header, Any]:
     op = raw.get("op")
     if type(op) is not str or op not in OPS + REPLY_KINDS:
         raise WireError(f"op must be one of {OPS + REPLY_KINDS}, got {op!r}")
-    expected = REPLY_KEYS if op in REPLY_KINDS else REQUEST_KEYS
-    if set(raw) != expected:
-        missing, unknown = sorted(expected - set(raw)), sorted(map(str, set(raw) - expected))
-        raise WireError(f"{op!r} header keys: missing {missing}, unknown {unknown}")
-    header = Header(
-        op=op,
-        run=raw["run"],
-        gen=raw["gen"],
-        step=raw["step"],
-        layer=raw["layer"],
-        seq=raw["seq"],
-        experts=raw["experts"],
-        offsets=raw["offsets"],
-        meta=raw["meta"],
-        reply_to=raw.get("re"),
-    )
+    try:
+        expected = REPLY_KEYS if op in REPLY_KINDS else REQUEST_KEYS
+        if set(raw) != expected:
+            missing, unknown = sorted(expected - set(raw)), sorted(map(str, set(raw) - expected))
+            raise WireError(f"{op!r} header keys: missing {missing}, unknown {unknown}")
+        header = Header(
+            op=op,
+            run=raw["run"],
+            gen=raw["gen"],
+            step=raw["step"],
+            layer=raw["layer"],
+            seq=raw["seq"],
+            experts=raw["experts"],
+            offsets=raw["offsets"],
+            meta=raw["meta"],
+            reply_to=raw.get("re"),
+        )
+    except WireError as e:
+        e.header = _address(raw, op)  # a request with readable addressing gets a correlated error
+        raise
     return header, raw["arrays"]
+
+
+def _address(raw: dict, op: str) -> Header | None:
+    if op not in OPS:
+        return None
+    try:
+        return Header.address(op, *(raw.get(k) for k in ("run", "gen", "step", "layer", "seq")))
+    except WireError:
+        return None
 
 
 def _arrays_from_frames(

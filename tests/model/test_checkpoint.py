@@ -39,6 +39,14 @@ def refusal(where, *, load_fn=None) -> str:
     return str(e.value).replace(str(where), "<ckpt>")
 
 
+def write_signed(where, manifest) -> None:
+    """Write a manifest with its digest recomputed (as a tool that edits it on purpose would), so
+    the checks after the digest's are the ones that can refuse it."""
+    if isinstance(manifest, dict):
+        manifest = {**manifest, "digest": ckpt.manifest_digest(manifest)}
+    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
 def rewrite(where, fname, change) -> None:
     """Replace a file's tensors by change(tensors) and re-sign it in the manifest, so only the
     content check (not the hash or size check) can refuse it."""
@@ -47,7 +55,7 @@ def rewrite(where, fname, change) -> None:
     path.write_bytes(data)
     manifest = json.loads((where / ckpt.MANIFEST).read_text())
     manifest["files"][fname].update(sha256=ckpt.sha256_bytes(data), bytes=len(data))
-    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    write_signed(where, manifest)
 
 
 def test_round_trip_gives_the_same_function(saved):
@@ -189,13 +197,14 @@ def test_a_path_that_does_not_exist(tmp_path):
     "manifest,expected",
     [
         ([1, 2], f"checkpoint '<ckpt>': expected format '{ckpt.FORMAT}', got 'list'"),
-        ({"format": ckpt.FORMAT, "files": []}, "checkpoint '<ckpt>': manifest lists no files"),
-        ({"format": ckpt.FORMAT}, "checkpoint '<ckpt>': manifest lists no files"),
+        ({"format": ckpt.FORMAT, "step": 1, "files": []},
+         "checkpoint '<ckpt>': manifest key 'files' must be a dict, got list"),
+        ({"format": ckpt.FORMAT, "step": 1}, "checkpoint '<ckpt>': manifest key 'files' must be a dict, got nothing"),
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_refused(saved, manifest, expected):
     _, where = saved
-    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    write_signed(where, manifest)
     assert refusal(where) == expected
 
 
@@ -205,7 +214,7 @@ def test_a_signed_file_that_is_not_safetensors_is_refused(saved):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not js}")
     manifest = json.loads((where / ckpt.MANIFEST).read_text())
     manifest["files"]["params.safetensors"].update(sha256=ckpt.sha256_bytes(path.read_bytes()), bytes=16)
-    (where / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    write_signed(where, manifest)
     assert refusal(where).startswith("checkpoint '<ckpt>': params.safetensors is not a valid safetensors file (")
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import zmq
+from shardkit import handshake, wait_until
 
-from moe.sharding import security, wire
+from moe.sharding import security, session, wire
 from moe.sharding.launch import LocalShards
-from moe.sharding.remote import ShardLinks
+from moe.sharding.links import Access, ShardLinks
 from moe.sharding.security import ClientCurve
 from moe.sharding.wire import Header
 
 pytestmark = pytest.mark.distributed
 
 RUN = "secure-run"
+SECRET = session.new_secret()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shard(keys):
-    with LocalShards([[0, 1]], n_layers=1, d_model=4, d_hidden=4, run=RUN, transport="tcp",
+    with LocalShards([[0, 1]], n_layers=1, d_model=4, d_hidden=4, run=RUN, secret=SECRET, transport="tcp",
                      curve_dir=str(keys), heartbeat_s=5.0) as shards:
         assert shards.endpoints[0].startswith("tcp://127.0.0.1:")
         yield shards
@@ -55,22 +56,21 @@ def _dealer(endpoint: str, curve: ClientCurve | None) -> zmq.Socket:
     return s
 
 
-def _log_has(shard: LocalShards, text: str, timeout_s: float = 3.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if text in shard.log_path(0).read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
+def _log_has(shard: LocalShards, text: str) -> bool:
+    """The event "the shard logged this", waited for (the timeout only stops a hang)."""
+    return wait_until(lambda: text in shard.log_path(0).read_text(errors="replace"), timeout_s=60.0)
 
 
 @pytest.mark.timeout(60)
 def test_an_allowed_client_is_served(shard, keys):
     curve = ClientCurve.from_dir(keys)
-    with ShardLinks(shard.endpoints, run=RUN, curve=curve, deadline_s=5.0) as links:
+    with ShardLinks(shard.endpoints, run=RUN, access=Access(SECRET, curve), deadline_s=5.0) as links:
         links.ping_all(5.0)
     s = _dealer(shard.endpoints[0], curve)
-    try:
+    try:  # CURVE admits the connection; the run secret still has to be proven before anything else
+        got = _ping(s, 5.0)
+        assert got is not None and got.header.meta["code"] == "unauthorized"
+        assert handshake(s, SECRET, RUN, seq=2).header.op == "ok"
         got = _ping(s, 5.0)
         assert got is not None and got.header.op == "pong"
     finally:
@@ -102,10 +102,11 @@ def test_a_null_client_gets_nothing_and_is_logged(shard):
 
 
 @pytest.mark.timeout(60)
-def test_a_non_loopback_bind_without_keys_is_refused_by_the_process():
+def test_a_non_loopback_bind_without_keys_is_refused_by_the_process(tmp_path):
     # The address is only checked and refused: nothing is bound and no traffic is sent to it.
-    cmd = [sys.executable, "-m", "moe.sharding.server", "--bind", "tcp://0.0.0.0:59999", "--experts", "0-3",
-           "--layers", "1", "--d-model", "4", "--d-hidden", "4"]
+    secret = session.write_secret(tmp_path / "run.secret", session.new_secret())
+    cmd = [sys.executable, "-m", "moe.sharding.serve", "--bind", "tcp://0.0.0.0:59999", "--experts", "0-3",
+           "--layers", "1", "--d-model", "4", "--d-hidden", "4", "--secret-file", str(secret)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "refusing to bind tcp://0.0.0.0:59999" in done.stderr

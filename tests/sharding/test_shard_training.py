@@ -8,46 +8,20 @@ be survived with the same final bits.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from shardkit import STEPS, assert_same_checkpoint, shard_config
 
 import moe.api
 from moe import checkpoint as ckpt
-from moe.config import Config, ModelConfig, ShardConfig, TrainConfig
-from moe.experts import state
-from moe.sharding.cli import open_expert_groups
-from moe.tasks.family import make_family
+from moe.config import Config
+from moe.processes import pid_alive as _alive
+from moe.sharding.coordinator import open_expert_groups
 from moe.train import Trainer
 
 pytestmark = pytest.mark.distributed
-
-STEPS = 30
-
-
-def _config(local: int = 0, n_layers: int = 2, **shards) -> Config:
-    return Config(
-        model=ModelConfig(d_model=16, n_experts=6, d_hidden=16, k=2, n_layers=n_layers),
-        train=TrainConfig(steps=STEPS, batch_size=64, checkpoint_every=10, eval_every=1000, warmup=5,
-                          progress=False, keep_last=10),
-        shards=ShardConfig(local=local, deadline_s=3.0, heartbeat_s=0.5, **shards),
-    )
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_family(2, 200, seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    """The uninterrupted in-process run: final checkpoint folder."""
-    out = tmp_path_factory.mktemp("inproc")
-    result = Trainer(_config(), data, out, echo=lambda s: None).train()
-    assert result.step == STEPS
-    return result.checkpoint
 
 
 def _train_sharded(config: Config, data, out: Path, **launch) -> tuple[Path, list[int], list[str]]:
@@ -64,47 +38,10 @@ def _shard_pids(group) -> list[int]:
     return [int(p) for p in group.links.pids] if hasattr(group.links, "pids") else []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _expert_rows(where: Path, n_layers: int, n_experts: int) -> list[dict[str, np.ndarray]]:
-    manifest = ckpt.read_manifest(where)
-    return [state.read_rows(where, manifest["files"], layer, np.arange(n_experts)) for layer in range(n_layers)]
-
-
-def assert_same_checkpoint(got: Path, want: Path) -> None:
-    a, b = moe.api.load(got), moe.api.load(want)
-    assert sorted(a.params) == sorted(b.params)
-    for name in a.params:  # dense params and (loaded in-process) expert params
-        assert a.params[name].dtype == np.float32
-        assert np.array_equal(a.params[name], b.params[name]), name
-    for la, lb in zip(a.layers, b.layers, strict=True):
-        for n in state.PARAM_NAMES:
-            assert np.array_equal(la.experts.params[n], lb.experts.params[n]), n
-    rows_a = _expert_rows(got, len(a.layers), a.layers[0].n_experts)
-    rows_b = _expert_rows(want, len(b.layers), b.layers[0].n_experts)
-    for ra, rb in zip(rows_a, rows_b, strict=True):  # Adam moments and step counts too
-        for k in rb:
-            assert ra[k].dtype == rb[k].dtype and np.array_equal(ra[k], rb[k]), k
-    _, fa, _ = ckpt.load_checkpoint(got)
-    _, fb, _ = ckpt.load_checkpoint(want)
-    for k in fb["optim"]:  # dense Adam state and data cursor arrays
-        assert np.array_equal(fa["optim"][k], fb["optim"][k]), k
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n_shards", [1, 2, 3])
 def test_sharded_training_is_bit_identical_to_in_process(n_shards, data, reference, tmp_path):
-    got, _, said = _train_sharded(_config(n_shards), data, tmp_path)
+    got, _, said = _train_sharded(shard_config(n_shards), data, tmp_path)
     assert sum("ready on ipc://" in s for s in said) == n_shards
     part_files = [f for f in ckpt.read_manifest(got)["files"] if f.startswith("experts-")]
     assert len(part_files) == 2 * 2 * n_shards  # each shard wrote its weights and Adam files of each layer
@@ -115,7 +52,7 @@ def test_sharded_training_is_bit_identical_to_in_process(n_shards, data, referen
 @pytest.mark.parametrize("fault,victim", [("forward@7", 1), ("backward@13", 0)])
 def test_kill_9_mid_step_is_survived_bit_exactly(fault, victim, data, reference, tmp_path):
     extra = lambda i: ["--fault", fault] if i == victim else []  # noqa: E731
-    got, _, said = _train_sharded(_config(2), data, tmp_path, extra_args=extra)
+    got, _, said = _train_sharded(shard_config(2), data, tmp_path, extra_args=extra)
     failures = [s for s in said if "failed:" in s]
     assert len(failures) == 1 and f"shard {victim}" in failures[0], said
     assert "killed by signal 9" in failures[0]
@@ -125,7 +62,7 @@ def test_kill_9_mid_step_is_survived_bit_exactly(fault, victim, data, reference,
 
 @pytest.mark.timeout(120)
 def test_shard_processes_are_gone_after_the_run_and_after_an_exception(data, tmp_path):
-    config = _config(2)
+    config = shard_config(2)
     with open_expert_groups(config, tmp_path / "a", echo=lambda s: None) as (groups, _):
         pids = list(groups[0].links.pids)
         assert len(pids) == 2 and all(_alive(p) for p in pids)
@@ -139,7 +76,7 @@ def test_shard_processes_are_gone_after_the_run_and_after_an_exception(data, tmp
 
 @pytest.mark.timeout(120)
 def test_resharding_save_with_3_load_with_2_gives_equal_outputs(data, tmp_path):
-    config3 = _config(3)
+    config3 = shard_config(3)
     got3, _, _ = _train_sharded(config3, data, tmp_path / "three")
     manifest = ckpt.read_manifest(got3)
     rng = np.random.default_rng(5)
@@ -148,7 +85,7 @@ def test_resharding_save_with_3_load_with_2_gives_equal_outputs(data, tmp_path):
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     x = rng.standard_normal((int(offsets[-1]), d)).astype(np.float32)
     local = moe.api.load(got3)  # every expert in this process: the oracle
-    config2 = _config(2)
+    config2 = shard_config(2)
     with open_expert_groups(config2, got3.parent.parent, echo=lambda s: None) as (groups, _):
         for layer, group in enumerate(groups):
             group.load_part(got3, manifest["files"], layer)

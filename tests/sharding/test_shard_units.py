@@ -11,16 +11,11 @@ import zmq
 
 from moe.experts.local import LocalExperts
 from moe.sharding import security, wire
+from moe.sharding.host import ExpertHost, HostError
 from moe.sharding.remote import contiguous_placement
+from moe.sharding.replay import ReplayCache
 from moe.sharding.security import SecurityError
-from moe.sharding.server import (
-    ExpertHost,
-    HostError,
-    ReplayCache,
-    format_experts,
-    parse_experts,
-    parse_fault,
-)
+from moe.sharding.serve import format_experts, parse_experts, parse_fault
 from moe.sharding.wire import Header, WireError
 
 pytestmark = pytest.mark.unit
@@ -40,9 +35,12 @@ def test_bad_expert_lists_are_refused(bad):
 
 
 def test_parse_fault():
-    assert parse_fault("forward@7") == ("forward", 7)
-    with pytest.raises(ValueError, match="op@step"):
-        parse_fault("explode@1")
+    assert parse_fault("forward@7") == ("forward", 7, 0)
+    assert parse_fault("load@10:*") == ("load", 10, None)
+    assert parse_fault("start@1:3") == ("start", 1, 3)
+    for bad in ("explode@1", "forward@", "forward@7:x"):
+        with pytest.raises(ValueError, match="op@step"):
+            parse_fault(bad)
 
 
 def test_contiguous_placement_is_contiguous_and_balanced():

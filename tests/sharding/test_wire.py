@@ -25,7 +25,7 @@ PROTOCOL_MD = pathlib.Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.m
 def raw_header(op: str = "ping", **fields) -> dict:
     """A valid request header as a plain dict, written from the spec, not from the encoder."""
     h = {
-        "v": 1,
+        "v": 2,
         "op": op,
         "run": RUN,
         "gen": 0,
@@ -62,7 +62,7 @@ def test_encoder_writes_the_spec_header_and_raw_array_bytes():
     frames = encode(h, [x], limits=DEFAULT_LIMITS)
     assert len(frames) == 2
     assert msgpack.unpackb(bytes(frames[0]), raw=False) == {
-        "v": 1, "op": "forward", "run": RUN, "gen": 2, "step": 5, "layer": 1, "seq": 9,
+        "v": 2, "op": "forward", "run": RUN, "gen": 2, "step": 5, "layer": 1, "seq": 9,
         "experts": [4, 0], "offsets": [0, 2, 3],
         "arrays": [{"dtype": "<f4", "shape": [3, 4]}], "meta": {},
     }  # fmt: skip
@@ -429,9 +429,10 @@ def test_too_many_dims_and_meta_items_are_refused():
 
 
 def test_wrong_version():
-    _bad([pack(raw_header("ping", v=2))], "version", code="version")
+    _bad([pack(raw_header("ping", v=1))], "version", code="version")
+    _bad([pack(raw_header("ping", v=3))], "version", code="version")
     _bad([pack(raw_header("ping", v=True))], "version", code="version")
-    _bad([pack(raw_header("ping", v="1"))], "version", code="version")
+    _bad([pack(raw_header("ping", v="2"))], "version", code="version")
     head = raw_header("ping")
     del head["v"]
     _bad([pack(head)], "version", code="version")
@@ -461,7 +462,12 @@ def test_unknown_op(op):
 )  # fmt: skip
 def test_wrong_field_types_and_ranges(field, value):
     e = _bad([pack(raw_header("ping", **{field: value}))])
-    assert (e.header is not None) == (field == "arrays")  # a valid header is kept for the reply
+    # Only a request whose addressing fields cannot be read gets an uncorrelated error (§10);
+    # with readable addressing the error reply names the request's seq.
+    addressing = field in ("run", "gen", "step", "layer", "seq")
+    assert (e.header is None) == addressing
+    if not addressing:
+        assert (e.header.op, e.header.run, e.header.seq) == ("ping", RUN, 1)
 
 
 def test_unknown_and_missing_keys():
