@@ -23,6 +23,12 @@ SMALL = ["n_family=2", "family_size=120", "model.d_model=16", "model.n_experts=8
 BALANCE_KEYS = {"cv_importance", "cv_load", "max_mean_load", "drop_rate", "split", "noise", "examples"}
 
 
+def sigint_default() -> None:
+    """Ctrl-C reaches the child as from a terminal: a shell that started the suite in the
+    background (`make test &`) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def moe_here(capsys, *args: str) -> tuple[int, str]:
     """The command in this process (for the error paths: no interpreter start-up): (status, stderr)."""
     from moe.cli import main
@@ -416,7 +422,8 @@ def test_ctrl_c_keeps_a_checkpoint_and_prints_how_to_resume(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     steps = [*SMALL[:-3], "steps=100000", "checkpoint_every=10", "eval_every=100000", "baseline=false"]
     p = subprocess.Popen([sys.executable, "-m", "moe.cli", "train", "--out", str(out), *steps],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 200  # stops a hang only; no timing is asserted
         while len(list((out / "checkpoints").glob("step-*/manifest.json"))) < 2 and time.monotonic() < deadline:

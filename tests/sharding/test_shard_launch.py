@@ -42,12 +42,18 @@ def _wait_gone(pids: list[int], timeout_s: float = 60.0) -> bool:
     return wait_until(lambda: not any(pid_alive(p) for p in pids), timeout_s)
 
 
+def _sigint_default() -> None:
+    """SIGINT reaches the coordinator as from a terminal: a shell that started the suite in
+    the background (`make test &`) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_coordinator(tmp_path: Path) -> tuple[subprocess.Popen, list[int], list[str]]:
     env = {**os.environ, "PYTHONPATH": ROOT}
     # stderr goes to a file: a pipe nobody reads could fill up and block the coordinator's exit
     with open(tmp_path / "coordinator.err", "w") as err:
         p = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(tmp_path / "run")], stdout=subprocess.PIPE,
-                             stderr=err, text=True, env=env)
+                             stderr=err, text=True, env=env, preexec_fn=_sigint_default)
     line = p.stdout.readline()
     assert line, (tmp_path / "coordinator.err").read_text()
     pids, endpoints = json.loads(line)
