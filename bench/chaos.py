@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from moe import checkpoint as ckpt  # noqa: E402
 from moe.experts import state  # noqa: E402
 from moe.processes import pid_alive  # noqa: E402
+from moe.profile_model import computed_profile  # noqa: E402
 
 STEPS = 30
 OVERRIDES = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "model.n_layers=2", "model.k=2",
@@ -259,18 +260,6 @@ def final_state(out: Path) -> dict[str, np.ndarray]:
     flat["profile"] = np.frombuffer(json.dumps(computed_profile(out / "profile" / "profile.json"),
                                                sort_keys=True).encode(), dtype=np.uint8)
     return flat
-
-
-def computed_profile(path: Path) -> dict:
-    """profile.json without what names the run rather than what it computed: the checkpoint's
-    path in its contexts, and the placement (a function of the loads compared here and of the
-    shard layout; an in-process run has none)."""
-    doc = json.loads(Path(path).read_text())
-    doc.pop("placement", None)
-    for context in (doc.get("context"), doc.get("summary", {}).get("context")):
-        if isinstance(context, dict):
-            context.pop("checkpoint", None)
-    return doc
 
 
 def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:

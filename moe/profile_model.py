@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,15 @@ def shard_placement(shards: ShardConfig, n_experts: int) -> tuple[dict[str, Any]
 def write_profile(profile: ModelProfile, out_dir: str | Path, *,
                   placement: dict[str, Any] | None = None) -> dict[str, str]:
     return write_report(profile, Path(out_dir), placement=placement)
+
+
+def computed_profile(path: str | Path) -> dict[str, Any]:
+    """profile.json without what names the run rather than what it computed: the checkpoint's
+    path in its contexts, and the placement (a function of the loads and of the shard layout;
+    an in-process run has none). Two runs that routed alike give equal dicts."""
+    doc = json.loads(Path(path).read_text())
+    doc.pop("placement", None)
+    for context in (doc.get("context"), doc.get("summary", {}).get("context")):
+        if isinstance(context, dict):
+            context.pop("checkpoint", None)
+    return doc

@@ -122,20 +122,6 @@ def _expert_rows(where: Path, n_layers: int, n_experts: int) -> list[dict[str, n
     return [state.read_rows(where, manifest["files"], layer, np.arange(n_experts)) for layer in range(n_layers)]
 
 
-def computed_profile(path: Path) -> dict:
-    """profile.json without what names the run rather than what it computed: the checkpoint's
-    path in its contexts, and the placement (a function of the loads compared and of the shard
-    layout; an in-process run has none). bench/chaos.py compares the same way."""
-    import json
-
-    doc = json.loads(Path(path).read_text())
-    doc.pop("placement", None)
-    for context in (doc.get("context"), doc.get("summary", {}).get("context")):
-        if isinstance(context, dict):
-            context.pop("checkpoint", None)
-    return doc
-
-
 def assert_same_checkpoint(got: Path, want: Path) -> None:
     a, b = moe.api.load(got), moe.api.load(want)
     assert sorted(a.params) == sorted(b.params)

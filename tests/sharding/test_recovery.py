@@ -16,9 +16,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from shardkit import STEPS, assert_same_checkpoint, computed_profile, shard_config
+from shardkit import STEPS, assert_same_checkpoint, shard_config
 
 from moe import cli
+from moe.profile_model import computed_profile
 from moe.sharding import coordinator, session
 from moe.sharding.coordinator import open_expert_groups
 from moe.train import TooManyFailures, Trainer
