@@ -170,6 +170,15 @@ def death_reason(rc: int, log_text: str) -> str:
     return f"exited with status {rc}"
 
 
+_ECHOES = ("stopped sending heartbeats", "lost the coordinator", "dropped its connection")
+
+
+def _is_consequence(w: "Worker") -> bool:
+    """Whether a failed worker only stopped because another one did (a dropped peer, a lost
+    coordinator): when both are seen in one poll, the report names the one that died first."""
+    return any(e in death_reason(w.proc.returncode, _read(w.log)[-20000:]) for e in _ECHOES)
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -236,7 +245,7 @@ class Workers:
                 live = [w for w in self.workers if w.proc.poll() is None]
                 failed = [w for w in self.workers if w.proc.returncode not in (None, 0)]
                 if failed:
-                    first = failed[0]
+                    first = min(failed, key=lambda w: _is_consequence(w))  # the cause, not an echo
                     self.stop()
                     return self._report(first, total)
                 if not live:
