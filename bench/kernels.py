@@ -69,8 +69,9 @@ class Problem:
         self.w2[:] = rng.standard_normal((1, h, d), dtype=np.float32) / np.float32(np.sqrt(h))
         self.b1 = np.zeros((E, h), np.float32)
         self.b2 = np.zeros((E, d), np.float32)
-        self.grads = [np.zeros_like(a) for a in (self.w1, self.b1, self.w2, self.b2)]
         self.active = int(np.count_nonzero(np.diff(self.offsets)))
+        # packed weight gradients: one row per expert with rows (ffn_backward's contract)
+        self.grads = [np.zeros((self.active, *a.shape[1:]), np.float32) for a in (self.w1, self.b1, self.w2, self.b2)]
 
     def ffn(self, mod, activation: str) -> Callable[[], object]:
         def step():
