@@ -38,7 +38,7 @@ def train_trunk(out: Path, steps: int, n_skills: int) -> Path:
     from moe.datasets import load_source, source_of
     from moe.train import Trainer
 
-    config = load_config(None, [f"steps={steps}", "n_family=8", f"n_skills={n_skills}", "progress=false",
+    config = load_config(None, [f"steps={steps}", "n_family=8", f"n_skills={n_skills}", "n_digit_sets=0", "progress=false",
                                 "baseline=false", f"checkpoint_every={steps}", f"eval_every={steps}"])
     source = source_of(config.data)
     Trainer(config, load_source(source), out, data_source=source, echo=lambda _: None).train()

@@ -52,7 +52,7 @@ from moe.profile_model import computed_profile  # noqa: E402
 STEPS = 30
 OVERRIDES = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "model.n_layers=2", "model.k=2",
              f"train.steps={STEPS}", "train.batch_size=64", "train.checkpoint_every=10", "train.eval_every=5",
-             "train.warmup=5", "train.keep_last=10", "train.baseline=false", "data.n_family=2",
+             "train.warmup=5", "train.keep_last=10", "train.baseline=false", "data.n_family=2", "data.n_skills=0", "data.n_digit_sets=0",
              "data.family_size=200", "data.builtin=false"]
 # The coordinator: `moe train` itself (moe.cli.main), with its trainer's phases logged and
 # every stderr line stamped with the wall clock, so a kill can be placed in its phase. With

@@ -148,7 +148,7 @@ def tasks_worker(n_tasks: int, impl: str, steps: int) -> dict:
 
     if n_tasks < 8:
         raise ValueError(f"--tasks needs >= 8 (7 built-in tasks + a family), got {n_tasks}")
-    data_cfg = DataConfig(n_family=n_tasks - 7)
+    data_cfg = DataConfig(n_family=n_tasks - 7, n_digit_sets=0, n_skills=0)
     data = load_source(source_of(data_cfg))
     config = Config(data=data_cfg, train=TrainConfig(steps=steps + 1, progress=False, baseline=False))
     base = _rss_mb()

@@ -47,7 +47,7 @@ def worker(n_devices: int, layouts: list[tuple[int, int]], steps: int) -> dict:
     assert jax.device_count() == n_devices, jax.devices()
     device = calibrate_cpu(seconds=2.0)
     pod = cpu_mesh(n_devices, device)
-    data_cfg = DataConfig(n_family=1)
+    data_cfg = DataConfig(n_family=1, n_digit_sets=0, n_skills=0)
     data = load_source(source_of(data_cfg))
     model = ModelConfig(d_model=D, d_hidden=H, n_experts=E, k=K, capacity_factor=CF, d_task_emb=16)
     rows = []

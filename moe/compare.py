@@ -156,7 +156,10 @@ def after_training(config: Config, data: list[TaskData], model: MultiTaskMoE,
 
 def specialisation_lines(spec: dict[str, Any]) -> list[str]:
     lines = []
-    for mode, label in (("train", "while training (gate noise as at the last step)"), ("noise_free", "noise-free")):
+    modes = [("train", "while training (gate noise as at the last step)"), ("noise_free", "noise-free")]
+    if spec["train"] == spec["noise_free"]:  # a gate without noise trains with the routing it is used with
+        modes = [("noise_free", "(no gate noise: the same while training and at inference)")]
+    for mode, label in modes:
         r = spec[mode]
         line = f"task-expert mutual information {label}: {r['mutual_information']:.3f} nats"
         if "overlap_related" in r:

@@ -33,12 +33,17 @@ class ModelConfig:
     d_hidden: int = 128
     k: int = 2
     n_layers: int = 1
-    gate: str = "noisy_topk"  # one name, or a comma list with one gate per layer
+    # softmax top-k over a task-level router (Task-MoE): every example of a task takes the same
+    # k experts. Measured on the built-in benchmark (bench/RESULTS.md, issue 9): routing on the
+    # example as well lets a few hundred rows per task carve the input space and overfit, and
+    # gate noise keeps a task's experts from settling; "noisy_topk" with "example+task" is the
+    # per-example router of Shazeer et al. (2017).
+    gate: str = "softmax_topk"  # one name, or a comma list with one gate per layer
     capacity_factor: float | None = None
     w_importance: float = 0.1
     w_load: float = 0.1
     w_z: float = 0.0
-    route_by: str = "example+task"
+    route_by: str = "task"
     d_task_emb: int = 16
     activation: str = "relu"
 
@@ -70,9 +75,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup: int = 100
     min_lr_ratio: float = 0.05
     # gate noise std scale at the last step; it falls linearly from 1 (Shazeer's noise) at
@@ -113,8 +118,8 @@ class DataConfig:
     builtin: bool = True  # the built-in benchmark (scikit-learn's bundled datasets + a generated family)
     n_family: int = 16
     family_size: int = 600
-    n_digit_sets: int = 0  # label functions "digit in S" over the digits domain
-    n_skills: int = 0  # tasks of the skills domain (moe.tasks.skills)
+    n_digit_sets: int = 20  # label functions "digit in S" over the digits domain
+    n_skills: int = 100  # tasks of the skills domain (moe.tasks.skills)
     skill_size: int = 300  # examples per skill task
     task_file: str | None = None  # a TOML file of user tasks, added to (or instead of) the built-in ones
     seed: int = 0  # split seed

@@ -18,7 +18,7 @@ import pytest
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["n_family=2", "family_size=120", "model.d_model=16", "model.n_experts=8", "model.d_hidden=16",
+SMALL = ["n_family=2", "n_skills=0", "n_digit_sets=0", "family_size=120", "model.d_model=16", "model.n_experts=8", "model.d_hidden=16",
          "batch_size=64", "steps=80", "checkpoint_every=40", "eval_every=40"]
 BALANCE_KEYS = {"cv_importance", "cv_load", "max_mean_load", "drop_rate", "split", "noise", "examples"}
 
@@ -125,7 +125,7 @@ def test_train_json_and_files(run):
     assert summary["groups"]["moe"]["all"] == pytest.approx(np.mean([t["score"] for t in summary["tasks"].values()]))
     assert set(summary["specialisation"]) == {"train", "noise_free"}
     assert set(summary["balance"]) == BALANCE_KEYS
-    assert (summary["balance"]["split"], summary["balance"]["noise"]) == ("train", True)
+    assert (summary["balance"]["split"], summary["balance"]["noise"]) == ("train", False)  # the default gate has no noise
     assert (summary["balance_inference"]["split"], summary["balance_inference"]["noise"]) == ("test", False)
     assert len(summary["tasks"]) == 9
     for t in summary["tasks"].values():
@@ -134,11 +134,11 @@ def test_train_json_and_files(run):
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2
     for record in log:  # the scores are on val; the balance figure is the training batch's, and says so
-        assert (record["split"], record["cv_load_split"], record["cv_load_noise"]) == ("val", "train", True)
+        assert (record["split"], record["cv_load_split"], record["cv_load_noise"]) == ("val", "train", False)
     assert (out / "profile" / "profile.json").is_file()
     assert summary["active_expert_fraction"] == 2 / 8
     context = json.loads((out / "profile" / "profile.json").read_text())["context"]
-    assert (context["split"], context["noise"], context["step"]) == ("train", True, 80)
+    assert (context["split"], context["noise"], context["step"]) == ("train", False, 80)  # no noise in the default gate
     assert_page_complete(out / "profile" / "profile.html")
 
 

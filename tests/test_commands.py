@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[1]
 E = 4
-TINY = ["data.builtin=false", "model.d_model=8", f"model.n_experts={E}", "model.d_hidden=8", "k=2",
+# the per-example noisy router: two tasks' rows reach every expert, so every shard has traffic
+TINY = ["model.gate=noisy_topk", "model.route_by=example+task", "data.builtin=false", "model.d_model=8", f"model.n_experts={E}", "model.d_hidden=8", "k=2",
         "batch_size=32", "steps=30", "checkpoint_every=30", "eval_every=30", "baseline=false",
         "warmup=3", "shards.deadline_s=20", "shards.heartbeat_s=0.5"]
 

@@ -105,3 +105,13 @@ def test_group_table_has_a_row_per_group_and_a_column_per_model():
     assert rows[0] == ["group", "tasks", "moe", "no", "experts", "sklearn"]
     assert rows[1:] == [["original", "1", "0.900", "0.800", "-"], ["digit", "sets", "1", "0.700", "0.600", "-"],
                         ["skills", "2", "0.500", "0.400", "-"], ["all", "4", "0.650", "0.550", "-"]]
+
+
+def test_specialisation_lines_say_once_what_a_gate_without_noise_trains_with():
+    same = {"mutual_information": 1.5, "overlap_related": 0.4, "overlap_unrelated": 0.1}
+    one = compare.specialisation_lines({"train": same, "noise_free": dict(same)})
+    assert one == ["task-expert mutual information (no gate noise: the same while training and at inference): "
+                   "1.500 nats; expert overlap of related skill tasks 0.400, unrelated 0.100"]
+    two = compare.specialisation_lines({"train": {"mutual_information": 0.5}, "noise_free": {"mutual_information": 1.5}})
+    assert two == ["task-expert mutual information while training (gate noise as at the last step): 0.500 nats",
+                   "task-expert mutual information noise-free: 1.500 nats"]

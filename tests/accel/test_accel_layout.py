@@ -98,7 +98,7 @@ def test_model_and_device_mismatches_are_one_line():
 def test_plan_out_writes_the_planners_best(tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = ["plan", "--target", "tpu-v4-slice", "--tokens", "65536", "--capacity-factors", "1.25", "--out", str(out),
-            "--json", "model.n_experts=64", "model.d_model=32", "model.d_hidden=64", "data.n_family=2"]
+            "--json", "model.n_experts=64", "model.d_model=32", "model.d_hidden=64", "data.n_family=2", "data.n_skills=0", "data.n_digit_sets=0"]
     assert main(args) == 0
     best = json.loads(capsys.readouterr().out)["best"]
     lay = read_plan(out)
@@ -117,7 +117,7 @@ def test_plan_out_with_a_profile_carries_the_lpt_placement(tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = ["plan", "--target", "tpu-v4-slice", "--tokens", "65536", "--capacity-factors", "none", "--profile",
             str(prof), "--out", str(out), "model.n_experts=64", "model.d_model=32", "model.d_hidden=64",
-            "data.n_family=2"]
+            "data.n_family=2", "data.n_skills=0", "data.n_digit_sets=0"]
     assert main(args) == 0
     lay = read_plan(out)
     assert "wrote" in capsys.readouterr().out

@@ -162,15 +162,15 @@ def test_assign_names_missing_and_unexpected_tensors(saved):
 @pytest.mark.parametrize(
     "change,expected",
     [
-        (lambda a: a.astype(np.float64), "expected float32[24, 4], got float64[24, 4]"),
-        (lambda a: np.zeros((25, 4), np.float32), "expected float32[24, 4], got float32[25, 4]"),
+        (lambda a: a.astype(np.float64), "expected float32[16, 4], got float64[16, 4]"),
+        (lambda a: np.zeros((25, 4), np.float32), "expected float32[16, 4], got float32[25, 4]"),
     ],
     ids=["dtype", "shape"],
 )
 def test_a_tensor_of_another_dtype_or_shape_is_refused_not_cast(saved, change, expected):
     """Same names, same hash (re-signed), one tensor differs: the shape/dtype check must fire."""
     _, where = saved
-    gate = "block0.moe.gate.w_gate"  # [d_model + d_task_emb, E]
+    gate = "block0.moe.gate.w_gate"  # [d_task_emb, E] (the default router reads the task embedding alone)
     rewrite(where, "params.safetensors", lambda t: {**t, gate: change(t[gate])})
     assert refusal(where) == f"checkpoint '<ckpt>' parameters '{gate}': {expected}"
 

@@ -11,7 +11,9 @@ from moe.train import Trainer
 
 pytestmark = pytest.mark.unit
 
-SMALL = ["n_family=2", "family_size=60", "model.d_model=16", "model.n_experts=8", "model.d_hidden=16",
+# the noisy per-example router (the default task router has no noise to schedule)
+SMALL = ["model.gate=noisy_topk", "model.route_by=example+task", "n_family=2", "n_skills=0", "n_digit_sets=0",
+         "family_size=60", "model.d_model=16", "model.n_experts=8", "model.d_hidden=16",
          "batch_size=32", "steps=6", "checkpoint_every=6", "eval_every=6", "baseline=none", "progress=false"]
 
 

@@ -13,7 +13,7 @@ from moe.checkpoint import list_checkpoints, load_checkpoint
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["n_family=2", "family_size=120", "model.d_model=16", "model.n_experts=8", "model.d_hidden=16",
+SMALL = ["n_family=2", "n_skills=0", "n_digit_sets=0", "family_size=120", "model.d_model=16", "model.n_experts=8", "model.d_hidden=16",
          "batch_size=32", "steps=60", "checkpoint_every=20", "eval_every=20", "baseline=false",
          "noise_final=0.3"]  # the noise schedule follows the step across the resume
 

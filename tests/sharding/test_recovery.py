@@ -171,7 +171,7 @@ def _moe_train(monkeypatch, capsys, out: Path, args: list[str], extra_args=None,
     monkeypatch.setattr(coordinator, "open_expert_groups", capturing)
     overrides = ["model.d_model=16", "model.n_experts=6", "model.d_hidden=16", "model.n_layers=2",
                  "train.steps=12", "train.batch_size=64", "train.checkpoint_every=5", "train.eval_every=5",
-                 "train.warmup=2", "train.baseline=false", "data.n_family=2", "data.family_size=200",
+                 "train.warmup=2", "train.baseline=false", "data.n_family=2", "data.n_skills=0", "data.n_digit_sets=0", "data.family_size=200",
                  "shards.deadline_s=3.0", "shards.heartbeat_s=0.5", "shards.max_failures=2"]
     handler = KillOnPhase(phase, 0, lambda: opened[-1][0].links.pids) if phase else None
     undo = _watch(handler) if handler else (lambda: None)
