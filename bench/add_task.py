@@ -1,7 +1,8 @@
 """Adding tasks through the experts (issue 10): shots curve, growth, a sequence of added tasks.
 
-One trunk is trained (or given with --trunk): the built-in digits family, --n-skills skill
-tasks over the shared "skills" domain. Then:
+One trunk is trained (or given with --trunk): the default `moe train` job (its 143 tasks:
+the original tasks, the digit sets and --n-skills skill tasks over the shared "skills"
+domain) for --steps steps. Then:
 
 - shots: the built-in held-out task digits_ge5 at 1, 5, 10, 50 shots per class, seeds
   0..4 (shot choice and new weights); gain = add-task's test accuracy - a dense model from
@@ -38,7 +39,7 @@ def train_trunk(out: Path, steps: int, n_skills: int) -> Path:
     from moe.datasets import load_source, source_of
     from moe.train import Trainer
 
-    config = load_config(None, [f"steps={steps}", "n_family=8", f"n_skills={n_skills}", "n_digit_sets=0", "progress=false",
+    config = load_config(None, [f"steps={steps}", f"n_skills={n_skills}", "progress=false",
                                 "baseline=false", f"checkpoint_every={steps}", f"eval_every={steps}"])
     source = source_of(config.data)
     Trainer(config, load_source(source), out, data_source=source, echo=lambda _: None).train()
@@ -161,8 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="shots,growth,sequence")
     ap.add_argument("--trunk", help="a run folder to add to (default: train one)")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--n-skills", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--n-skills", type=int, default=100)
     ap.add_argument("--skill-size", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--shots", default="1,5,10,50", help="shots per class for the shots part")

@@ -2,7 +2,7 @@
 
 A synthetic family of T tasks over 4 shared input domains (width 16; kinds cycle binary /
 multiclass(3) / regression; 30 examples each), the default model (d=64, E=64, h=128, k=2,
-noisy top-k), batch 256, temperature sampling. For each T in 23, 1,000, 10,000 and 100,000 (each
+its default router), batch 256, temperature sampling. For each T in 23, 1,000, 10,000 and 100,000 (each
 in its own process, so its peak RSS is its own) it reports the median train_step time over
 --steps steps after --warmup, the ratio to the 23-task step, bytes per task (parameters +
 optimizer state, and the task's data), the process's peak RSS, and for the largest T the time
