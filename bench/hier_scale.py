@@ -130,7 +130,8 @@ def run_one(name: str, steps: int, warmup: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=7, help="timed steps per configuration (>= 5)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=25,
+                    help="untimed steps first: the first steps at E = 65,536 give thousands of experts their moments (page faults), 25 reach steady state")
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
