@@ -18,7 +18,7 @@ from moe.experts.protocol import ExpertGroup
 from moe.nn import Joined
 from moe.routing.balanced import balanced_capacity, balanced_topk
 from moe.routing.capacity import expert_capacity, validate_capacity_factor
-from moe.routing.gates import GATE_TYPES, make_gate, softmax
+from moe.routing.gates import GATE_TYPES, make_gate, softmax, tiled_matmul
 from moe.routing.types import Routing
 
 
@@ -289,7 +289,7 @@ class MoELayer:
         if train:
             raise ValueError("balanced routing is for inference (train=False)")
         B, E, k = x.shape[0], self.n_experts, self.k
-        clean = x_gate @ self.gate.params["w_gate"]  # [B, E]
+        clean = tiled_matmul(x_gate, self.gate.params["w_gate"])  # [B, E], as the top-k gate computes it
         index = balanced_topk(clean, k, balanced_capacity(factor, B, k, E))  # [B, k]
         chosen = np.take_along_axis(clean, index, axis=1)  # [B, k]
         gates = softmax(chosen.copy()) if k > 1 else np.take_along_axis(softmax(clean.copy()), index, axis=1)

@@ -18,7 +18,10 @@ Backward, per block: d_clean and d_raw of every row in one pass (the balance ter
 main-loss terms on the k kept logits and the two thresholds), then dx for the block's rows by
 GEMM; finally dW = x^T d_clean per (group, column chunk), one single-threaded GEMM each.
 
-Exactness: blocks and column chunks depend only on the shapes, never on the thread count, and
+Exactness: the logits are GEMMs of a fixed shape (blocks of BLOCK_ROWS rows, tiles of LOGIT_TILE
+experts, the last tile zero-padded), so an expert's logit for a row is the same bits whatever
+the number of experts (experts grown by add-task leave the others' routing untouched). Blocks
+and column chunks depend only on the shapes, never on the thread count, and
 sums over rows (load, softmax sums) are accumulated per block and then added in block order,
 so the bits do not depend on how many threads ran. Integer outputs equal the oracle's for the
 same logits; softplus uses the same libm calls as numpy's logaddexp. The noise scale s
@@ -44,11 +47,13 @@ from moe.bindings._dispatch import _claim_threads, _describe
 
 cdef double INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), as the numpy path rounds it
 cdef double LN2 = 0.6931471805599453
-# Rows of a block: about 64K logits per block (its clean and raw buffers stay in L2), at least
-# 64 rows so each sgemm amortises packing its weights.
-cdef Py_ssize_t BLOCK_ELEMENTS = 65536
-cdef Py_ssize_t MIN_BLOCK_ROWS = 64
-cdef Py_ssize_t MAX_BLOCK_ROWS = 1024
+# Rows of a block, and experts per logits GEMM: both fixed, never a function of the number of
+# experts n. BLAS results depend on the GEMM's shape, so with shapes that follow n an expert's
+# logit would change in its last bits when experts are added (add-task's grown experts) and a
+# task that never uses them would see its outputs move. 128 rows: the sgemm amortises packing
+# its weights; at n = 4096 the block's clean and raw buffers are 2 MiB each.
+cdef Py_ssize_t BLOCK_ROWS = 128
+cdef Py_ssize_t LOGIT_TILE = 64
 cdef Py_ssize_t DW_COLUMNS = 256  # column chunk of one weight-gradient GEMM
 # Below this many logits (P * n) a call runs on one thread: a parallel region on a machine
 # shared with other work waits for every thread to be scheduled. `_configure` changes it.
@@ -276,6 +281,27 @@ cdef void _row_backward(
 
 
 # ----------------------------------------------------------------------------- blocks
+cdef void _logits(
+    Py_ssize_t n, Py_ssize_t R, Py_ssize_t d, const floating* w, const floating* xr,
+    floating* out, floating* pad, floating* tmp,
+) noexcept nogil:
+    """out [R, n] = xr [R, d] w [d, n] in GEMMs of LOGIT_TILE experts each, the last, partial
+    tile through a zero-padded copy of its columns (pad [d, LOGIT_TILE], tmp [R, LOGIT_TILE]):
+    every GEMM has the shape (LOGIT_TILE, R, d) whatever n is, so an expert's logit does not
+    depend on how many experts follow it."""
+    cdef Py_ssize_t T = LOGIT_TILE, tiles = n // T, full = tiles * T, rest = n - full, t, r, j
+    for t in range(tiles):
+        _gemm(c"N", c"N", <int>T, <int>R, <int>d, w + t * T, <int>n, xr, <int>d, out + t * T, <int>n)
+    if rest:
+        for j in range(d):
+            for r in range(T):
+                pad[j * T + r] = w[j * n + full + r] if r < rest else <floating>0
+        _gemm(c"N", c"N", <int>T, <int>R, <int>d, pad, <int>T, xr, <int>d, tmp, <int>T)
+        for r in range(R):
+            for j in range(rest):
+                out[r * n + full + j] = tmp[r * T + j]
+
+
 cdef void _forward_block(
     const Spec* s, Py_ssize_t bi, const int64_t* blk, Py_ssize_t rmax,
     const floating* x, const floating* wg, const floating* wn, const floating* eps,
@@ -291,11 +317,13 @@ cdef void _forward_block(
     cdef floating* sd = h + n
     cdef floating* sg = sd + n
     cdef floating* topv = sg + n  # [kk]
+    cdef floating* pad = topv + kk  # [d, LOGIT_TILE]
+    cdef floating* tmp = pad + d * LOGIT_TILE  # [rmax, LOGIT_TILE]
     cdef double* lp = load_part + bi * n if s.smooth else NULL
     cdef double* pp = psum_part + bi * n if s.want_p else NULL
-    _gemm(c"N", c"N", <int>n, <int>R, <int>d, wg + g * d * n, <int>n, x + r0 * d, <int>d, cl, <int>n)
+    _logits(n, R, d, wg + g * d * n, x + r0 * d, cl, pad, tmp)  # [R, n]
     if s.noisy:
-        _gemm(c"N", c"N", <int>n, <int>R, <int>d, wn + g * d * n, <int>n, x + r0 * d, <int>d, rw, <int>n)
+        _logits(n, R, d, wn + g * d * n, x + r0 * d, rw, pad, tmp)  # [R, n]
     if s.allowed != NULL:  # masked experts: the constant MASKED_LOGIT as their clean logit
         for r in range(R):
             for i in range(n):
@@ -620,8 +648,13 @@ def _check_offsets(offsets, Py_ssize_t G, Py_ssize_t P):
 
 
 def block_rows(Py_ssize_t n) -> int:
-    """Rows per block for n logits per row (a function of the shape only)."""
-    return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(n, 1))))
+    """Rows per block for n logits per row: the same for every n (see BLOCK_ROWS)."""
+    return int(BLOCK_ROWS)
+
+
+def logit_tile() -> int:
+    """Experts per logits GEMM (the numpy path tiles the same way)."""
+    return int(LOGIT_TILE)
 
 
 def _plan_blocks(o, Py_ssize_t R):
@@ -739,7 +772,7 @@ def forward(x, w_gate, w_noise, offsets, eps, k, *, noise_scale=1.0, softmax_cle
     st.load = np.zeros((G, n)) if st.spec.smooth else None
     st.p_sum = np.zeros((G, n)) if softmax_clean else None
     T = st.nthreads
-    scratch = np.empty((T, 2 * R * n + 3 * n + kk), dtype=dt)
+    scratch = np.empty((T, 2 * R * n + 3 * n + kk + d * LOGIT_TILE + R * LOGIT_TILE), dtype=dt)
     masks = np.zeros((T, n), dtype=np.uint8)
     # BLAS on one thread: in parallel blocks (the team is the parallelism), and for small calls,
     # whose GEMMs are too short to pay for waking BLAS's own threads on a busy machine

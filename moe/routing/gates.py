@@ -31,6 +31,23 @@ GATE_TYPES = ("noisy_topk", "softmax_topk", "top1")
 MASKED_LOGIT = -1e4
 
 
+LOGIT_TILE = 64  # experts per logits matmul (moe.bindings._gates tiles the same way)
+
+
+def tiled_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [P, d] @ w [d, n] as matmuls of LOGIT_TILE columns each, the last zero-padded."""
+    n, tile = w.shape[1], LOGIT_TILE
+    out = np.empty((x.shape[0], n), dtype=np.result_type(x, w))  # [P, n]
+    full = n - n % tile
+    for c0 in range(0, full, tile):
+        out[:, c0 : c0 + tile] = x @ w[:, c0 : c0 + tile]
+    if full < n:
+        pad = np.zeros((w.shape[0], tile), dtype=w.dtype)  # [d, tile]
+        pad[:, : n - full] = w[:, full:]
+        out[:, full:] = (x @ pad)[:, : n - full]
+    return out
+
+
 def mask_logits(clean: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     """clean [B, E] with the entries not `allowed` (bool [B, E]) set to MASKED_LOGIT."""
     if allowed is None:
@@ -238,13 +255,13 @@ class GroupedTopK:
 
     @staticmethod
     def _logits(x: np.ndarray, w: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """x W[g] on each group's rows; one matmul when G = 1."""
-        if w.shape[0] == 1:
-            return x @ w[0]  # [P, n]
+        """x W[g] on each group's rows, in matmuls of LOGIT_TILE experts (the last tile
+        zero-padded): BLAS results depend on the shape, and with tiles of a fixed width an
+        expert's logit does not change when experts are added after it (add-task's growth)."""
         out = np.empty((x.shape[0], w.shape[2]), dtype=x.dtype)  # [P, n]
         for g in np.flatnonzero(np.diff(offsets)):
             s, t = offsets[g], offsets[g + 1]
-            out[s:t] = x[s:t] @ w[g]  # [n_g, n]
+            out[s:t] = tiled_matmul(x[s:t], w[g])  # [n_g, n]
         return out
 
     @staticmethod

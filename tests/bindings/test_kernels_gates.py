@@ -130,7 +130,8 @@ def test_bits_do_not_depend_on_the_thread_count(k, n, G, noise, sc, lse, scale):
 
 
 def test_large_rows_span_several_blocks_and_match():
-    """n = 600 logits a row: blocks of 109 rows, several weight-gradient column chunks."""
+    """n = 600 logits a row: blocks of 128 rows, logits in tiles of 64 experts (the last one
+    padded), several weight-gradient column chunks."""
     assert _gates.block_rows(600) < 700
     kw = dict(noise="train", logsumexp=True, P=700, d=5)
     want = route("numpy", np.float64, 2, 600, 1, **kw)
