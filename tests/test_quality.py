@@ -96,7 +96,7 @@ def test_add_task_uses_ten_shots_per_class_and_keeps_the_trunk(added):
 
 @pytest.mark.xfail(
     strict=True, raises=AssertionError,
-    reason="bar missed on the worst seed (measured 2026-12-01 on the default 128-task trunk at steps=500, "
+    reason="bar missed on the worst seed (measured 2026-12-01 on the default job's 135-task trunk at steps=500, "
     "n_family=8, task router, issue 10): the gains over scratch are 0.175, 0.100, 0.050 on training seeds "
     "0, 1, 2, starting from digitset_000, _018, _012 (per-example router: 0.142, 0.081, 0.031). "
     "Strict: it fails as soon as the bar holds",
