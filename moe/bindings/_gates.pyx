@@ -569,16 +569,12 @@ cdef double* _dptr2(arr):
 def _finish_forward(GateForward st, const floating[:, ::1] gates) -> None:
     """Sums over each group's rows: importance and counts in row order (numpy's bincount order),
     the load and softmax partials of the blocks in block order."""
-    cdef Py_ssize_t G = st.G, n = st.spec.n, k = st.spec.k, kk = st.spec.kk, g, r, j, bi, i
+    cdef Py_ssize_t G = st.G, n = st.spec.n, k = st.spec.k, kk = st.spec.kk, g, r, j
     cdef const int64_t[::1] off = st.offsets
     cdef const int64_t[::1] blk = st.blocks
     cdef const int32_t[:, ::1] idx = st.idx_full
     cdef double[:, ::1] imp = st.importance
     cdef int64_t[:, ::1] cnt = st.counts
-    cdef double[:, ::1] load
-    cdef double[:, ::1] lpart
-    cdef double[:, ::1] psum
-    cdef double[:, ::1] ppart
     cdef int32_t e
     with nogil:
         for g in range(G):
@@ -588,21 +584,20 @@ def _finish_forward(GateForward st, const floating[:, ::1] gates) -> None:
                     imp[g, e] += gates[r, j]
                     cnt[g, e] += 1
     if st.spec.smooth:
-        load = st.load
-        lpart = st.load_part
-        with nogil:
-            for bi in range(st.n_blocks):
-                g = blk[3 * bi + 2]
-                for i in range(n):
-                    load[g, i] += lpart[bi, i]
+        _add_block_parts(st.load, st.load_part, blk, st.n_blocks, n)
     if st.spec.want_p:
-        psum = st.p_sum
-        ppart = st.psum_part
-        with nogil:
-            for bi in range(st.n_blocks):
-                g = blk[3 * bi + 2]
-                for i in range(n):
-                    psum[g, i] += ppart[bi, i]
+        _add_block_parts(st.p_sum, st.psum_part, blk, st.n_blocks, n)
+
+
+cdef void _add_block_parts(double[:, ::1] out, const double[:, ::1] parts, const int64_t[::1] blk,
+                           Py_ssize_t n_blocks, Py_ssize_t n):
+    """out[g] += parts[b] for each block b of group g, in block order (bits independent of threads)."""
+    cdef Py_ssize_t bi, i, g
+    with nogil:
+        for bi in range(n_blocks):
+            g = blk[3 * bi + 2]
+            for i in range(n):
+                out[g, i] += parts[bi, i]
 
 
 # ----------------------------------------------------------------------------- state
