@@ -90,10 +90,10 @@ def instrument(trainer, timer: PhaseTimer) -> None:
     timer.wrap(trainer.optimizer, "step", "optimizer")
     for opt in trainer.table_optimizers.values():
         timer.wrap(opt, "step", "optimizer")
-    timer.wrap(trainer.sampler, "next_batch", "sampler")
+    timer.wrap(trainer.sampler, "next_packed", "sampler")
     import moe.train as train_mod
 
-    timer.wrap(train_mod, "task_loss", "adapters, heads")
+    timer.wrap(train_mod, "batch_loss", "adapters, heads")
     timer.wrap(trainer, "train_step", "other")
 
 

@@ -8,7 +8,14 @@ in its own process, so its peak RSS is its own) it reports the median train_step
 optimizer state, and the task's data), the process's peak RSS, and for the largest T the time
 to save and to load a checkpoint.
 
-Run: python bench/task_scale.py [--tasks 23,1000,10000,100000] [--steps 40]
+The ratio is paired: each process also trains a 23-task model and alternates one step of
+each, so both medians see the same machine load (a shared machine drifts by 1.5x within
+minutes). It also reports the experts a batch routes to (mean over blocks): under the task
+router a batch of 23 tasks uses fewer experts than one of 250, and the experts' update is
+work set by the batch. `--router example` trains the per-example router (every batch uses
+every expert) to separate the two.
+
+Run: python bench/task_scale.py [--tasks 23,1000,10000,100000] [--steps 40] [--router task|example]
 """
 
 from __future__ import annotations
@@ -53,30 +60,52 @@ def make_tasks(n_tasks: int, seed: int = 0):
     return tasks
 
 
-def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool) -> dict:
+def _count_experts(model, into: list) -> None:
+    """Record the experts each forward_batch routes to (mean over blocks)."""
+    forward = model.forward_batch
+
+    def counted(*args, **kw):
+        out = forward(*args, **kw)
+        into.append(float(np.mean([np.count_nonzero(r.load) for r in out.routings])))
+        return out
+
+    model.forward_batch = counted
+
+
+def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool, router: str) -> dict:
     from moe import checkpoint as ckpt
-    from moe.config import Config, TrainConfig
+    from moe.config import Config, ModelConfig, TrainConfig
     from moe.train import Trainer
 
     t0 = time.perf_counter()
     data = make_tasks(n_tasks)
     build_data = time.perf_counter() - t0
-    config = Config(train=TrainConfig(steps=10**6, progress=False, batch_size=256))
+    model = ModelConfig() if router == "task" else ModelConfig(route_by="example+task")
+    config = Config(model=model, train=TrainConfig(steps=10**6, progress=False, batch_size=256))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trainer = Trainer(config, data, tmp)
         build_model = time.perf_counter() - t0
-        times = []
+        reference = Trainer(config, make_tasks(23), tmp, save_checkpoints=False)
+        times, ref_times, experts, ref_experts = [], [], [], []
+        _count_experts(trainer.model, experts)
+        _count_experts(reference.model, ref_experts)
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             trainer.train_step()
+            t1 = time.perf_counter()
+            reference.train_step()
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(t1 - t0)
+                ref_times.append(time.perf_counter() - t1)
         table_bytes = sum(p.nbytes for t in trainer.model.tables().values() for p in t.params.values())
         opt_bytes = sum(v.nbytes for o in trainer.table_optimizers.values() for v in o.state_dict().values())
         data_bytes = sum(d.x_train.nbytes + d.x_val.nbytes + d.x_test.nbytes + d.y_train.nbytes
                          + d.y_val.nbytes + d.y_test.nbytes for d in data)
         out = {"tasks": n_tasks, "step_ms": 1e3 * float(np.median(times)),
+               "ref_ms": 1e3 * float(np.median(ref_times)),
+               "paired_ratio": float(np.median(np.array(times) / np.array(ref_times))),
+               "experts": float(np.mean(experts[warmup:])), "ref_experts": float(np.mean(ref_experts[warmup:])),
                "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
                "param_bytes_per_task": (table_bytes + opt_bytes) / n_tasks,
                "data_bytes_per_task": data_bytes / n_tasks,
@@ -102,27 +131,32 @@ def main() -> None:
     ap.add_argument("--tasks", default="23,1000,10000,100000")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--router", choices=("task", "example"), default="task",
+                    help="task: the default router; example: route_by=example+task")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(one(args.child, args.steps, args.warmup, args.checkpoint)))
+        print(json.dumps(one(args.child, args.steps, args.warmup, args.checkpoint, args.router)))
         return
     sizes = [int(s) for s in args.tasks.split(",")]
     print(f"load average before: {os.getloadavg()}", flush=True)
     rows = []
     for n in sizes:
         cmd = [sys.executable, __file__, "--child", str(n), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--checkpoint"] if n == max(sizes) else [])
+               "--warmup", str(args.warmup), "--router", args.router] + (["--checkpoint"] if n == max(sizes) else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]["step_ms"]
-    print("\n| registered tasks | tasks per batch | step ms (median, min-max) | vs first | bytes/task (params+Adam) | bytes/task (data) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nrouter: {args.router}")
+    print("\n| registered tasks | tasks per batch | experts per batch (23-task ref) | step ms (median, min-max) | "
+          "23-task step ms, same process | paired ratio | bytes/task (params+Adam) | bytes/task (data) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tasks']:,} | {r['tasks_per_batch']:.0f} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
-              f"{r['step_ms'] / base:.2f} | {r['param_bytes_per_task']:,.0f} | {r['data_bytes_per_task']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+        print(f"| {r['tasks']:,} | {r['tasks_per_batch']:.0f} | {r['experts']:.1f} ({r['ref_experts']:.1f}) | "
+              f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | {r['ref_ms']:.1f} | "
+              f"{r['paired_ratio']:.2f} | {r['param_bytes_per_task']:,.0f} | {r['data_bytes_per_task']:,.0f} | "
+              f"{r['peak_rss_mb']:,.0f} |")
     last = rows[-1]
     if "save_s" in last:
         print(f"\ncheckpoint of {last['tasks']:,} tasks: {last['checkpoint_mb']:.1f} MB, save {last['save_s']:.2f} s, "

@@ -10,8 +10,9 @@ Per-task and per-domain parameters live in tables (moe.tables): encoders stacked
 width, heads stacked by shape, embeddings in one [T, d_t] table. A batch touches only the
 rows of the tasks and domains in it, whatever the number of tasks the model holds.
 
-A batch is a list of `Chunk`s, one per task present, so inputs of different widths travel
-together through the shared blocks.
+A batch is packed (moe.batch.Batch: one input array per width, runs of rows per task) so
+that its cost is set by its rows, not by the number of tasks in it; `forward(chunks)` takes
+one `Chunk` per task present, packs them and runs the same code.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe.batch import Batch, Layout, TargetKey, layout, rows_by, run_slices, runs_of
 from moe.config import ModelConfig
 from moe.experts.protocol import ExpertGroup
 from moe.layer import MoELayer
@@ -45,6 +47,15 @@ class ModelOutput:
     routings: list[Routing]  # one per block (none when the blocks were switched off)
     aux_loss: float
     features: np.ndarray | None = None  # [B, d_model]: what the heads read (final layer norm)
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    outputs: dict[TargetKey, np.ndarray]  # (kind, n_outputs) -> [n_g, n_outputs], rows in batch order
+    routings: list[Routing]
+    aux_loss: float
+    features: np.ndarray  # [B, d_model]
+    layout: Layout  # where each row of the batch went
 
 
 def head_key(n_outputs: int, hidden: int) -> str:
@@ -138,6 +149,12 @@ class MultiTaskMoE:
             self.encoders[width] = _extend(self.encoders.get(width), rows, _linear_table)
         for key, rows in heads.items():
             self.heads[key] = _extend(self.heads.get(key), rows, _head_table)
+        # per task id, for packed batches: its encoder row, its head table and row in it
+        self._enc_row = np.array([self.space_row[s.input_space] for s in self.tasks], dtype=np.int64)  # [T]
+        self._head_keys = list(self.heads)
+        index = {k: i for i, k in enumerate(self._head_keys)}
+        self._head_of = np.array([index[k] for k, _ in self.head_row], dtype=np.int64)  # [T]
+        self._head_row = np.array([r for _, r in self.head_row], dtype=np.int64)  # [T]
         self.task_emb = EmbeddingTable(np.concatenate([self.task_emb.params["e"], np.stack(embs)]))
 
     def _init_head(self, n_out: int, hidden: int, rng: np.random.Generator) -> tuple:
@@ -179,11 +196,10 @@ class MultiTaskMoE:
             out.setdefault(self.tasks.names[int(self.expert_owner[e])], []).append(e)
         return out
 
-    def _allowed(self, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+    def _allowed(self, row_task: np.ndarray) -> np.ndarray | None:
         """bool [B, E]: the experts each row may use (None when every expert is shared)."""
         if not (self.expert_owner >= 0).any():
             return None
-        row_task = np.repeat(ids, sizes)  # [B]
         owner = self.expert_owner[None, :]  # [1, E]
         return (owner < 0) | (owner == row_task[:, None])  # [B, E]
 
@@ -311,36 +327,48 @@ class MultiTaskMoE:
             raise ValueError(f"each task may appear once per batch, got {[ch.task for ch in chunks]}")
         return ids
 
-    def _groups(self, ids: np.ndarray, bounds: np.ndarray) -> tuple[dict[int, _Group], dict[str, _Group]]:
-        """Which chunks each encoder table and each head table sees, and in what order."""
-        def group(members: list[int], rows: list[int]) -> _Group:
-            # chunks with the same row are made adjacent (stable), so each row is one run
-            order = sorted(range(len(members)), key=lambda j: rows[j])
-            chunks = [members[j] for j in order]
-            pos = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in chunks])
-            run_rows, run_sizes = [], []
-            for j in order:
-                n = int(bounds[members[j] + 1] - bounds[members[j]])
-                if run_rows and run_rows[-1] == rows[j]:
-                    run_sizes[-1] += n
-                else:
-                    run_rows.append(rows[j])
-                    run_sizes.append(n)
-            return _Group(chunks, pos, Runs.of(np.array(run_rows), np.array(run_sizes)))
+    def pack(self, chunks: list[Chunk]) -> Batch:
+        """A list of Chunks (checked, each naming its task in errors) as one packed Batch, in
+        the same row order; targets are packed when every chunk has them."""
+        ids = self._check_chunks(chunks)
+        starts = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([ch.x.shape[0] for ch in chunks], out=starts[1:])
+        cols = self.tasks.columns()
+        x = _stack_by(cols.n_inputs[ids], [ch.x for ch in chunks], lambda k: int(k))
+        y = None
+        if all(ch.y is not None for ch in chunks):
+            y = _stack_by(cols.target[ids], [ch.y for ch in chunks], lambda k: cols.targets[k])
+        return Batch(ids, starts, x, y)
 
-        enc_members: dict[int, tuple[list[int], list[int]]] = {}
-        head_members: dict[str, tuple[list[int], list[int]]] = {}
-        for i, tid in enumerate(ids):
-            spec = self.tasks.spec(int(tid))
-            m = enc_members.setdefault(spec.n_inputs, ([], []))
-            m[0].append(i)
-            m[1].append(self.space_row[spec.input_space])
-            key, row = self.head_row[int(tid)]
-            h = head_members.setdefault(key, ([], []))
-            h[0].append(i)
-            h[1].append(row)
-        return ({w: group(*m) for w, m in enc_members.items()},
-                {k: group(*m) for k, m in head_members.items()})
+    def check_batch(self, batch: Batch) -> Layout:
+        """Validate a packed batch against this model; return where its rows go."""
+        n_tasks, t, st = len(self.tasks), batch.tasks, batch.starts
+        if not isinstance(t, np.ndarray) or t.ndim != 1 or t.dtype.kind not in "iu" or t.size == 0:
+            got = f"{t.dtype}{list(t.shape)}" if isinstance(t, np.ndarray) else type(t).__name__
+            raise ValueError(f"batch tasks must be a non-empty int array [u], got {got}")
+        if t.min() < 0 or t.max() >= n_tasks:
+            raise ValueError(f"batch task ids must be in [0, {n_tasks}), got [{t.min()}, {t.max()}]")
+        if (not isinstance(st, np.ndarray) or st.shape != (t.size + 1,) or st.dtype.kind not in "iu"
+                or st[0] != 0 or (np.diff(st) < 1).any()):
+            got = f"{st.dtype}{list(st.shape)}" if isinstance(st, np.ndarray) else type(st).__name__
+            raise ValueError(f"batch starts must be ints [{t.size + 1}] rising from 0 by at least 1 "
+                             f"(each task needs an example), got {got}")
+        if np.unique(t).size != t.size:
+            raise ValueError(f"each task may appear once per batch, got task ids {t.tolist()[:10]}")
+        lay = layout(t.astype(np.int64), st.astype(np.int64), self.tasks.columns())
+        if not isinstance(batch.x, dict) or set(batch.x) != set(lay.width_rows):
+            got = sorted(batch.x) if isinstance(batch.x, dict) else type(batch.x).__name__
+            raise ValueError(f"batch inputs must be keyed by its tasks' input widths {sorted(lay.width_rows)}, got {got}")
+        for w, rows in lay.width_rows.items():
+            x = batch.x[w]
+            if not isinstance(x, np.ndarray) or x.shape != (rows.size, w):
+                got = list(x.shape) if isinstance(x, np.ndarray) else type(x).__name__
+                raise ValueError(f"batch inputs of width {w}: expected [{rows.size}, {w}], got {got}")
+            if x.dtype != self.dtype:
+                raise ValueError(f"batch inputs of width {w} must be {self.dtype}, got {x.dtype}")
+            if not np.isfinite(x).all():
+                raise ValueError(f"batch inputs of width {w} contain NaN or Inf")
+        return lay
 
     def forward(
         self,
@@ -355,21 +383,47 @@ class MultiTaskMoE:
         """moe_off=True leaves every MoE block's output out (the ablation "without experts").
         grad: keep what backward needs (default: when training); see MoELayer.forward.
         routing="balanced" routes with capacity-bounded balanced assignment (inference only;
-        see moe.routing.balanced)."""
-        ids = self._check_chunks(chunks)
-        sizes = np.array([ch.x.shape[0] for ch in chunks], dtype=np.int64)
-        bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=bounds[1:])
-        enc_groups, head_groups = self._groups(ids, bounds)
-        h = np.empty((int(bounds[-1]), self.config.d_model), dtype=self.dtype)  # [B, d]
-        for width, g in enc_groups.items():
-            x = np.concatenate([chunks[i].x for i in g.chunks])  # [n_g, d_in]
-            h[g.pos] = self.encoders[width].forward(x, g.runs)  # [n_g, d]
+        see moe.routing.balanced). The same computation as forward_batch(self.pack(chunks)),
+        bit for bit, with outputs split back into one array per chunk."""
+        batch = self.pack(chunks)
+        lay = layout(batch.tasks, batch.starts, self.tasks.columns())
+        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing)
+        slices = run_slices(lay, batch.starts, batch.tasks, self.tasks.columns())
+        if self._cache is not None:
+            self._cache = (*self._cache, slices)
+        return ModelOutput([out.outputs[k][a:b] for k, a, b in slices], out.routings, out.aux_loss, out.features)
+
+    def forward_batch(
+        self,
+        batch: Batch,
+        *,
+        train: bool = True,
+        rng: np.random.Generator | None = None,
+        moe_off: bool = False,
+        grad: bool | None = None,
+        routing: str = "topk",
+    ) -> BatchOutput:
+        """forward over a packed batch (checked first): outputs per target group (kind, n_outputs)."""
+        lay = self.check_batch(batch)
+        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing)
+        if self._cache is not None:
+            self._cache = (*self._cache, None)
+        return out
+
+    def _forward(self, batch: Batch, lay: Layout, *, train, rng, moe_off, grad, routing) -> BatchOutput:
+        cols, row_task = self.tasks.columns(), lay.row_task
+        h = np.empty((batch.n, self.config.d_model), dtype=self.dtype)  # [B, d]
+        enc_cache = []
+        for width, rows in lay.width_rows.items():
+            order, table_rows, starts = runs_of(self._enc_row[row_task[rows]])
+            pos = rows[order]  # [n_w] batch rows in the order the table sees them
+            h[pos] = self.encoders[width].forward(batch.x[width][order], Runs(table_rows, starts))  # [n_w, d]
+            enc_cache.append((width, pos))
         uses_emb = any(layer.d_gate_extra for layer in self.layers) and not moe_off
-        emb = self.task_emb.forward(Runs.of(ids, sizes)) if uses_emb else None  # [B, d_t]
+        emb = self.task_emb.forward(Runs(batch.tasks, batch.starts)) if uses_emb else None  # [B, d_t]
         routings = []
         if not moe_off:
-            allowed = self._allowed(ids, sizes)  # [B, E] or None
+            allowed = self._allowed(row_task)  # [B, E] or None
             for ln, layer in self.blocks:
                 z = ln.forward(h)  # [B, d]
                 y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng,
@@ -377,15 +431,21 @@ class MultiTaskMoE:
                 h = h + y  # [B, d]
                 routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]
-        outs: list[np.ndarray | None] = [None] * len(chunks)
-        for key, g in head_groups.items():
-            y = self.heads[key].forward(hf[g.pos], g.runs)  # [n_g, n_out]
-            off = 0
-            for i in g.chunks:
-                outs[i] = y[off : off + sizes[i]]
-                off += sizes[i]
-        self._cache = (enc_groups, head_groups, bounds, moe_off, uses_emb)
-        return ModelOutput(outs, routings, float(sum(r.aux_loss for r in routings)), hf)
+        outs = {key: np.empty((rows.size, key[1]), dtype=self.dtype) for key, rows in lay.target_rows.items()}
+        row_target = cols.target[row_task]  # [B]
+        head_cache = []
+        for k, rows in rows_by(self._head_of[batch.tasks], batch.sizes).items():
+            order, table_rows, starts = runs_of(self._head_row[row_task[rows]])
+            pos = rows[order]  # [n_k]
+            key = self._head_keys[k]
+            y = self.heads[key].forward(hf[pos], Runs(table_rows, starts))  # [n_k, n_out]
+            parts = _parts(row_target[pos])
+            for t, sel in parts:
+                at = lay.rank[pos if sel is None else pos[sel]]
+                outs[cols.targets[t]][at] = y if sel is None else y[sel]
+            head_cache.append((key, pos, parts))
+        self._cache = (enc_cache, head_cache, lay, batch.n, moe_off, uses_emb)
+        return BatchOutput(outs, routings, float(sum(r.aux_loss for r in routings)), hf, lay)
 
     def backward(self, d_outputs: list[np.ndarray]) -> None:
         """Gradients of (task losses + aux losses) into self.grads; d_outputs as from forward.
@@ -393,16 +453,42 @@ class MultiTaskMoE:
         Only the rows of tables this batch used get gradients; every other row's gradient is 0."""
         if self._cache is None:
             raise ValueError("model backward called before forward")
-        enc_groups, head_groups, bounds, moe_off, uses_emb = self._cache
-        self._cache = None
+        slices = self._cache[-1]
+        if slices is None:
+            raise ValueError("the last forward was forward_batch: call backward_batch")
+        if len(d_outputs) != len(slices):
+            raise ValueError(f"expected one output gradient per chunk ({len(slices)}), got {len(d_outputs)}")
+        d: dict[TargetKey, list[np.ndarray]] = {}
+        for (key, _, _), g in zip(slices, d_outputs, strict=True):
+            d.setdefault(key, []).append(g)
+        self.backward_batch({k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in d.items()})
+
+    def backward_batch(self, d_outputs: dict[TargetKey, np.ndarray]) -> None:
+        """backward for forward_batch: d_outputs per target group, shaped like its outputs."""
+        if self._cache is None:
+            raise ValueError("model backward called before forward")
+        enc_cache, head_cache, lay, n, moe_off, uses_emb = self._cache[:-1]
         if moe_off:
             raise ValueError("backward through a forward with moe_off=True is not supported")
+        for key, rows in lay.target_rows.items():
+            g = d_outputs.get(key)
+            if not isinstance(g, np.ndarray) or g.shape != (rows.size, key[1]):
+                got = "nothing" if g is None else (list(g.shape) if isinstance(g, np.ndarray) else type(g).__name__)
+                raise ValueError(f"output gradient of {key[0]} tasks with {key[1]} outputs: expected "
+                                 f"[{rows.size}, {key[1]}], got {got}")
+        self._cache = None
         for table in self.tables().values():
             table.zero_grad()
-        d_hf = np.empty((int(bounds[-1]), self.config.d_model), dtype=self.dtype)  # [B, d]
-        for key, g in head_groups.items():
-            dy = np.concatenate([d_outputs[i] for i in g.chunks])  # [n_g, n_out]
-            d_hf[g.pos] = self.heads[key].backward(dy)
+        targets = self.tasks.columns().targets
+        d_hf = np.empty((n, self.config.d_model), dtype=self.dtype)  # [B, d]
+        for key, pos, parts in head_cache:
+            if parts[0][1] is None:
+                dy = d_outputs[targets[parts[0][0]]][lay.rank[pos]]  # [n_k, n_out]
+            else:
+                dy = np.empty((pos.size, targets[parts[0][0]][1]), dtype=self.dtype)  # [n_k, n_out]
+                for t, sel in parts:
+                    dy[sel] = d_outputs[targets[t]][lay.rank[pos[sel]]]
+            d_hf[pos] = self.heads[key].backward(dy)
         dh = self.final_ln.backward(d_hf)  # [B, d]
         d_emb = np.zeros((dh.shape[0], self.config.d_task_emb), dtype=self.dtype)  # [B, d_t]
         for ln, layer in reversed(self.blocks):
@@ -410,10 +496,29 @@ class MultiTaskMoE:
             dh = dh + ln.backward(dz)
             if layer.grad_task_emb is not None:
                 d_emb += layer.grad_task_emb
-        for width, g in enc_groups.items():
-            self.encoders[width].backward(dh[g.pos])
+        for width, pos in enc_cache:
+            self.encoders[width].backward(dh[pos])
         if uses_emb:
             self.task_emb.backward(d_emb)
+
+
+def _stack_by(run_key: np.ndarray, arrays: list[np.ndarray], name) -> dict:
+    """{name(key): the arrays of the runs with that key, concatenated in order}, keys in order of first appearance."""
+    keys, first = np.unique(run_key, return_index=True)
+    if keys.size == 1:
+        return {name(keys[0]): arrays[0] if len(arrays) == 1 else np.concatenate(arrays)}
+    out = {}
+    for i in np.argsort(first, kind="stable"):
+        sel = [a for a, k in zip(arrays, run_key.tolist(), strict=True) if k == keys[i]]
+        out[name(keys[i])] = sel[0] if len(sel) == 1 else np.concatenate(sel)
+    return out
+
+
+def _parts(row_target: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+    """[(target index, bool mask of the rows with it, or None for all)] of some rows."""
+    if (row_target == row_target[0]).all():
+        return [(int(row_target[0]), None)]
+    return [(int(t), row_target == t) for t in np.unique(row_target)]
 
 
 def _linear_table(rows: list) -> LinearTable:

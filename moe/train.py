@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from moe import checkpoint as ckpt
+from moe.batch import Batch, TargetKey, layout, run_slices
 from moe.config import Config
 from moe.experts.protocol import ExpertGroup, ExpertGroupFailure
-from moe.model import Chunk, MultiTaskMoE
+from moe.model import BatchOutput, Chunk, MultiTaskMoE
 from moe.optim import Adam, AdamConfig, clip_scale, lr_at, noise_scale_at
 from moe.profiling.stats import cv
 from moe.progress import Progress
@@ -39,28 +40,36 @@ class TooManyFailures(RuntimeError):
     the run gives up (`moe train` prints one line and exits with status 3)."""
 
 
-def task_loss(model: MultiTaskMoE, chunks: list[Chunk], outputs: list[np.ndarray]):
+def batch_loss(model: MultiTaskMoE, batch: Batch, out: BatchOutput) -> tuple[float, dict[TargetKey, np.ndarray]]:
     """sum over rows of w_task * loss(row) / B (each task's loss weighted by its share of the
-    batch), and d loss / d outputs. One loss call per (kind, width), not per task."""
-    sizes = [ch.x.shape[0] for ch in chunks]
-    B = sum(sizes)
-    groups: dict[tuple[str, int], list[int]] = {}
-    specs = [model.tasks.spec(ch.task) for ch in chunks]
-    for i, spec in enumerate(specs):
-        groups.setdefault((spec.kind, spec.n_outputs), []).append(i)
-    total, grads = 0.0, [None] * len(chunks)
-    for (kind, _), idx in groups.items():
-        out = np.concatenate([outputs[i] for i in idx])  # [n_g, n_out]
-        y = np.concatenate([chunks[i].y for i in idx])
-        w = np.repeat([specs[i].loss_weight / B for i in idx], [sizes[i] for i in idx])  # [n_g]
-        rows, g = row_losses(kind, out, y)  # [n_g], [n_g, n_out]
-        total += float(w @ rows)
+    batch), and d loss / d outputs per target group. One loss call per (kind, width), not per task."""
+    if batch.y is None:
+        raise ValueError("the batch has no targets: a loss needs them")
+    weight = model.tasks.columns().loss_weight
+    lay, B = out.layout, batch.n
+    total, grads = 0.0, {}
+    for key, rows in lay.target_rows.items():
+        w = weight[lay.row_task[rows]] / B  # [n_g]
+        per_row, g = row_losses(key[0], out.outputs[key], batch.y[key])  # [n_g], [n_g, n_out]
+        total += float(w @ per_row)
         g *= w.astype(g.dtype)[:, None]
-        off = 0
-        for i in idx:
-            grads[i] = g[off : off + sizes[i]]
-            off += sizes[i]
+        grads[key] = g
     return total, grads
+
+
+def task_loss(model: MultiTaskMoE, chunks: list[Chunk], outputs: list[np.ndarray]):
+    """batch_loss for a list of Chunks and their outputs (as from model.forward): the loss and
+    one gradient per chunk."""
+    batch = model.pack(chunks)
+    cols = model.tasks.columns()
+    lay = layout(batch.tasks, batch.starts, cols)
+    slices = run_slices(lay, batch.starts, batch.tasks, cols)
+    by_key: dict[TargetKey, list[np.ndarray]] = {}
+    for (key, _, _), o in zip(slices, outputs, strict=True):
+        by_key.setdefault(key, []).append(o)
+    packed = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in by_key.items()}
+    total, grads = batch_loss(model, batch, BatchOutput(packed, [], 0.0, None, lay))
+    return total, [grads[k][a:b] for k, a, b in slices]
 
 
 def predict_split(model: MultiTaskMoE, data: TaskData, split: str) -> np.ndarray:
@@ -170,12 +179,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         t = self.config.train
-        chunks = self.sampler.next_batch()
+        batch = self.sampler.next_packed()
         noise = noise_scale_at(self.step, final=t.noise_final, total=t.steps)
         self.model.set_noise_scale(noise)
-        out = self.model.forward(chunks, train=True, rng=self.rng_noise)
-        loss, d_outs = task_loss(self.model, chunks, out.outputs)
-        self.model.backward(d_outs)
+        out = self.model.forward_batch(batch, train=True, rng=self.rng_noise)
+        loss, d_outs = batch_loss(self.model, batch, out)
+        self.model.backward_batch(d_outs)
         grads = self.model.grads
         tables = self.model.tables()
         sq = sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in self.shared_names)

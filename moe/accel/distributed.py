@@ -173,7 +173,7 @@ def death_reason(rc: int, log_text: str) -> str:
 _ECHOES = ("stopped sending heartbeats", "lost the coordinator", "dropped its connection")
 
 
-def _is_consequence(w: "Worker") -> bool:
+def _is_consequence(w: Worker) -> bool:
     """Whether a failed worker only stopped because another one did (a dropped peer, a lost
     coordinator): when both are seen in one poll, the report names the one that died first."""
     return any(e in death_reason(w.proc.returncode, _read(w.log)[-20000:]) for e in _ECHOES)

@@ -152,6 +152,17 @@ class TaskSpec:
         return cls(**dict(d))
 
 
+@dataclass(frozen=True)
+class TaskColumns:
+    """Per-task facts as arrays indexed by task id, so a batch over thousands of tasks looks
+    them up with one gather instead of a Python call per task."""
+
+    n_inputs: np.ndarray  # int64 [T]
+    target: np.ndarray  # int64 [T]: the task's index in `targets`
+    targets: tuple[tuple[str, int], ...]  # distinct (kind, n_outputs), in order of registration
+    loss_weight: np.ndarray  # float64 [T]
+
+
 class TaskRegistry:
     """Ordered map name -> id (0..T-1) of TaskSpecs; ids never change once given."""
 
@@ -159,6 +170,7 @@ class TaskRegistry:
         self._specs: list[TaskSpec] = []
         self._ids: dict[str, int] = {}
         self._domain_width: dict[str, int] = {}  # input space -> its width
+        self._columns: TaskColumns | None = None
         for s in specs:
             self.add(s)
 
@@ -179,7 +191,19 @@ class TaskRegistry:
         self._domain_width[spec.input_space] = spec.n_inputs
         self._ids[spec.name] = len(self._specs)
         self._specs.append(spec)
+        self._columns = None
         return self._ids[spec.name]
+
+    def columns(self) -> TaskColumns:
+        """Every task's input width, target group and loss weight as arrays (rebuilt after add)."""
+        if self._columns is None:
+            targets: dict[tuple[str, int], int] = {}
+            index = [targets.setdefault((s.kind, s.n_outputs), len(targets)) for s in self._specs]
+            self._columns = TaskColumns(
+                np.array([s.n_inputs for s in self._specs], dtype=np.int64),
+                np.array(index, dtype=np.int64), tuple(targets),
+                np.array([s.loss_weight for s in self._specs], dtype=np.float64))
+        return self._columns
 
     def id(self, name: str) -> int:
         """Integer id of a task name."""
