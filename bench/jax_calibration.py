@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ def worker(n_devices: int, layouts: list[tuple[int, int]], steps: int) -> dict:
     from moe.accel.jax_train import JaxTrainer
     from moe.accel.layout import Layout
     from moe.accel.plan_cli import shape_from_config
+    from moe.accel.xla_rates import xla_cpu_mesh
     from moe.config import Config, DataConfig, ModelConfig, TrainConfig
     from moe.datasets import load_source, source_of
 
@@ -73,9 +75,19 @@ def worker(n_devices: int, layouts: list[tuple[int, int]], steps: int) -> dict:
                 times.append(time.perf_counter() - t0)
         shape = shape_from_config(dataclasses.replace(config), lay.batch, [d.spec for d in data])
         rep = predict(shape, pod, ep, dp, tokens_per_device=TOKENS_PER_DEVICE)
+        # XLA's own rates on these devices for this layout's kernels: the experts' GEMM
+        # (the busiest device's rows over its local experts) and Adam over its parameters
+        e_local = rep.experts_per_device
+        gemm = (e_local, math.ceil(rep.expert_rows / e_local), D, H)
+        adam_elems = round(sum(g.numel / (ep if g.expert else 1) for g in shape.param_groups()))
+        xla_pod, exchange = xla_cpu_mesh(device, gemm, adam_elems, rep.capacity * E, D, seconds=3.0)  # [E, C] send buffers
+        xla = predict(shape, xla_pod, ep, dp, tokens_per_device=TOKENS_PER_DEVICE)
         rows.append({"ep": ep, "dp": dp, "measured_s": statistics.median(times),
                      "spread": [min(times), max(times)], "predicted_s": rep.step_time,
-                     "parts_s": rep.times, "capacity": rep.capacity})
+                     "parts_s": rep.times, "capacity": rep.capacity,
+                     "xla_predicted_s": xla.step_time, "xla_parts_s": xla.times, "gemm": list(gemm),
+                     "adam_elems": adam_elems, "xla_flops": xla_pod.device.peak_flops,
+                     "xla_bw": xla_pod.device.hbm_bw, "xla_link": exchange, "model_link": xla_pod.device.link_bw})
     return {"device": {"peak_flops": device.peak_flops, "hbm_bw": device.hbm_bw,
                        "router_elem_s": device.router_elem_s, "dispatch_elem_s": device.dispatch_elem_s},
             "jax": jax.__version__, "rows": rows}
@@ -105,6 +117,7 @@ def main() -> None:
     print(f"d={D} h={H} E={E} k={K} noisy top-k, capacity factor {CF} per device, {TOKENS_PER_DEVICE} rows/device; "
           f"median of {a.steps} compiled steps\n")
     parts = list(r["rows"][0]["parts_s"])
+    print("numpy-measured rates (each device 1/N of this machine's sgemm and copy):")
     print(f"{'EP x DP':>8} {'predicted ms':>13} {'measured ms':>12} {'measured/pred':>14} {'range ms':>13}   "
           + " ".join(f"{n:>10}" for n in parts) + "  (predicted ms)")
     for row in r["rows"]:
@@ -112,6 +125,15 @@ def main() -> None:
         print(f"{row['ep']:>3} x {row['dp']:<3} {row['predicted_s'] * 1e3:>13.1f} {row['measured_s'] * 1e3:>12.1f} "
               f"{row['measured_s'] / row['predicted_s']:>14.2f} {lo * 1e3:>6.0f}-{hi * 1e3:<6.0f}   "
               + " ".join(f"{row['parts_s'][n] * 1e3:>10.1f}" for n in parts))
+    print("\nXLA-measured rates (moe.accel.xla_rates: every device at once runs the layout's expert GEMM "
+          "and an Adam update of its parameters; the all-to-all rate of its send buffers is shown, not used):")
+    print(f"{'EP x DP':>8} {'GEMM [g,m,k,n]':>18} {'GFLOP/s/dev':>12} {'GB/s/dev':>9} {'a2a GB/s (model)':>17} {'predicted ms':>13} "
+          f"{'measured ms':>12} {'measured/pred':>14}   " + " ".join(f"{n:>10}" for n in parts) + "  (predicted ms)")
+    for row in r["rows"]:
+        print(f"{row['ep']:>3} x {row['dp']:<3} {str(row['gemm']):>18} {row['xla_flops'] / 1e9:>12.2f} "
+              f"{row['xla_bw'] / 1e9:>9.2f} {row['xla_link'] / 1e9:>9.2f} ({row['model_link'] / 1e9:.2f}) {row['xla_predicted_s'] * 1e3:>13.1f} {row['measured_s'] * 1e3:>12.1f} "
+              f"{row['measured_s'] / row['xla_predicted_s']:>14.2f}   "
+              + " ".join(f"{row['xla_parts_s'][n] * 1e3:>10.1f}" for n in parts))
 
 
 if __name__ == "__main__":
