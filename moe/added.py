@@ -83,6 +83,8 @@ def save_added(
     checkpoint, whether it is resumable). data: every task, in the model's registry order."""
     manifest, files, where = ckpt.load_checkpoint(source)
     new_config = dataclasses.replace(config, model=model.config)
+    if (model.expert_owner >= 0).any():  # balanced seats would open grown experts to other tasks
+        new_config = dataclasses.replace(new_config, train=dataclasses.replace(new_config.train, balanced_share=0.0))
     if manifest.get("resumable") is False or "data_cursor" not in manifest:
         extra = {"data_source": data_source, "added_from": str(ckpt.resolve(source))}
         return save_model(out / "checkpoints", int(manifest["step"]), model, new_config, extra), False

@@ -206,8 +206,10 @@ def _report_training(args, config, data, result, model, recovering=None) -> int:
         config, data, model, result.test, baselines if config.train.baseline != "none" else None,
         echo=lambda m: say(args, m)))
     about = {"checkpoint": str(result.checkpoint), "step": result.step}
-    profile = guarded("profile", lambda: collect_profile(model, data, split="train", batch_size=config.train.batch_size,
-                                                         progress=config.train.progress, about=about))
+    t = config.train  # profile the routing the model trained with
+    profile = guarded("profile", lambda: collect_profile(
+        model, data, split="train", batch_size=t.batch_size, progress=t.progress, about=about, routing=t.routing,
+        balance_factor=t.balanced_factor, noise_seed=None if t.routing == "balanced" else 0))
     placement, note = shard_placement(config.shards, model.config.n_experts)
     files = write_profile(profile, out / "profile", placement=placement)
     balance = balance_summary(profile)

@@ -69,16 +69,20 @@ def train_dense(config: Config, data: list[TaskData], hidden: int) -> dict[str, 
 
 
 def specialisation(model: MultiTaskMoE, data: list[TaskData], *, seed: int,
-                   related: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
+                   related: Callable[[str, str], bool] | None = None,
+                   train_routing: tuple[str, float] = ("topk", 1.25)) -> dict[str, Any]:
     """Mutual information (first block) with training-time and noise-free routing on the train
-    split; with `related`, the mean expert overlap of related and of unrelated task pairs."""
+    split; with `related`, the mean expert overlap of related and of unrelated task pairs.
+    train_routing: (routing, balance factor) the model trained with (TrainConfig.routing)."""
     names = list(model.tasks.names)
     out: dict[str, Any] = {}
-    for mode, noise_seed in (("train", seed), ("noise_free", None)):
-        prof = collect_profile(model, data, split="train", noise_seed=noise_seed)
+    routing, factor = train_routing
+    for mode, noise_seed, how in (("train", None if routing == "balanced" else seed, routing), ("noise_free", None, "topk")):
+        prof = collect_profile(model, data, split="train", noise_seed=noise_seed, routing=how, balance_factor=factor)
         counts = prof.layer("block0").task_expert_matrix("counts")
         mi, per_task = mutual_information(counts)
-        out[mode] = {"mutual_information": mi, "per_task": dict(zip(names, per_task.tolist(), strict=True))}
+        out[mode] = {"mutual_information": mi, "per_task": dict(zip(names, per_task.tolist(), strict=True)),
+                     "routing": how, **({"balance_factor": factor} if how == "balanced" else {})}
         if related is not None:
             ids = [model.tasks.id(d.name) for d in data]
             pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
@@ -150,13 +154,17 @@ def after_training(config: Config, data: list[TaskData], model: MultiTaskMoE,
         for label, hidden in (("dense, active size", c.k * c.d_hidden), ("dense, total size", c.n_experts * c.d_hidden)):
             echo(f"training a dense model of {hidden} hidden units per block on the same batches ...")
             columns[f"{label} ({hidden})"] = train_dense(config, data, hidden)
-    spec = specialisation(model, data, seed=config.train.seed, related=skill_relatedness_of(config))
+    spec = specialisation(model, data, seed=config.train.seed, related=skill_relatedness_of(config),
+                          train_routing=(config.train.routing, config.train.balanced_factor))
     return {"columns": columns, "specialisation": spec, "inference": balanced_inference(model, data, seed=config.train.seed)}
 
 
 def specialisation_lines(spec: dict[str, Any]) -> list[str]:
     lines = []
-    modes = [("train", "while training (gate noise as at the last step)"), ("noise_free", "noise-free")]
+    t = spec["train"]
+    how = (f"balanced seats, factor {t['balance_factor']:g}" if t.get("routing") == "balanced"
+           else "gate noise as at the last step")
+    modes = [("train", f"while training ({how})"), ("noise_free", "noise-free top-k")]
     if spec["train"] == spec["noise_free"]:  # a gate without noise trains with the routing it is used with
         modes = [("noise_free", "(no gate noise: the same while training and at inference)")]
     for mode, label in modes:

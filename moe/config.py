@@ -83,6 +83,13 @@ class TrainConfig:
     # gate noise std scale at the last step; it falls linearly from 1 (Shazeer's noise) at
     # step 0, so the routing the model trains with ends close to the one it is used with
     noise_final: float = 1.0
+    # the last share of the training steps route by the balanced assignment (moe.routing
+    # .balanced) with ceil(balanced_factor * B * k / E) seats per expert instead of the gate's
+    # top-k: every expert takes the same rows (balanced_factor 1.0: exactly B k / E each),
+    # and the model learns to work on the experts a capacity-bounded server gives it (BASE
+    # layers train on their assignment); the first steps, with top-k, settle the routing
+    balanced_share: float = 0.5
+    balanced_factor: float = 1.0
     clip_norm: float = 1.0
     weight_decay: float = 0.0
     sampling: str = "temperature"
@@ -95,6 +102,12 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
 
+    @property
+    def routing(self) -> str:
+        """The routing most training steps take ("balanced" or "topk"): what a profile of the
+        routing the model trains with should route by."""
+        return "balanced" if self.balanced_share >= 0.5 else "topk"  # the model's last steps
+
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "keep_last"):
             v = getattr(self, name)
@@ -104,6 +117,9 @@ class TrainConfig:
         _need(self.lr > 0 and math.isfinite(self.lr), "train.lr must be > 0", self.lr)
         _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]", self.min_lr_ratio)
         _need(0 < self.noise_final <= 1, "train.noise_final must be in (0, 1]", self.noise_final)
+        _need(0 <= self.balanced_share <= 1, "train.balanced_share must be in [0, 1]", self.balanced_share)
+        _need(1 <= self.balanced_factor <= 64 and math.isfinite(self.balanced_factor),
+              "train.balanced_factor must be in [1, 64]", self.balanced_factor)
         _need(self.clip_norm >= 0, "train.clip_norm must be >= 0 (0 = no clipping)", self.clip_norm)
         _need(self.weight_decay >= 0, "train.weight_decay must be >= 0", self.weight_decay)
         if isinstance(self.baseline, bool) or self.baseline is None:  # older configs: true = the per-task nets

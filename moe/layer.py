@@ -258,9 +258,11 @@ class MoELayer:
         allowed (bool [B, E], optional): the experts each row may be routed to (experts grown
         for one task are closed to the others); None: every expert.
 
-        routing="balanced" (inference only) seats each example on k experts with at most
+        routing="balanced" seats each example on k experts with at most
         ceil(balance_factor * B * k / E) examples per expert (moe.routing.balanced) instead of
-        the gate's top-k; the layer's capacity factor does not apply then (nothing is dropped)."""
+        the gate's top-k; the layer's capacity factor does not apply then (nothing is dropped).
+        With grad (training) the gate runs on those seats (`_seats`), so backward is the gate's
+        own; without, no gate state is kept."""
         keep = train if grad is None else grad
         x_gate = gate_input(
             x, task_emb, self.d_model, self.d_gate_extra, self.dtype, self.route_on_x
@@ -268,8 +270,10 @@ class MoELayer:
         if routing == "balanced":
             if allowed is not None:  # its seats would put rows on experts closed to them
                 raise ValueError("balanced routing does not support experts closed to some tasks (grown by add-task)")
-            return self._forward_balanced(x, x_gate, train, balance_factor)
-        if routing != "topk":
+            if not keep:
+                return self._forward_balanced(x, x_gate, train, balance_factor)
+            allowed = self._seats(x_gate, balance_factor)  # train through the balanced seats
+        elif routing != "topk":
             raise ValueError(f"routing must be 'topk' or 'balanced', got {routing!r}")
         g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng, allowed=allowed)
         y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts, keep)  # [B, d], _, [B, k]
@@ -285,9 +289,21 @@ class MoELayer:
         )
         return y, routing
 
+    def _seats(self, x_gate: np.ndarray, factor: float) -> np.ndarray:
+        """bool [B, E]: each row's k balanced seats (moe.routing.balanced on the clean logits).
+        Trained through as `allowed`: the gate's top-k among exactly these k experts is them,
+        its gates are the softmax over their logits, and backward is the top-k gate's own, so
+        the model learns to work on the experts a balanced assignment gives it (BASE layers
+        train on their assignment the same way)."""
+        B, E, k = x_gate.shape[0], self.n_experts, self.k
+        clean = tiled_matmul(x_gate, self.gate.params["w_gate"])  # [B, E]
+        index = balanced_topk(clean, k, balanced_capacity(factor, B, k, E))  # [B, k]
+        seats = np.zeros((B, E), dtype=bool)
+        np.put_along_axis(seats, index.astype(np.int64), True, axis=1)
+        return seats
+
     def _forward_balanced(self, x: np.ndarray, x_gate: np.ndarray, train: bool, factor: float):
-        if train:
-            raise ValueError("balanced routing is for inference (train=False)")
+        """The balanced seats without any gate state (by the clean logits: no noise)."""
         B, E, k = x.shape[0], self.n_experts, self.k
         clean = tiled_matmul(x_gate, self.gate.params["w_gate"])  # [B, E], as the top-k gate computes it
         index = balanced_topk(clean, k, balanced_capacity(factor, B, k, E))  # [B, k]

@@ -379,15 +379,18 @@ class MultiTaskMoE:
         moe_off: bool = False,
         grad: bool | None = None,
         routing: str = "topk",
+        balance_factor: float = 1.25,
     ) -> ModelOutput:
         """moe_off=True leaves every MoE block's output out (the ablation "without experts").
         grad: keep what backward needs (default: when training); see MoELayer.forward.
-        routing="balanced" routes with capacity-bounded balanced assignment (inference only;
-        see moe.routing.balanced). The same computation as forward_batch(self.pack(chunks)),
+        routing="balanced" routes with capacity-bounded balanced assignment, at most
+        ceil(balance_factor * B * k / E) rows per expert (moe.routing.balanced); when training,
+        the model trains through those seats (MoELayer.forward). The same computation as forward_batch(self.pack(chunks)),
         bit for bit, with outputs split back into one array per chunk."""
         batch = self.pack(chunks)
         lay = layout(batch.tasks, batch.starts, self.tasks.columns())
-        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing)
+        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing,
+                            balance_factor=balance_factor)
         slices = run_slices(lay, batch.starts, batch.tasks, self.tasks.columns())
         if self._cache is not None:
             self._cache = (*self._cache, slices)
@@ -402,15 +405,17 @@ class MultiTaskMoE:
         moe_off: bool = False,
         grad: bool | None = None,
         routing: str = "topk",
+        balance_factor: float = 1.25,
     ) -> BatchOutput:
         """forward over a packed batch (checked first): outputs per target group (kind, n_outputs)."""
         lay = self.check_batch(batch)
-        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing)
+        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing,
+                            balance_factor=balance_factor)
         if self._cache is not None:
             self._cache = (*self._cache, None)
         return out
 
-    def _forward(self, batch: Batch, lay: Layout, *, train, rng, moe_off, grad, routing) -> BatchOutput:
+    def _forward(self, batch: Batch, lay: Layout, *, train, rng, moe_off, grad, routing, balance_factor) -> BatchOutput:
         cols, row_task = self.tasks.columns(), lay.row_task
         h = np.empty((batch.n, self.config.d_model), dtype=self.dtype)  # [B, d]
         enc_cache = []
@@ -427,7 +432,7 @@ class MultiTaskMoE:
             for ln, layer in self.blocks:
                 z = ln.forward(h)  # [B, d]
                 y, r = layer.forward(z, emb if layer.d_gate_extra else None, train=train, rng=rng,
-                                     grad=grad, routing=routing, allowed=allowed)
+                                     grad=grad, routing=routing, balance_factor=balance_factor, allowed=allowed)
                 h = h + y  # [B, d]
                 routings.append(r)
         hf = self.final_ln.forward(h)  # [B, d]

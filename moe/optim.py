@@ -108,17 +108,21 @@ class LowRank:
 
     def sq_norms(self) -> np.ndarray:
         """float64 [n]: each row's squared Frobenius norm without building it, from the Gram
-        identity |sum_r u_r v_r^T|^2 = sum_{r,s} (u_r . u_s)(v_r . v_s), over the pairs of
-        one row's products (counts[i]^2 of them)."""
-        n, c = self.starts.shape[0], self.counts
-        pairs = c * c  # [n]
-        seg = np.repeat(np.arange(n), pairs)  # [P] row of each pair
-        k = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # [P] pair index in its row
-        r, q = self.starts[seg] + k // c[seg], self.starts[seg] + k % c[seg]  # [P], [P]
-        vv = np.einsum("ij,ij->i", self.v[r], self.v[q], dtype=np.float64)  # [P]
-        if self.u is not None:
-            vv *= np.einsum("ij,ij->i", self.u[r], self.u[q], dtype=np.float64)
-        return np.bincount(seg, weights=vv, minlength=n)
+        identity |sum_r u_r v_r^T|^2 = sum_{r,s} (u_r . u_s)(v_r . v_s). Rows with the same
+        count c are done together: their factors gathered as [m, c, a] and [m, c, b] and the
+        Gram matrices [m, c, c] formed by einsum (numpy's own loops, float64: the bits do not
+        depend on BLAS threads, so shards and coordinator agree)."""
+        out = np.zeros(self.starts.shape[0], dtype=np.float64)
+        for c in np.unique(self.counts).tolist():
+            rows = np.flatnonzero(self.counts == c)  # [m]
+            at = self.starts[rows, None] + np.arange(c)  # [m, c]
+            v = self.v[at]  # [m, c, b]
+            gram = np.einsum("mib,mjb->mij", v, v, dtype=np.float64)  # [m, c, c]
+            if self.u is not None:
+                u = self.u[at]  # [m, c, a]
+                gram *= np.einsum("mia,mja->mij", u, u, dtype=np.float64)
+            out[rows] = gram.sum(axis=(1, 2))
+        return out
 
 
 def _fits_kernel(p: np.ndarray, m: np.ndarray, v: np.ndarray) -> bool:

@@ -41,6 +41,7 @@ def collect_profile(
     progress: bool = False,
     about: dict[str, Any] | None = None,
     routing: str = "topk",
+    balance_factor: float = 1.25,
 ) -> ModelProfile:
     """Route every example of `split` through the model and accumulate each block's decisions.
 
@@ -52,7 +53,8 @@ def collect_profile(
     inference (no noise, load is the hard assignment count). The profile's context records
     all of this (plus `about`, e.g. the checkpoint and step), so every figure drawn from it
     can say what it measured. routing="balanced" routes with the capacity-bounded balanced
-    assignment (moe.routing.balanced), an inference routing: it needs noise_seed=None.
+    assignment (moe.routing.balanced, ceil(balance_factor * B * k / E) seats per expert), by
+    the clean logits: with a noisy gate it needs noise_seed=None.
     """
     if routing == "balanced" and noise_seed is not None and "noisy_topk" in model.config.gates:
         raise ValueError("balanced routing is an inference routing: profile it without gate noise (noise_seed=None)")
@@ -65,6 +67,7 @@ def collect_profile(
         "split": split, "noise": noisy, "noise_seed": noise_seed if noisy else None,
         "tasks": len(data), "examples": int(sum(sizes)), "batch_size": batch_size, "batching": "mixed",
         "gates": list(c.gates), "k": c.k, "capacity_factor": c.capacity_factor, "routing": routing,
+        **({"balance_factor": balance_factor} if routing == "balanced" else {}),
         **(about or {}),
     }
     profile = ModelProfile(len(names), names, context=context)
@@ -78,7 +81,8 @@ def collect_profile(
                 x = splits[t][0][index[task == t]]  # [n_t, d_in_t]
                 chunks.append(Chunk(data[t].name, x))
                 rows.append(np.full(x.shape[0], ids[t], dtype=np.int64))
-            out = model.forward(chunks, train=rng is not None, rng=rng, routing=routing)
+            out = model.forward(chunks, train=rng is not None, rng=rng, routing=routing, grad=False,
+                                balance_factor=balance_factor)
             task_ids = np.concatenate(rows)  # [b], in the model's row order (chunk by chunk)
             for layer, r in enumerate(out.routings):
                 profile.add(f"block{layer}", r, task_ids)
@@ -93,6 +97,8 @@ def balance_summary(profile: ModelProfile) -> dict[str, Any]:
     h, ctx = s["headline"], s["context"]
     out: dict[str, Any] = {k: float(h[k]) for k in ("cv_importance", "cv_load", "max_mean_load", "drop_rate")}
     out.update(split=ctx.get("split"), noise=ctx.get("noise"), examples=int(h["examples"]))
+    if ctx.get("routing") == "balanced":
+        out.update(routing="balanced", balance_factor=ctx.get("balance_factor"))
     return out
 
 

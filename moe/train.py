@@ -125,6 +125,10 @@ class Trainer:
         # Always initialise in this process, so the weights do not depend on where experts run.
         self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init, head_hidden=head_hidden,
                                   expert_owners=expert_owners)
+        if config.train.balanced_share > 0 and (self.model.expert_owner >= 0).any():
+            raise ValueError(f"train.balanced_share={config.train.balanced_share:g} routes through balanced seats, which would put "
+                             f"other tasks' rows on experts grown for one task ({sorted(self.model.expert_owners())}); "
+                             "set train.balanced_share=0")
         self.on_failure = on_failure
         self._failures: list[float] = []
         self.remote = False  # experts live elsewhere: keep a rollback checkpoint from step 0
@@ -182,7 +186,10 @@ class Trainer:
         batch = self.sampler.next_packed()
         noise = noise_scale_at(self.step, final=t.noise_final, total=t.steps)
         self.model.set_noise_scale(noise)
-        out = self.model.forward_batch(batch, train=True, rng=self.rng_noise)
+        balanced = self.step >= t.steps - round(t.balanced_share * t.steps)  # the last share of the steps
+        out = self.model.forward_batch(batch, train=True, rng=self.rng_noise,
+                                       routing="balanced" if balanced else "topk",
+                                       balance_factor=t.balanced_factor)
         loss, d_outs = batch_loss(self.model, batch, out)
         self.model.backward_batch(d_outs)
         grads = self.model.grads

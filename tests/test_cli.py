@@ -124,8 +124,12 @@ def test_train_json_and_files(run):
         assert summary["compared"]["moe"][name] == t["score"] and summary["compared"]["dense net per task"][name] == t["baseline"]
     assert summary["groups"]["moe"]["all"] == pytest.approx(np.mean([t["score"] for t in summary["tasks"].values()]))
     assert set(summary["specialisation"]) == {"train", "noise_free"}
-    assert set(summary["balance"]) == BALANCE_KEYS
+    # the last half of the steps trained on balanced seats (factor 1): its figures are of that routing
+    assert set(summary["balance"]) == BALANCE_KEYS | {"routing", "balance_factor"}
     assert (summary["balance"]["split"], summary["balance"]["noise"]) == ("train", False)  # the default gate has no noise
+    assert (summary["balance"]["routing"], summary["balance"]["balance_factor"]) == ("balanced", 1.0)
+    # every full batch puts exactly B k / E rows on each expert; the split's last batch is partial
+    assert summary["balance"]["max_mean_load"] <= 1.01 and summary["balance"]["cv_load"] <= 0.01
     assert (summary["balance_inference"]["split"], summary["balance_inference"]["noise"]) == ("test", False)
     assert len(summary["tasks"]) == 9
     for t in summary["tasks"].values():

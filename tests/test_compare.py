@@ -114,4 +114,8 @@ def test_specialisation_lines_say_once_what_a_gate_without_noise_trains_with():
                    "1.500 nats; expert overlap of related skill tasks 0.400, unrelated 0.100"]
     two = compare.specialisation_lines({"train": {"mutual_information": 0.5}, "noise_free": {"mutual_information": 1.5}})
     assert two == ["task-expert mutual information while training (gate noise as at the last step): 0.500 nats",
-                   "task-expert mutual information noise-free: 1.500 nats"]
+                   "task-expert mutual information noise-free top-k: 1.500 nats"]
+    bal = compare.specialisation_lines({"train": {"mutual_information": 3.0, "routing": "balanced", "balance_factor": 1.0},
+                                        "noise_free": {"mutual_information": 3.2, "routing": "topk"}})
+    assert bal == ["task-expert mutual information while training (balanced seats, factor 1): 3.000 nats",
+                   "task-expert mutual information noise-free top-k: 3.200 nats"]

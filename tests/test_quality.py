@@ -108,7 +108,8 @@ def test_add_task_from_ten_shots_per_class_beats_scratch_by_ten_points(added):
 
 # Shazeer's per-example noisy router on the 23 original tasks: the balance losses' own effect.
 # The default task router's balance follows which tasks share an expert (bench/RESULTS.md).
-PER_EXAMPLE = ["model.gate=noisy_topk", "model.route_by=example+task", "n_skills=0", "n_digit_sets=0"]
+PER_EXAMPLE = ["model.gate=noisy_topk", "model.route_by=example+task", "n_skills=0", "n_digit_sets=0",
+               "train.balanced_share=0"]  # what the balance losses do to the gate's own top-k
 
 
 def test_balance_losses_balance_the_load(tmp_path):

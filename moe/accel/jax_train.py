@@ -176,6 +176,9 @@ class JaxTrainer:
             raise ValueError("the JAX backend runs the experts on JAX devices; remote expert shards "
                              f"(shards.local={config.shards.local}, shards.endpoints="
                              f"{list(config.shards.endpoints)}) are not supported with --backend jax")
+        top_k_only = f"the JAX backend trains with the gate's top-k routing: train.balanced_share=" \
+                     f"{config.train.balanced_share:g} is set to 0" if config.train.balanced_share else None
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, balanced_share=0.0))
         if config.train.noise_final != 1.0:
             raise ValueError(f"train.noise_final={config.train.noise_final}: the JAX backend trains with the "
                              "full gate noise only (train.noise_final = 1)")
@@ -187,6 +190,8 @@ class JaxTrainer:
         if not self.main:  # one process logs and shows progress
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
             echo = lambda *_: None  # noqa: E731
+        if top_k_only:
+            echo(top_k_only)
         self.config, self.data, self.echo, self.layout = config, data, echo, layout
         self.trainer = Trainer(config, data, out_dir, data_source=data_source,
                                save_checkpoints=save_checkpoints and self.main, echo=echo)

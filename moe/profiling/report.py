@@ -193,8 +193,10 @@ def routing_words(context: Mapping[str, Any]) -> str:
         return "split and gate noise not recorded"
     noise = "gate noise on" if context.get("noise") else "no gate noise"
     words = f"{context.get('split', '?')} split, {noise}"
-    if context.get("routing") not in (None, "", "top-k"):
+    if context.get("routing") not in (None, "", "top-k", "topk"):
         words += f", {context['routing']} routing"
+        if context.get("balance_factor") is not None:
+            words += f" (factor {context['balance_factor']:g})"
     return words
 
 

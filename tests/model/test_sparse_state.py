@@ -21,7 +21,7 @@ def _config() -> Config:
     return Config(
         model=ModelConfig(d_model=8, n_experts=E, d_hidden=8, k=2, gate="softmax_topk", route_by="task"),
         train=TrainConfig(steps=12, batch_size=32, checkpoint_every=6, eval_every=1000, warmup=2, lr=3e-3,
-                          progress=False, keep_last=10),
+                          progress=False, keep_last=10, balanced_share=0.0),  # balanced seats use every expert
     )
 
 
