@@ -13,9 +13,13 @@ each, so both medians see the same machine load (a shared machine drifts by 1.5x
 minutes). It also reports the experts a batch routes to (mean over blocks): under the task
 router a batch of 23 tasks uses fewer experts than one of 250, and the experts' update is
 work set by the batch. `--router example` trains the per-example router (every batch uses
-every expert) to separate the two.
+every expert) to separate the two. The default run trains its first half with the gate's
+top-k and its last half on balanced seats (train.balanced_share = 0.5), which use every
+expert whatever the tasks; `--phase balanced` times those steps (`--phase topk`, the
+default, the first half's).
 
 Run: python bench/task_scale.py [--tasks 23,1000,10000,100000] [--steps 40] [--router task|example]
+     [--phase topk|balanced]
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def _count_experts(model, into: list) -> None:
     model.forward_batch = counted
 
 
-def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool, router: str) -> dict:
+def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool, router: str, phase: str) -> dict:
     from moe import checkpoint as ckpt
     from moe.config import Config, ModelConfig, TrainConfig
     from moe.train import Trainer
@@ -81,7 +85,8 @@ def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool, router: str) ->
     data = make_tasks(n_tasks)
     build_data = time.perf_counter() - t0
     model = ModelConfig() if router == "task" else ModelConfig(route_by="example+task")
-    config = Config(model=model, train=TrainConfig(steps=10**6, progress=False, batch_size=256))
+    share = 1.0 if phase == "balanced" else 0.0
+    config = Config(model=model, train=TrainConfig(steps=10**6, progress=False, batch_size=256, balanced_share=share))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trainer = Trainer(config, data, tmp)
@@ -133,22 +138,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--router", choices=("task", "example"), default="task",
                     help="task: the default router; example: route_by=example+task")
+    ap.add_argument("--phase", choices=("topk", "balanced"), default="topk",
+                    help="time the default run's top-k steps or its balanced-seat steps")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(one(args.child, args.steps, args.warmup, args.checkpoint, args.router)))
+        print(json.dumps(one(args.child, args.steps, args.warmup, args.checkpoint, args.router, args.phase)))
         return
     sizes = [int(s) for s in args.tasks.split(",")]
     print(f"load average before: {os.getloadavg()}", flush=True)
     rows = []
     for n in sizes:
         cmd = [sys.executable, __file__, "--child", str(n), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--router", args.router] + (["--checkpoint"] if n == max(sizes) else [])
+               "--warmup", str(args.warmup), "--router", args.router, "--phase", args.phase] + (["--checkpoint"] if n == max(sizes) else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\nrouter: {args.router}")
+    print(f"\nrouter: {args.router}, phase: {args.phase}")
     print("\n| registered tasks | tasks per batch | experts per batch (23-task ref) | step ms (median, min-max) | "
           "23-task step ms, same process | paired ratio | bytes/task (params+Adam) | bytes/task (data) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")

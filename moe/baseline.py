@@ -40,8 +40,8 @@ def dense_model(model: ModelConfig, hidden: int, n_layers: int | None = None) ->
 
 def dense_config(config: Config, hidden: int) -> Config:
     """The run's config with dense blocks of `hidden` units (trained on the same tasks and steps)."""
-    return dataclasses.replace(config, model=dense_model(config.model, hidden),
-                               train=dataclasses.replace(config.train, baseline="none"))
+    return dataclasses.replace(config, model=dense_model(config.model, hidden),  # one expert: nothing to balance
+                               train=dataclasses.replace(config.train, baseline="none", balanced_share=0.0))
 
 
 def baseline_config(config: Config, examples: int, batch: int = BASELINE_BATCH) -> Config:
@@ -49,7 +49,7 @@ def baseline_config(config: Config, examples: int, batch: int = BASELINE_BATCH) 
     steps = max(1, math.ceil(examples / batch))
     train = dataclasses.replace(
         config.train, steps=steps, batch_size=batch, warmup=min(config.train.warmup, steps // 10),
-        progress=False, tensorboard=False, sampling="uniform",
+        progress=False, tensorboard=False, sampling="uniform", balanced_share=0.0,
         eval_every=steps, checkpoint_every=steps,
     )
     return Config(model=model, train=train, data=config.data)
