@@ -63,13 +63,16 @@ def head_key(n_outputs: int, hidden: int) -> str:
     return f"h{hidden}o{n_outputs}" if hidden else f"o{n_outputs}"
 
 
-@dataclass(frozen=True)
-class _Group:
-    """The chunks of a batch that use one table: their positions in the batch and their runs."""
+@dataclass
+class _Pass:
+    """What backward needs from the last forward: where each encoder's and head's rows sat."""
 
-    chunks: list[int]
-    pos: np.ndarray  # int64 [n_g]: batch rows, in the order the table sees them
-    runs: Runs
+    encoders: list[tuple[int, np.ndarray]]  # (width, batch rows in the table's order)
+    heads: list[tuple[str, np.ndarray, list]]  # (head key, batch rows, target parts)
+    layout: Layout
+    moe_off: bool
+    uses_emb: bool
+    chunks: list[tuple[TargetKey, int, int]] | None = None  # forward(chunks): each chunk's slice
 
 
 class MultiTaskMoE:
@@ -385,15 +388,14 @@ class MultiTaskMoE:
         grad: keep what backward needs (default: when training); see MoELayer.forward.
         routing="balanced" routes with capacity-bounded balanced assignment, at most
         ceil(balance_factor * B * k / E) rows per expert (moe.routing.balanced); when training,
-        the model trains through those seats (MoELayer.forward). The same computation as forward_batch(self.pack(chunks)),
-        bit for bit, with outputs split back into one array per chunk."""
+        the model trains through those seats (MoELayer.forward). The same computation as
+        forward_batch(self.pack(chunks)), bit for bit, with one output array per chunk."""
         batch = self.pack(chunks)
         lay = layout(batch.tasks, batch.starts, self.tasks.columns())
         out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing,
                             balance_factor=balance_factor)
         slices = run_slices(lay, batch.starts, batch.tasks, self.tasks.columns())
-        if self._cache is not None:
-            self._cache = (*self._cache, slices)
+        self._cache.chunks = slices
         return ModelOutput([out.outputs[k][a:b] for k, a, b in slices], out.routings, out.aux_loss, out.features)
 
     def forward_batch(
@@ -409,11 +411,8 @@ class MultiTaskMoE:
     ) -> BatchOutput:
         """forward over a packed batch (checked first): outputs per target group (kind, n_outputs)."""
         lay = self.check_batch(batch)
-        out = self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing,
-                            balance_factor=balance_factor)
-        if self._cache is not None:
-            self._cache = (*self._cache, None)
-        return out
+        return self._forward(batch, lay, train=train, rng=rng, moe_off=moe_off, grad=grad, routing=routing,
+                             balance_factor=balance_factor)
 
     def _forward(self, batch: Batch, lay: Layout, *, train, rng, moe_off, grad, routing, balance_factor) -> BatchOutput:
         cols, row_task = self.tasks.columns(), lay.row_task
@@ -449,7 +448,7 @@ class MultiTaskMoE:
                 at = lay.rank[pos if sel is None else pos[sel]]
                 outs[cols.targets[t]][at] = y if sel is None else y[sel]
             head_cache.append((key, pos, parts))
-        self._cache = (enc_cache, head_cache, lay, batch.n, moe_off, uses_emb)
+        self._cache = _Pass(enc_cache, head_cache, lay, moe_off, uses_emb)
         return BatchOutput(outs, routings, float(sum(r.aux_loss for r in routings)), hf, lay)
 
     def backward(self, d_outputs: list[np.ndarray]) -> None:
@@ -458,13 +457,16 @@ class MultiTaskMoE:
         Only the rows of tables this batch used get gradients; every other row's gradient is 0."""
         if self._cache is None:
             raise ValueError("model backward called before forward")
-        slices = self._cache[-1]
+        slices = self._cache.chunks
         if slices is None:
             raise ValueError("the last forward was forward_batch: call backward_batch")
         if len(d_outputs) != len(slices):
             raise ValueError(f"expected one output gradient per chunk ({len(slices)}), got {len(d_outputs)}")
         d: dict[TargetKey, list[np.ndarray]] = {}
-        for (key, _, _), g in zip(slices, d_outputs, strict=True):
+        for i, ((key, a, b), g) in enumerate(zip(slices, d_outputs, strict=True)):
+            if not isinstance(g, np.ndarray) or g.shape != (b - a, key[1]):
+                got = list(g.shape) if isinstance(g, np.ndarray) else type(g).__name__
+                raise ValueError(f"output gradient of chunk {i}: expected [{b - a}, {key[1]}], got {got}")
             d.setdefault(key, []).append(g)
         self.backward_batch({k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in d.items()})
 
@@ -472,8 +474,9 @@ class MultiTaskMoE:
         """backward for forward_batch: d_outputs per target group, shaped like its outputs."""
         if self._cache is None:
             raise ValueError("model backward called before forward")
-        enc_cache, head_cache, lay, n, moe_off, uses_emb = self._cache[:-1]
-        if moe_off:
+        last = self._cache
+        lay = last.layout
+        if last.moe_off:
             raise ValueError("backward through a forward with moe_off=True is not supported")
         for key, rows in lay.target_rows.items():
             g = d_outputs.get(key)
@@ -485,8 +488,8 @@ class MultiTaskMoE:
         for table in self.tables().values():
             table.zero_grad()
         targets = self.tasks.columns().targets
-        d_hf = np.empty((n, self.config.d_model), dtype=self.dtype)  # [B, d]
-        for key, pos, parts in head_cache:
+        d_hf = np.empty((lay.row_task.shape[0], self.config.d_model), dtype=self.dtype)  # [B, d]
+        for key, pos, parts in last.heads:
             if parts[0][1] is None:
                 dy = d_outputs[targets[parts[0][0]]][lay.rank[pos]]  # [n_k, n_out]
             else:
@@ -501,9 +504,9 @@ class MultiTaskMoE:
             dh = dh + ln.backward(dz)
             if layer.grad_task_emb is not None:
                 d_emb += layer.grad_task_emb
-        for width, pos in enc_cache:
+        for width, pos in last.encoders:
             self.encoders[width].backward(dh[pos])
-        if uses_emb:
+        if last.uses_emb:
             self.task_emb.backward(d_emb)
 
 
