@@ -43,10 +43,11 @@ class TooManyFailures(RuntimeError):
 def batch_loss(model: MultiTaskMoE, batch: Batch, out: BatchOutput) -> tuple[float, dict[TargetKey, np.ndarray]]:
     """sum over rows of w_task * loss(row) / B (each task's loss weighted by its share of the
     batch), and d loss / d outputs per target group. One loss call per (kind, width), not per task."""
-    if batch.y is None:
-        raise ValueError("the batch has no targets: a loss needs them")
-    weight = model.tasks.columns().loss_weight
     lay, B = out.layout, batch.n
+    if batch.y is None or set(batch.y) != set(lay.target_rows):
+        got = "none" if batch.y is None else sorted(batch.y)
+        raise ValueError(f"batch targets must be keyed by its tasks' (kind, n_outputs) {sorted(lay.target_rows)}, got {got}")
+    weight = model.tasks.columns().loss_weight
     total, grads = 0.0, {}
     for key, rows in lay.target_rows.items():
         w = weight[lay.row_task[rows]] / B  # [n_g]

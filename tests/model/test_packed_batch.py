@@ -97,7 +97,11 @@ def test_a_malformed_packed_batch_is_refused_with_what_was_expected():
     for batch, msg in cases:
         with pytest.raises(ValueError, match=msg):
             model.forward_batch(batch, train=False)
-    model.forward_batch(ok, train=True, rng=np.random.default_rng(0))
+    out = model.forward_batch(ok, train=True, rng=np.random.default_rng(0))
+    from moe.train import batch_loss
+
+    with pytest.raises(ValueError, match=r"targets must be keyed by .*\('binary', 1\), \('multiclass', 3\)\], got none"):
+        batch_loss(model, ok, out)
     with pytest.raises(ValueError, match=r"multiclass tasks with 3 outputs: expected \[2, 3\], got nothing"):
         model.backward_batch({("binary", 1): np.zeros((1, 1), np.float32)})
 
