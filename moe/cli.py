@@ -99,9 +99,9 @@ def cmd_train(args) -> int:
         if manifest.get("resumable") is False:
             raise UserError(f"{str(found[-1])!r} is an inference-only checkpoint (no training state); "
                             "it cannot resume training")
-        from moe.config import Config
+        from moe.config import saved_config
 
-        saved = Config.from_dict(manifest["config"])
+        saved = saved_config(manifest["config"])
         if args.config is None:  # overrides (e.g. more steps) apply to the saved settings
             config = load_config(None, args.overrides, base=saved)
         if (config.model, config.data) != (saved.model, saved.data):
@@ -366,7 +366,7 @@ def _added_record(args, manifest) -> dict[str, Any]:
 def cmd_add_task(args) -> int:
     from moe.added import new_run_folder, save_added
     from moe.api import load
-    from moe.config import Config
+    from moe.config import saved_config
     from moe.datasets import load_added, load_source
     from moe.progress import Progress
     from moe.transfer import add_task, shots_short, with_added_record
@@ -392,7 +392,7 @@ def cmd_add_task(args) -> int:
                 else "class " + ", ".join(f"{k!r}: {v}" for k, v in short.items()))
         say(args, f"note: --shots {args.shots} asks for more examples than the train split of {task.name!r} "
                   f"holds ({held}); all of those are used")
-    config = Config.from_dict(manifest["config"])
+    config = saved_config(manifest["config"])
     rng = np.random.default_rng(args.seed)
     with Progress(2, f"add-task {task.name} (the new task, then from scratch)", unit="fits",
                   enabled=args.progress) as bar:

@@ -216,6 +216,23 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "shards": ShardConfig}
 
+# Keys whose default changed after checkpoints were written without them: a saved config that
+# lacks one was trained with this value, not with today's default.
+_BEFORE = {"train": {"balanced_share": 0.0}}
+
+
+def saved_config(d: dict[str, Any]) -> Config:
+    """The config a checkpoint's manifest records, read so that resuming it trains as the run
+    that wrote it did (keys it lacks take their value from before they existed: _BEFORE)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a saved config must be a table, got {type(d).__name__}")
+    filled = dict(d)
+    for section, keys in _BEFORE.items():
+        values = filled.get(section, {})
+        if isinstance(values, dict):
+            filled[section] = {**keys, **values}
+    return Config.from_dict(filled)
+
 
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: Config | None = None

@@ -94,3 +94,18 @@ def test_balanced_training_refuses_experts_grown_for_one_task():
         Trainer(config, data, "unused", save_checkpoints=False, expert_owners={"t1": [3]})
     no_seats = Config(model=config.model, train=TrainConfig(steps=2, batch_size=8, progress=False, balanced_share=0.0))
     Trainer(no_seats, data, "unused", save_checkpoints=False, expert_owners={"t1": [3]}).train_step()
+
+
+def test_a_checkpoint_written_before_balanced_training_resumes_with_top_k():
+    """A saved config without train.balanced_share was trained with top-k throughout: reading
+    it must not switch the rest of its run to today's default."""
+    from moe.config import saved_config
+
+    old = Config().to_dict()
+    del old["train"]["balanced_share"]
+    assert saved_config(old).train.balanced_share == 0.0
+    assert saved_config(Config().to_dict()).train.balanced_share == 0.5  # written now: as saved
+    new = Config(train=TrainConfig(balanced_share=0.25)).to_dict()
+    assert saved_config(new).train.balanced_share == 0.25
+    with pytest.raises(ValueError, match="unknown key"):
+        saved_config({"train": {"balanced_sharez": 1.0}})
