@@ -275,7 +275,8 @@ class MoELayer:
             allowed = self._seats(x_gate, balance_factor)  # train through the balanced seats
         elif routing != "topk":
             raise ValueError(f"routing must be 'topk' or 'balanced', got {routing!r}")
-        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng, allowed=allowed)
+        g = self.gate.forward(x_gate, train=train, rng=rng if rng is not None else self.rng, allowed=allowed,
+                              keep=keep)
         y, plan, gates = self.dispatch.forward(x, g.expert_index, g.gates, self.experts, keep)  # [B, d], _, [B, k]
         self._cache = x.shape[0] if keep else None
         routing = Routing(

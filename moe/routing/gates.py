@@ -138,6 +138,10 @@ class TopKRows:
         self._cache = (raw, eps, index, gates, probs, smooth, noise_scale)
         return index, gates, p_load
 
+    def release(self) -> None:
+        """Drop what the last forward kept for backward (no backward will follow)."""
+        self._cache = self.probs = None
+
     def backward(
         self, d_gates: np.ndarray, d_p: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -214,6 +218,7 @@ class GroupedTopK:
         softmax_clean: bool = False,
         logsumexp: bool = False,
         allowed: np.ndarray | None = None,
+        keep: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, GroupSums]:
         """x [P, d], w_gate/w_noise [G, d, n], offsets [G+1], eps [P, n] (None: no noise)
         -> (index int32 [P, k], gates [P, k], GroupSums). w_noise without eps: a noisy gate
@@ -228,9 +233,13 @@ class GroupedTopK:
             load = st.load
             if eps is not None and load is None:  # k = n: every expert always chosen, P = 1
                 load = np.repeat(np.diff(offsets).astype(np.float64)[:, None], self.n, axis=1)
-            self._cache = ("compiled", st)
+            self._cache = ("compiled", st) if keep else None
             return st.index, st.gates, GroupSums(st.importance, st.counts, load, st.p_sum, st.lse)
-        return self._forward_numpy(x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp, allowed)
+        out = self._forward_numpy(x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp, allowed)
+        if not keep:
+            self._cache = None
+            self.rows.release()
+        return out
 
     def _forward_numpy(self, x, w_gate, w_noise, offsets, eps, noise_scale, softmax_clean, logsumexp, allowed):
         G, n = w_gate.shape[0], self.n
@@ -399,10 +408,11 @@ class TopKGate:
     # ------------------------------------------------------------------ forward
     def forward(
         self, x: np.ndarray, *, train: bool, rng: np.random.Generator | None,
-        allowed: np.ndarray | None = None,
+        allowed: np.ndarray | None = None, keep: bool = True,
     ) -> GateOutput:
         """x: [B, d_in] (the example, with the task embedding appended when used); allowed
-        (bool [B, E], optional): the experts each row may use, the rest are never chosen."""
+        (bool [B, E], optional): the experts each row may use, the rest are never chosen.
+        keep=False: no backward will follow, so nothing is held for one."""
         B, E = x.shape[0], self.n_experts
         noisy = self.noisy and train
         eps = None
@@ -415,7 +425,7 @@ class TopKGate:
         w_gate, w_noise = self._weights(self.params)
         index, gates, sums = self.rows.forward(
             x, w_gate, w_noise, np.array([0, B]), eps, noise_scale=self.noise_scale,
-            softmax_clean=switch, logsumexp=self.w_z > 0, allowed=allowed,
+            softmax_clean=switch, logsumexp=self.w_z > 0, allowed=allowed, keep=keep,
         )  # [B, k], [B, k], sums over the batch
         importance = sums_as(sums.importance[0], self.dtype)  # [E]
         counts = sums.counts[0].astype(self.dtype)  # [E]
@@ -443,7 +453,7 @@ class TopKGate:
             lse = sums.lse  # [B]
             aux += self.w_z * float(np.mean(lse.astype(np.float64) ** 2))
             d_lse = (self.w_z * 2.0 / B) * lse  # [B]
-        self._cache = (d_imp, d_load, d_psum, d_lse)
+        self._cache = (d_imp, d_load, d_psum, d_lse) if keep else None
         return GateOutput(index, gates, importance, load, float(aux))
 
     # ------------------------------------------------------------------ backward
