@@ -376,30 +376,3 @@ class Adam:
         # one block sized exactly, in fresh arrays: the old blocks are released
         self._blocks = [(0, *({n: np.array(state[f"{prefix}{k}.{n}"], order="C") for n in self.params}
                               for k in "mv"))] if rows.size else []
-
-
-class SGD:
-    """Plain SGD with optional momentum, same interface as dense Adam."""
-
-    def __init__(self, params: dict[str, np.ndarray], momentum: float = 0.0):
-        self.params, self.momentum = params, momentum
-        self.buf = {n: np.zeros_like(p) for n, p in params.items()}
-
-    def step(self, grads: dict[str, np.ndarray], lr: float, scale: float = 1.0, rows=None) -> None:
-        for n, p in self.params.items():
-            g = grads[n] if rows is None else grads[n][rows]
-            b = self.buf[n] if rows is None else self.buf[n][rows]
-            b *= p.dtype.type(self.momentum)
-            b += p.dtype.type(scale) * g
-            if rows is None:
-                p -= p.dtype.type(lr) * b
-            else:
-                p[rows] -= p.dtype.type(lr) * b
-                self.buf[n][rows] = b
-
-    def state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {f"{prefix}buf.{n}": b for n, b in self.buf.items()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray], prefix: str = "") -> None:
-        for n in self.buf:
-            self.buf[n][...] = state[f"{prefix}buf.{n}"]

@@ -460,3 +460,56 @@ def test_lowrank_gradients_are_checked():
                  0.1, rows=np.array([1, 3]), packed=True)
     opt.step(good, 0.1, rows=np.array([1, 3]), packed=True)
     np.testing.assert_array_equal(opt.state_rows(), [1, 3])
+
+
+def test_lowrank_factors_of_the_wrong_shape_are_refused():
+    from moe.optim import LowRank
+
+    v = np.zeros((4, 3), np.float32)
+    one, four = np.array([0]), np.array([4])
+    LowRank(np.zeros((4, 2), np.float32), v, one, four, (2, 3))  # consistent: accepted
+    bad = [
+        (np.zeros((5, 2), np.float32), v, "must share N and dtype"),  # u has another N
+        (np.zeros((4, 2), np.float64), v, "must share N and dtype"),  # another dtype
+        (np.zeros((4, 2, 1), np.float32), v, "must share N and dtype"),  # u not 2-D
+        (None, np.zeros(4, np.float32), "must share N and dtype"),  # v not 2-D
+    ]
+    for u, vv, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            LowRank(u, vv, one, four, (2, 3) if u is not None else (3,))
+
+
+def test_packed_gradients_need_lazy_rows_and_dense_state_covers_every_row():
+    p = {"w": np.ones((3, 2), np.float32)}
+    dense = Adam(p, AdamConfig())
+    with pytest.raises(ValueError, match=r"packed gradients need rows= \(lazy mode\)"):
+        dense.step({"w": np.ones((3, 2), np.float32)}, 0.1, packed=True)
+    assert dense.state_rows().tolist() == [0, 1, 2]
+    assert Adam({}, AdamConfig()).state_rows().tolist() == []
+
+
+def test_lazy_adam_gives_the_same_bits_whatever_its_moment_blocks(monkeypatch):
+    """Moments live in blocks (a first one sized for every row when that is small, then a
+    quarter more each time): the layout is storage only. With the first block capped at 50
+    rows the same steps give the same parameters and state as with one block."""
+    rng = np.random.default_rng(11)
+    init = {"w": rng.standard_normal((200, 3, 2)).astype(np.float32), "b": rng.standard_normal((200, 2)).astype(np.float32)}
+    steps = [np.sort(rng.choice(200, 40, replace=False)) for _ in range(12)]
+    grads = [{n: rng.standard_normal(p.shape).astype(np.float32) for n, p in init.items()} for _ in steps]
+
+    def run():
+        params = {n: p.copy() for n, p in init.items()}
+        opt = Adam(params, AdamConfig(weight_decay=0.01), lazy_rows=True)
+        for rows, g in zip(steps, grads, strict=True):
+            opt.step(g, 1e-2, 0.5, rows=rows)
+        return params, opt
+
+    one_p, one = run()
+    row = init["w"][:1].nbytes  # the widest row: 24 bytes
+    monkeypatch.setattr(Adam, "FIRST_BLOCK_BYTES", 50 * row + 1)  # room for 50 rows, not 50.04
+    many_p, many = run()
+    assert len(one._blocks) == 1 and len(many._blocks) > 3 and many._blocks[0][1]["w"].shape[0] == 50
+    for n in init:
+        assert np.array_equal(one_p[n], many_p[n]), n
+    a, b = one.state_dict(), many.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

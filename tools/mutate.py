@@ -52,10 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Which tests cover which module, fastest and most sensitive first (-x stops at the first
 # failure). A glob covers every file a folder gains later; the first matching entry wins.
 TARGETS: list[tuple[str, list[str]]] = [
-    ("moe/routing/*.py", ["tests/routing", "tests/test_hierarchical.py", "tests/test_layer.py"]),
+    ("moe/routing/*.py", ["tests/routing", "tests/test_hierarchical.py", "tests/test_layer.py",
+                          "tests/bindings/test_kernels_gates.py"]),
     ("moe/bindings/reference.py", ["tests/test_dispatch.py", "tests/bindings", "tests/test_optim.py"]),
-    ("moe/optim.py", ["tests/test_optim.py", "tests/test_transfer.py", "tests/model/test_resume.py"]),
-    ("moe/checkpoint.py", ["tests/model/test_checkpoint.py", "tests/model/test_resume.py"]),
+    ("moe/optim.py", ["tests/test_optim.py", "tests/model/test_noise_schedule.py", "tests/model/test_sparse_state.py",
+                      "tests/experts", "tests/test_transfer.py", "tests/model/test_resume.py"]),
+    ("moe/checkpoint.py", ["tests/model/test_checkpoint.py", "tests/model/test_checkpoint_digest.py",
+                           "tests/model/test_resume.py"]),
     ("moe/sharding/wire.py", ["tests/sharding/test_wire*.py", "tests/sharding/test_shard_units.py"]),
     ("moe/tasks/losses.py", ["tests/tasks/test_task_losses.py", "tests/model/test_model_gradients.py"]),
 ]

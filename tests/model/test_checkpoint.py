@@ -313,3 +313,37 @@ def test_pruning_tolerates_a_checkpoint_another_process_already_removed(tmp_path
     monkeypatch.setattr(ckpt, "list_checkpoints", lambda r: [gone, *real(r)])
     where = ckpt.save_checkpoint(root, 3, {"params": {"w": np.zeros(2, np.float32)}}, {}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == [where.name] == ["step-00000003"]
+
+
+def test_remove_stale_takes_the_folders_of_gone_writers_and_of_this_process_only(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no running process
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folders = {who: tmp_path / f".step-00000010.tmp-{pid}" for who, pid in
+                   (("dead", dead.pid), ("live", live.pid), ("self", os.getpid()))}
+        for p in folders.values():
+            p.mkdir()
+        (tmp_path / "step-00000010").mkdir()  # a committed checkpoint: never touched
+        (tmp_path / ".step-00000010.tmp-x").mkdir()  # not a writer's name: left alone
+        gone = ckpt.remove_stale(tmp_path)
+        assert sorted(gone) == sorted([folders["dead"], folders["self"]])
+        assert folders["live"].is_dir() and not folders["dead"].exists() and not folders["self"].exists()
+        assert (tmp_path / "step-00000010").is_dir() and (tmp_path / ".step-00000010.tmp-x").is_dir()
+        assert ckpt.remove_stale(tmp_path / "absent") == []
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_assign_names_missing_and_unexpected_arrays_alone_or_together():
+    dst = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \['b'\], unexpected \[\]"):
+        ckpt.assign(dst, {"a": np.ones(2, np.float32)}, "params")
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \[\], unexpected \['c'\]"):
+        ckpt.assign(dst, {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32), "c": np.ones(1)}, "params")
+    ckpt.assign(dst, {"a": np.ones(2, np.float32), "b": np.full(2, 2, np.float32)}, "params")
+    assert dst["b"].tolist() == [2.0, 2.0]

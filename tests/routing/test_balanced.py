@@ -89,3 +89,20 @@ def test_layer_balanced_forward_equals_every_expert_on_every_example():
     with pytest.raises(ValueError, match="backward called before forward"):
         layer.forward(x, train=False, routing="balanced")
         layer.backward(np.zeros_like(x))
+
+
+def test_exact_capacity_seats_everyone_even_when_rows_must_swap():
+    """C * E == B * k: every seat is taken, so late rows often find only experts they already
+    hold and must swap with another row (_swap_in). Ties (rows of one task share logits)
+    make that common. Every row still gets k distinct experts and every expert exactly C."""
+    rng = np.random.default_rng(8)
+    swapped = 0
+    for trial in range(40):
+        tasks = rng.standard_normal((5, 8)) * 3
+        logits = tasks[rng.integers(0, 5, 16)]  # [16, 8] rows of 5 tasks
+        idx = balanced_topk(logits, 2, 4)  # 16 x 2 = 8 experts x 4 seats
+        assert (idx[:, 0] != idx[:, 1]).all(), trial
+        assert np.bincount(idx.ravel(), minlength=8).tolist() == [4] * 8, trial
+        greedy = np.argsort(-logits, axis=1)[:, :2]
+        swapped += int((np.sort(idx, axis=1) != np.sort(greedy, axis=1)).any())
+    assert swapped > 10  # the capacity did bind

@@ -138,3 +138,36 @@ def test_capacity_factor_must_be_a_finite_number(bad):
 def test_capacity_factor_accepts_none_and_positive_numbers():
     for ok in (None, 1, 0.5, 2.0):
         validate_capacity_factor(ok)
+
+
+def test_an_allowed_mask_of_the_wrong_shape_or_dtype_is_refused():
+    from moe.routing.gates import mask_logits
+
+    clean = np.zeros((2, 3), np.float32)
+    assert mask_logits(clean, None) is clean
+    for bad in (np.ones((2, 4), bool), np.ones((2, 3), np.int8), np.ones((3, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"allowed must be bool \[2, 3\]"):
+            mask_logits(clean, bad)
+
+
+def test_a_grouped_gate_backward_needs_its_forward():
+    from moe.routing.gates import GroupedTopK
+
+    g = GroupedTopK(2, 4)
+    with pytest.raises(ValueError, match="gate backward called before forward"):
+        g.backward(np.zeros((3, 2), np.float32), dw_gate=np.zeros((1, 5, 4), np.float32))
+
+
+def test_gate_construction_and_use_refuse_what_they_cannot_do():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"gate must be one of .*, got 'nope'"):
+        make_gate("nope", 4, 3, 2, rng=rng)
+    with pytest.raises(ValueError, match="top1 gate routes to exactly one expert, got k=2"):
+        make_gate("top1", 4, 3, 2, rng=rng)
+    assert make_gate("top1", 4, 3, 1, rng=rng).k == 1
+    noisy = make_gate("noisy_topk", 4, 3, 2, rng=rng)
+    with pytest.raises(ValueError, match="a noisy gate needs an rng for its noise while training"):
+        noisy.forward(np.zeros((2, 4), np.float32), train=True, rng=None)
+    noisy.forward(np.zeros((2, 4), np.float32), train=False, rng=None)  # no noise at inference: no rng needed
+    with pytest.raises(ValueError, match="gate backward called before forward"):
+        make_gate("softmax_topk", 4, 3, 2, rng=rng).backward(np.zeros((2, 2), np.float32))

@@ -145,3 +145,10 @@ def test_predict_per_kind():
         predict("binary", np.array([[-0.5], [0.5]], np.float32)), [[0], [1]]
     )
     assert predict("regression", out) is out
+
+
+def test_predict_refuses_an_unknown_kind():
+    from moe.tasks.losses import predict
+
+    with pytest.raises(ValueError, match="kind"):
+        predict("ranking", np.zeros((2, 1), np.float32))
