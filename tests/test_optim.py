@@ -513,3 +513,52 @@ def test_lazy_adam_gives_the_same_bits_whatever_its_moment_blocks(monkeypatch):
         assert np.array_equal(one_p[n], many_p[n]), n
     a, b = one.state_dict(), many.state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_both_paths_match_the_reference_for_odd_1d_params_and_scaled_gradients(backend):
+    """A 1-D parameter of odd length (dense and lazy), gradients scaled by 2 and by 0.5, with
+    decay: each path against the hand-written reference."""
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.fail("the compiled kernels are not built (make test builds them)")
+    rng = np.random.default_rng(12)
+    for scale in (2.0, 0.5):
+        b0, w0 = rng.normal(size=5), rng.normal(size=(3, 5, 2))
+        gb, gw = [rng.normal(size=5) for _ in range(3)], [rng.normal(size=(3, 5, 2)) for _ in range(3)]
+        dense, lazy = {"b": b0.copy()}, {"w": w0.copy()}
+        with bindings.use_backend(backend):
+            d, z = Adam(dense, AdamConfig(weight_decay=0.1)), Adam(lazy, AdamConfig(weight_decay=0.1), lazy_rows=True)
+            for g1, g2 in zip(gb, gw, strict=True):
+                d.step({"b": g1}, 0.01, scale)
+                z.step({"w": g2}, 0.01, scale, rows=np.arange(3))
+        np.testing.assert_allclose(dense["b"], reference_adam(b0, gb, 0.01, wd=0.1, scale=scale), rtol=1e-12)
+        np.testing.assert_allclose(lazy["w"], reference_adam(w0, gw, 0.01, wd=0.1, scale=scale), rtol=1e-12)
+
+
+def test_lazy_rows_may_come_in_any_order_but_not_twice():
+    p = {"w": np.zeros((4, 2))}
+    opt = Adam(p, AdamConfig(), lazy_rows=True)
+    g = {"w": np.ones((4, 2))}
+    opt.step(g, 0.1, rows=np.array([3, 1]))  # distinct, unsorted: fine
+    assert opt.state_rows().tolist() == [1, 3]
+    for dup in ([1, 1], [2, 0, 2]):
+        with pytest.raises(ValueError, match="rows must be distinct"):
+            opt.step(g, 0.1, rows=np.array(dup))
+    assert Adam({}, AdamConfig(), lazy_rows=True).state_dict()["t"].shape == (0,)
+
+
+def test_loading_optimizer_state_checks_every_key_and_the_step_counts():
+    p = {"w": np.zeros((3, 2))}
+    opt = Adam(p, AdamConfig(), lazy_rows=True)
+    opt.step({"w": np.ones((3, 2))}, 0.1, rows=np.array([0, 2]))
+    good = opt.state_dict()
+    with pytest.raises(ValueError, match=r"optimizer state is missing \['m.w', 't', 'v.w'\]"):
+        Adam(p, AdamConfig(), lazy_rows=True).load_state_dict({})
+    for bad_t in (good["t"].astype(np.int32), good["t"][:2]):  # wrong dtype alone, wrong shape alone
+        with pytest.raises(ValueError, match=r"optimizer state 't': expected int64\[3\]"):
+            Adam(p, AdamConfig(), lazy_rows=True).load_state_dict({**good, "t": bad_t})
+    again = Adam(p, AdamConfig(), lazy_rows=True)
+    again.load_state_dict(good)
+    assert again.state_rows().tolist() == [0, 2]
