@@ -91,7 +91,8 @@ def test_layer_balanced_forward_equals_every_expert_on_every_example():
         layer.backward(np.zeros_like(x))
 
 
-def test_exact_capacity_seats_everyone_even_when_rows_must_swap():
+@pytest.mark.parametrize("k", [2, 3])
+def test_exact_capacity_seats_everyone_even_when_rows_must_swap(k):
     """C * E == B * k: every seat is taken, so late rows often find only experts they already
     hold and must swap with another row (_swap_in). Ties (rows of one task share logits)
     make that common. Every row still gets k distinct experts and every expert exactly C."""
@@ -100,9 +101,22 @@ def test_exact_capacity_seats_everyone_even_when_rows_must_swap():
     for trial in range(40):
         tasks = rng.standard_normal((5, 8)) * 3
         logits = tasks[rng.integers(0, 5, 16)]  # [16, 8] rows of 5 tasks
-        idx = balanced_topk(logits, 2, 4)  # 16 x 2 = 8 experts x 4 seats
-        assert (idx[:, 0] != idx[:, 1]).all(), trial
-        assert np.bincount(idx.ravel(), minlength=8).tolist() == [4] * 8, trial
-        greedy = np.argsort(-logits, axis=1)[:, :2]
+        idx = balanced_topk(logits, k, 2 * k)  # 16 x k = 8 experts x 2k seats
+        assert (idx >= 0).all() and all(len(set(r)) == k for r in idx.tolist()), trial
+        assert np.bincount(idx.ravel(), minlength=8).tolist() == [2 * k] * 8, trial
+        greedy = np.argsort(-logits, axis=1)[:, :k]
         swapped += int((np.sort(idx, axis=1) != np.sort(greedy, axis=1)).any())
     assert swapped > 10  # the capacity did bind
+
+
+@pytest.mark.parametrize("row1, row2, want", [
+    # row 2 holds expert 2, the only one with a free seat: another row moves to expert 2 and
+    # row 2 takes its seat. Costs (b2, e2): L[b2,e2] - L[b2,2] - L[2,e2]; the least is taken.
+    ([4, 5, -2], [-9, -7, 5], [[0, 1], [2, 0], [2, 1]]),  # (1, 1) costs 14, (1, 0) 15, (0, 1) 20
+    # a tie (22 for (0, 1) and (1, 0)): the first move found stands, row 0 before row 1
+    ([4, 5, -9], [-9, -9, 5], [[0, 2], [1, 0], [2, 1]]),
+])
+def test_a_stuck_row_takes_the_seat_whose_move_loses_least(row1, row2, want):
+    logits = np.array([[5.0, 4.0, -9.0], row1, row2])
+    idx = balanced_topk(logits, 2, 2)  # 3 rows x 2 = 3 experts x 2 seats: row 2 gets stuck
+    assert idx.tolist() == want
