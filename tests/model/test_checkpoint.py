@@ -347,3 +347,10 @@ def test_assign_names_missing_and_unexpected_arrays_alone_or_together():
         ckpt.assign(dst, {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32), "c": np.ones(1)}, "params")
     ckpt.assign(dst, {"a": np.ones(2, np.float32), "b": np.full(2, 2, np.float32)}, "params")
     assert dst["b"].tolist() == [2.0, 2.0]
+
+
+def test_require_refuses_a_bool_where_an_int_is_needed(tmp_path):
+    ckpt.require({"step": 3, "tasks": {"a": 1}}, {"step": int, "tasks": dict}, tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"manifest key 'step' must be a"):
+        ckpt.require({"step": True}, {"step": int}, tmp_path)
+    ckpt.require({"flag": True}, {"flag": bool}, tmp_path)  # a bool where a bool is asked: fine

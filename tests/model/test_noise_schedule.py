@@ -42,3 +42,8 @@ def test_each_step_trains_with_its_scale_and_a_loaded_model_keeps_the_last(tmp_p
     trainer.save()  # at step 6: the schedule's end
     model = load(tmp_path / "a")
     assert all(layer.gate.noise_scale == 0.25 for layer in model.layers)
+
+
+def test_a_two_step_run_reaches_the_final_noise_at_its_last_step():
+    assert [noise_scale_at(s, final=0.5, total=2) for s in range(2)] == [1.0, 0.5]
+    assert noise_scale_at(0, final=0.5, total=1) == 1.0  # one step: it starts and ends at 1

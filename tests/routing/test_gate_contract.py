@@ -171,3 +171,9 @@ def test_gate_construction_and_use_refuse_what_they_cannot_do():
     noisy.forward(np.zeros((2, 4), np.float32), train=False, rng=None)  # no noise at inference: no rng needed
     with pytest.raises(ValueError, match="gate backward called before forward"):
         make_gate("softmax_topk", 4, 3, 2, rng=rng).backward(np.zeros((2, 2), np.float32))
+
+
+def test_a_top1_gate_built_without_k_routes_to_one_expert():
+    from moe.routing.gates import Top1Gate
+
+    assert Top1Gate(4, 3, rng=np.random.default_rng(0)).k == 1
