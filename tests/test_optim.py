@@ -562,3 +562,17 @@ def test_loading_optimizer_state_checks_every_key_and_the_step_counts():
     again = Adam(p, AdamConfig(), lazy_rows=True)
     again.load_state_dict(good)
     assert again.state_rows().tolist() == [0, 2]
+
+
+def test_the_reference_kernels_refuse_factors_without_a_buffer_and_build_one_row():
+    from moe.bindings import reference
+
+    u, v = np.arange(6, dtype=np.float64).reshape(3, 2), np.ones((3, 4))
+    out = np.empty((1, 2, 4))
+    reference.lowrank_rows(u, v, np.array([1]), np.array([2]), out)  # one row: rows 1 and 2 summed
+    np.testing.assert_array_equal(out[0], np.outer(u[1], v[1]) + np.outer(u[2], v[2]))
+    assert reference.lowrank_rows(u, v, np.zeros(0, np.int64), np.zeros(0, np.int64), np.empty((0, 2, 4))).shape == (0, 2, 4)
+    z = np.zeros
+    with pytest.raises(ValueError, match=r"implicit > 0 leaves gradients as factors: pass d_pre"):
+        reference.ffn_backward(z((2, 3)), z((2, 3)), np.array([0, 2]), z((1, 3, 4)), z((1, 4, 3)), z((2, 4)),
+                               z((2, 4)), "relu", z((0, 3, 4)), z((0, 4)), z((0, 4, 3)), z((0, 3)), implicit=1)
