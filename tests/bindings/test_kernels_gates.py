@@ -88,6 +88,7 @@ CONFIGS = [  # (k, n, G, noise, softmax_clean, logsumexp, scale)
     (2, 6, 1, "train", False, True, 0.5),  # noise std multiplier
     (4, 4, 1, "train", False, False, 1.0),  # k = n: P = 1, no smooth-load gradient
     (2, 6, 1, "eval", False, True, 1.0),  # a noisy gate in eval mode
+    (2, 6, 3, "eval", False, False, 1.0),  # grouped, eval mode: each group's dw_noise is 0
     (2, 7, 1, "none", True, False, 1.0),  # softmax top-2 with the Switch surrogate
     (1, 7, 1, "none", True, True, 1.0),  # top-1: probs double as softmax(clean)
     (2, 64, 2, "train", True, True, 1.0),  # wider rows, every term at once
@@ -111,6 +112,31 @@ def test_an_empty_group_keeps_its_weight_gradients_untouched(dt):
     assert (ours["counts"][1] == 0).all() and (ours["load"][1] == 0).all()
     assert (ours["dw_gate"][1] == 7.0).all() and (ours["dw_noise"][1] == 7.0).all()
     assert not (ours["dw_gate"][0] == 7.0).any()
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_one_input_feature_with_several_groups(dt):
+    """d = 1 with G = 3: w_gate is [3, 1, n], so the number of groups is its first axis only."""
+    want = route("numpy", dt, 2, 5, 3, d=1)
+    assert_matches_oracle(route("compiled", dt, 2, 5, 3, d=1), want, dt)
+    assert want["dw_gate"].shape == (3, 1, 5) and not (want["dw_gate"] == 7.0).any()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("G", [1, 3])
+def test_backward_leaves_its_inputs_unchanged(backend, G):
+    """The caller's d_gates (and the upstream sums) are read, never written: the layer reuses them."""
+    rng, x, wg, wn, offsets, eps = case(np.float64, 6, G)
+    gate = GroupedTopK(2, 6)
+    with bindings.use_backend(backend):
+        gate.forward(x, wg, wn, offsets, eps)
+        d_gates = rng.standard_normal((x.shape[0], 2))
+        d_imp, d_load = rng.standard_normal((G, 6)), rng.standard_normal((G, 6))
+        kept = d_gates.copy(), d_imp.copy(), d_load.copy()
+        gate.backward(d_gates, d_importance=d_imp, d_load=d_load, dw_gate=np.zeros_like(wg),
+                      dw_noise=np.zeros_like(wn))
+    for a, b in zip((d_gates, d_imp, d_load), kept):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("dt", FLOATS)

@@ -120,3 +120,14 @@ def test_a_stuck_row_takes_the_seat_whose_move_loses_least(row1, row2, want):
     logits = np.array([[5.0, 4.0, -9.0], row1, row2])
     idx = balanced_topk(logits, 2, 2)  # 3 rows x 2 = 3 experts x 2 seats: row 2 gets stuck
     assert idx.tolist() == want
+
+
+def test_a_stuck_row_looks_for_a_partner_among_all_rows():
+    """k = 2, 4 rows, 4 experts x 2 seats. Round 1: 0->2, 1->1, 2->2, 3->0 (expert 2 is full).
+    Round 2: rows 0, 2, 3 bid 2, 4, 4 for expert 1's last seat, row 2 wins the tie; row 1 -> 3.
+    Round 3: rows 0 and 3 bid -2 for expert 3's last seat, row 0 wins. Row 3 holds 0, the only
+    expert left with a seat: stuck. Moves (b2, e2) with b2 going to 0 cost
+    L[b2,e2] - L[b2,0] - L[3,e2]: (0, 2) 6, (0, 3) 5, (1, 1) 6, (1, 3) 12, (2, 2) 7, (2, 1) 2.
+    The least is row 2's, past the first k rows."""
+    logits = np.array([[-5.0, 2, 5, -2], [-1, 9, 6, 9], [-2, 4, 9, 3], [6, 4, 4, -2]])
+    assert balanced_topk(logits, 2, 2).tolist() == [[2, 3], [1, 3], [2, 0], [0, 1]]
