@@ -77,7 +77,7 @@ def part_shots(trunk: Path, seeds: int, shot_counts: list[int]) -> dict:
             config = Config.from_dict(model.manifest["config"])
             r = add_task(model, config, task, shots=shots, rng=np.random.default_rng(seed))
             gains.append(r.score - r.scratch_score)
-            info.append((round(r.score, 3), round(r.scratch_score, 3), r.init_from, r.epochs))
+            info.append((round(r.score, 3), round(r.scratch_score, 3), r.init_from, r.epochs, r.adapter))
         rows[shots] = {"mean": float(np.mean(gains)), "worst": float(np.min(gains)), "gains": gains, "runs": info}
         print(f"shots {shots:2d}: gain mean {np.mean(gains):+.3f} worst {np.min(gains):+.3f}  {info}", flush=True)
     return rows
@@ -120,7 +120,7 @@ def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_st
     from moe.config import Config
     from moe.datasets import load_added, load_source
     from moe.train import Trainer
-    from moe.transfer import add_task, with_added_record
+    from moe.transfer import add_task, result_record, with_added_record
 
     model = load(trunk)
     config = Config.from_dict(model.manifest["config"])
@@ -134,13 +134,14 @@ def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_st
         r = add_task(model, config, task, shots=None, rng=np.random.default_rng(i), grow_experts=grow)
         after = outputs(model, data)
         changed = [k for k in before if not np.array_equal(before[k], after[k])]
-        rec["train_rows"] = r.train_rows
+        rec = result_record(rec, r)
         source = with_added_record(source, rec)
-        data.append(task)
+        data.append(load_added(rec))  # as the model holds it (an own encoder: no domain)
         rows.append({"task": task.name, "kind": task.spec.kind, "score": r.score, "scratch": r.scratch_score,
-                     "params_added": r.params_added, "grown": len(r.grown), "changed": changed, "start": r.init_from})
+                     "params_added": r.params_added, "grown": len(r.grown), "changed": changed, "start": r.init_from,
+                     "adapter": r.adapter, "adapter_why": r.adapter_why})
         print(f"{i + 1:2d} {task.name} {task.spec.kind:10s} {r.metric} {r.score:.3f} scratch {r.scratch_score:.3f} "
-              f"params +{r.params_added:,} grown {len(r.grown)} start {r.init_from} "
+              f"params +{r.params_added:,} grown {len(r.grown)} start {r.init_from} encoder {r.adapter} "
               f"earlier tasks changed: {len(changed)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         where, resumable = save_added(Path(tmp) / "seq", ckpt.resolve(trunk), model, config, load_source(source), source)

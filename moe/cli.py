@@ -369,7 +369,7 @@ def cmd_add_task(args) -> int:
     from moe.config import saved_config
     from moe.datasets import load_added, load_source
     from moe.progress import Progress
-    from moe.transfer import add_task, shots_short, with_added_record
+    from moe.transfer import add_task, result_record, shots_short, with_added_record
 
     model = load(args.checkpoint)
     manifest = model.manifest
@@ -397,14 +397,16 @@ def cmd_add_task(args) -> int:
     with Progress(2, f"add-task {task.name} (the new task, then from scratch)", unit="fits",
                   enabled=args.progress) as bar:
         res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=grow,
-                       init_from=args.init_from, head_hidden=args.head_hidden, progress=bar)
-    record["train_rows"] = res.train_rows
+                       init_from=args.init_from, head_hidden=args.head_hidden, adapter=args.adapter,
+                       progress=bar)
+    record = result_record(record, res)
     source = with_added_record(manifest["data_source"], record)
     where, resumable = save_added(out, source_ckpt, model, config, load_source(source), source)
     best = sorted(res.similarity.items(), key=lambda kv: kv[1])[:3]
     say(args, f"added task {task.name!r} from {res.shots} examples; {res.params_added:,} parameters added",
         f"start: {res.init_from or 'fresh'} (lowest leave-one-out probe error on the shots among "
         f"{len(res.similarity)} candidates: " + ", ".join(f"{n} {v:.3f}" for n, v in best) + ")",
+        f"encoder: {res.adapter} ({res.adapter_why})",
         f"epochs: {res.epochs} ({res.stop_rule})",
         f"growth: {res.growth}" + (f"; {100 * res.grown_share:.1f}% of its test assignments on grown experts"
                                    if res.grown_share is not None else ""),
@@ -419,6 +421,7 @@ def cmd_add_task(args) -> int:
                      "checkpoint": str(where), "resumable": resumable, "start": res.init_from,
                      "similarity": res.similarity, "epochs": res.epochs, "stop_rule": res.stop_rule,
                      "growth": res.growth, "grown": res.grown, "grown_share": res.grown_share,
+                     "adapter": res.adapter, "adapter_why": res.adapter_why,
                      "params_added": res.params_added})
     return 0
 
@@ -582,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grow-experts", default="0", metavar="M|auto",
                    help="add M experts only this task routes to (copies of its most used ones); 'auto' "
                         "grows only if that raises the held-out score on the shots")
+    a.add_argument("--adapter", choices=("auto", "shared", "own"), default="auto",
+                   help="for a task of a domain the model knows: read through the domain's encoder "
+                        "(shared), or train a copy of it for this task alone (own); 'auto' (default) "
+                        "keeps the lower held-out loss on the shots (shared when fewer than 20 "
+                        "examples can be held out)")
     a.add_argument("--init-from", help="existing task whose embedding (and encoder) starts the new one "
                                        "(default: the one measured best on the shots)")
     a.add_argument("--head-hidden", type=int, default=None, metavar="H",

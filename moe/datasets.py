@@ -62,6 +62,11 @@ def load_added(rec: dict[str, Any], shots: int | None = None) -> TaskData:
             kind=rec.get("kind"), seed=rec.get("seed", 0), loss_weight=rec.get("loss_weight", 1.0),
             split=rec.get("split"),
         )
+    adapter = rec.get("adapter", "shared")
+    if adapter not in ("shared", "own"):
+        raise ValueError(f"added task {task.name!r}: adapter must be 'shared' or 'own', got {adapter!r}")
+    if adapter == "own":  # add-task gave it an encoder of its own (moe.transfer, step 4)
+        task = task.with_own_space()
     rows = rec.get("train_rows")
     if rows is None:
         return task

@@ -152,13 +152,16 @@ class MultiTaskMoE:
             self.encoders[width] = _extend(self.encoders.get(width), rows, _linear_table)
         for key, rows in heads.items():
             self.heads[key] = _extend(self.heads.get(key), rows, _head_table)
-        # per task id, for packed batches: its encoder row, its head table and row in it
+        self.task_emb = EmbeddingTable(np.concatenate([self.task_emb.params["e"], np.stack(embs)]))
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """Per task id, for packed batches: its encoder row, its head table and row in it."""
         self._enc_row = np.array([self.space_row[s.input_space] for s in self.tasks], dtype=np.int64)  # [T]
         self._head_keys = list(self.heads)
         index = {k: i for i, k in enumerate(self._head_keys)}
         self._head_of = np.array([index[k] for k, _ in self.head_row], dtype=np.int64)  # [T]
         self._head_row = np.array([r for _, r in self.head_row], dtype=np.int64)  # [T]
-        self.task_emb = EmbeddingTable(np.concatenate([self.task_emb.params["e"], np.stack(embs)]))
 
     def _init_head(self, n_out: int, hidden: int, rng: np.random.Generator) -> tuple:
         d = self.config.d_model
@@ -282,6 +285,21 @@ class MultiTaskMoE:
             e[new_id] = e[src_id]
         if grow_experts:
             self.grow_experts(spec.name, grow_experts, rng=rng)
+        self._collect()
+
+    def own_encoder(self, name: str) -> None:
+        """Give task `name` (of a shared domain) an encoder row of its own, started as a copy of
+        its domain's row, so training it changes no other task (add-task's own adapter).
+        Existing rows are kept bit for bit; the new row is appended."""
+        spec = self.tasks.spec(name)
+        if spec.domain is None:
+            raise ValueError(f"task {name!r} already has an encoder of its own")
+        table, src = self.encoders[spec.n_inputs], self.space_row[spec.input_space]
+        new = self.tasks.give_own_space(name)
+        self.space_row[new.input_space] = table.n_rows
+        self.encoders[spec.n_inputs] = _concat(table, LinearTable(table.params["w"][src:src + 1].copy(),
+                                                                  table.params["b"][src:src + 1].copy()))
+        self._index_rows()
         self._collect()
 
     def grow_experts(self, name: str, m: int, *, rng: np.random.Generator) -> list[int]:

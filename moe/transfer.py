@@ -14,7 +14,12 @@
    source for this task; only this task may route to them (model.expert_owner), so every
    other task's outputs stay bit for bit. With `grow_experts="auto"` growth is kept only if
    it raises the score on a held-out part of the shots.
-4. Epochs: when every class has at least two examples, early stopping on a held-out part
+4. Adapter: a task of a domain the model knows reads through that domain's encoder
+   ("shared") or gets a copy of it that it trains (anchored) for itself ("own"; its encoder
+   row is then one more add-on, and no other task moves). "auto" measures both on the
+   held-out part of the shots and keeps the lower held-out loss (shared on ties, and when nothing can be
+   held out, or too few for the comparison to mean anything: ADAPTER_MIN_HELD_OUT).
+5. Epochs: when every class has at least two examples, early stopping on a held-out part
    picks the epoch count and the start is retrained on all examples; with one example of a
    class nothing can be held out, so a fixed budget (FIXED_EPOCHS) is used.
 The comparison is a dense model trained from scratch on exactly the same examples with the
@@ -63,6 +68,8 @@ class AddTaskResult:
     grown: list[int] = field(default_factory=list)  # ids of the experts kept for this task
     growth: str = "none"  # what growth did and why
     grown_share: float | None = None  # share of the task's test assignments on its grown experts
+    adapter: str = "own"  # "shared" (its domain's encoder) or "own" (an encoder row of its own)
+    adapter_why: str = ""  # how that was decided
     params_added: int = 0
     train_rows: list[int] = field(default_factory=list)  # the train-split rows used
 
@@ -153,9 +160,9 @@ class FitRule:
 
 
 def _epochs(model, trainable: Trainable, task: TaskData, rows, rule: FitRule, *, epochs: int,
-            stop_rows=None) -> tuple[int, float]:
+            stop_rows=None) -> tuple[int, float, float]:
     """Full-batch Adam on rows for up to `epochs`; with stop_rows, stop when the held-out loss
-    has not improved for rule.patience epochs. Returns (best epoch, held-out score there)."""
+    has not improved for rule.patience epochs. Returns (best epoch, held-out score and loss there)."""
     free = Adam({n: p for n, (p, _) in trainable.free.items()}, AdamConfig(weight_decay=rule.weight_decay))
     anch = {n: p for n, (p, _) in trainable.anchored.items()}
     start = {n: p.copy() for n, p in anch.items()}
@@ -179,7 +186,7 @@ def _epochs(model, trainable: Trainable, task: TaskData, rows, rule: FitRule, *,
             best_score = evaluate(kind, held_out, task.y_train[stop_rows])[metric]
         elif epoch - best_epoch >= rule.patience:
             break
-    return (best_epoch if stop_rows is not None else epochs), float(best_score)
+    return (best_epoch if stop_rows is not None else epochs), float(best_score), float(best)
 
 
 def fit_few_shot(model, trainable: Trainable, task: TaskData, idx: np.ndarray, split, rule: FitRule) -> tuple[int, str]:
@@ -191,7 +198,7 @@ def fit_few_shot(model, trainable: Trainable, task: TaskData, idx: np.ndarray, s
         return FIXED_EPOCHS, f"fixed budget of {FIXED_EPOCHS} epochs (a class has one example: nothing to hold out)"
     fit, stop = split
     start = trainable.snapshot()
-    best_epoch, _ = _epochs(model, trainable, task, fit, rule, epochs=rule.max_epochs, stop_rows=stop)
+    best_epoch, _, _ = _epochs(model, trainable, task, fit, rule, epochs=rule.max_epochs, stop_rows=stop)
     trainable.restore(start)
     _epochs(model, trainable, task, idx, rule, epochs=max(best_epoch, 1))
     return best_epoch, f"early stopping on {stop.size} held-out examples, then retrained on all {idx.size}"
@@ -217,16 +224,58 @@ def with_grown(model: MultiTaskMoE, trainable: Trainable, ids: list[int]) -> Tra
     return Trainable(trainable.free, anchored)
 
 
+ADAPTERS = ("auto", "shared", "own")
+# auto compares the two encoders only on at least this many held-out examples. On fewer the
+# comparison is noise: on digits_ge5 (bench/add_task.py, 5 seeds) letting 4 and 6 held-out
+# examples decide lowered the mean gain at 5 shots from +0.174 to +0.128 and at 10 from
+# +0.201 to +0.180, while 30 (50 shots) raised it from +0.055 to +0.101. Set after those runs.
+ADAPTER_MIN_HELD_OUT = 20
+
+
+def choose_adapter(model: MultiTaskMoE, trainable: Trainable, task: TaskData, split, rule: FitRule,
+                   adapter: str) -> tuple[Trainable, str, str]:
+    """Decide whether the new task (registered in its domain) keeps its domain's encoder or
+    gets its own copy; apply it. Returns (what to train, "shared" | "own", why).
+
+    The "own" trial trains the domain's row itself, as the copy would be trained, and puts it
+    back bit for bit after: the same numbers as a copy, without adding one to undo."""
+    spec = model.tasks.spec(task.name)
+    if spec.domain is None:
+        return trainable, "own", "its input space is its own (no domain the model knows)"
+    if adapter == "shared":
+        return trainable, "shared", "asked for (--adapter shared)"
+    if adapter == "auto":
+        if split is None:
+            return trainable, "shared", "auto: shared (nothing can be held out to compare on: a class has one example)"
+        if split[1].size < ADAPTER_MIN_HELD_OUT:
+            return trainable, "shared", (f"auto: shared (only {split[1].size} held-out examples; comparing two fits "
+                                         f"needs {ADAPTER_MIN_HELD_OUT})")
+        shared = _held_out(model, trainable, task, split, rule)
+        table, row = model.encoders[spec.n_inputs], model.space_row[spec.input_space]
+        domain_row = {f"enc.{spec.n_inputs}.{n}[{row}]": (p[row], table.grads[n][row]) for n, p in table.params.items()}
+        own = _held_out(model, Trainable(trainable.free, {**trainable.anchored, **domain_row}), task, split, rule)
+        verdict = (f"held-out loss {own[1]:.4f} ({spec.metric} {own[0]:.3f}) with its own encoder vs "
+                   f"{shared[1]:.4f} ({shared[0]:.3f}) with the domain's")
+        if not own[1] < shared[1]:  # the loss: the metric on a few held-out examples ties often
+            return trainable, "shared", f"auto: shared; {verdict}"
+        why = f"auto: own; {verdict}"
+    else:
+        why = "asked for (--adapter own)"
+    model.own_encoder(task.name)
+    return task_trainable(model, task.name), "own", why
+
+
 def _score(model, task: TaskData, split: str) -> float:
     return float(evaluate(task.spec.kind, predict_split(model, task, split), task.split(split)[1])[task.spec.metric])
 
 
-def _held_out_score(model, trainable: Trainable, task: TaskData, split, rule: FitRule) -> float:
-    """The held-out score of training on split's fit part (the start is restored after)."""
+def _held_out(model, trainable: Trainable, task: TaskData, split, rule: FitRule) -> tuple[float, float]:
+    """(score, loss) on split's held-out part after training on its fit part, at the best
+    epoch; the start is restored after."""
     start = trainable.snapshot()
-    _, score = _epochs(model, trainable, task, split[0], rule, epochs=rule.max_epochs, stop_rows=split[1])
+    _, score, loss = _epochs(model, trainable, task, split[0], rule, epochs=rule.max_epochs, stop_rows=split[1])
     trainable.restore(start)
-    return score
+    return score, loss
 
 
 def add_task(
@@ -239,6 +288,7 @@ def add_task(
     grow_experts: int | str = 0,
     init_from: str | None = None,
     head_hidden: int | None = None,
+    adapter: str = "auto",
     rule: FitRule = FitRule(),
     progress: Progress | None = None,
 ) -> AddTaskResult:
@@ -248,12 +298,19 @@ def add_task(
     init_from: force the start (default: the measured best). grow_experts: M experts, or
     "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots).
     head_hidden: the new head's hidden width (None: HEAD_HIDDEN, or ONE_SHOT_HEAD_HIDDEN
-    when nothing can be held out). progress (2 units) advances after the new task's fit and
+    when nothing can be held out). adapter: "auto", "shared" or "own" (module doc, step 4;
+    only for a task of a domain the model knows). progress (2 units) advances after the new task's fit and
     after the scratch model's."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
     if not (grow_experts == "auto" or (isinstance(grow_experts, int) and grow_experts >= 0)):
         raise ValueError(f"grow_experts must be an int >= 0 or 'auto', got {grow_experts!r}")
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+    alone = ""
+    if task.spec.domain is not None and all(s.domain != task.spec.domain for s in model.tasks):
+        alone = f"the model has no task of domain {task.spec.domain!r}, so its encoder is its own"
+        task = task.with_own_space()
     idx = select_shots(task, shots, rng)
     split = split_fit_stop(task, idx, rng)
     if head_hidden is None:
@@ -262,12 +319,14 @@ def add_task(
     x_shots, y_shots = task.x_train[idx], task.y_train[idx]
     start, similarity = choose_start(model, task.name, x_shots, y_shots, forced=init_from)
     trainable = task_trainable(model, task.name)
+    trainable, adapter, adapter_why = choose_adapter(model, trainable, task, split, rule, adapter)
+    adapter_why = alone or adapter_why
 
     grown: list[int] = []
     growth = "none"
     m = AUTO_GROW if grow_experts == "auto" else grow_experts
     if m:
-        base_score = _held_out_score(model, trainable, task, split, rule) if grow_experts == "auto" and split else None
+        base_score = _held_out(model, trainable, task, split, rule)[0] if grow_experts == "auto" and split else None
         usage = expert_usage(model, task.name, x_shots)
         grown = model.grow_experts(task.name, m, rng=rng)
         sources = clone_experts(model, task.name, usage, grown, rng=rng)
@@ -279,7 +338,7 @@ def add_task(
                 trainable, grown = task_trainable(model, task.name), []
                 growth = "auto: declined (no held-out part to measure growth on: a class has one example)"
             else:
-                grow_score = _held_out_score(model, trainable, task, split, rule)
+                grow_score = _held_out(model, trainable, task, split, rule)[0]
                 verdict = f"held-out {task.spec.metric} {grow_score:.3f} with {m} grown experts vs {base_score:.3f} without"
                 if grow_score > base_score:
                     growth = f"auto: kept {m} experts (copies of {sources}); {verdict}"
@@ -301,8 +360,15 @@ def add_task(
         progress.update(1)
     return AddTaskResult(
         task.name, task.spec.metric, score, _score(scratch, task, "test"), int(idx.size), start, epochs,
-        stop_rule, similarity, grown, growth, share, trainable.size(), [int(i) for i in idx],
+        stop_rule, similarity, grown, growth, share, adapter, adapter_why, trainable.size(),
+        [int(i) for i in idx],
     )
+
+
+def result_record(record: dict, res: AddTaskResult) -> dict:
+    """The data-source record of an added task with what add-task decided (the examples it
+    used; an own encoder), so that loading it rebuilds the task as the model holds it."""
+    return {**record, "train_rows": res.train_rows, **({"adapter": "own"} if res.adapter == "own" else {})}
 
 
 def with_added_record(source: dict, record: dict) -> dict:

@@ -20,7 +20,7 @@ from moe.experts import state
 from moe.model import Chunk
 from moe.tasks.skills import skill_task
 from moe.train import Trainer, predict_split
-from moe.transfer import FIXED_EPOCHS, FitRule, add_task, with_added_record
+from moe.transfer import FIXED_EPOCHS, FitRule, add_task, result_record, with_added_record
 from moe.transfer_start import loo_ridge_error
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
@@ -142,8 +142,9 @@ def test_added_checkpoint_is_verified_and_resumes_joint_training(trunk, tmp_path
     model = load(trunk)
     config = Config.from_dict(model.manifest["config"])
     task = _skill(4)
-    res = add_task(model, config, task, shots=None, rng=np.random.default_rng(0), grow_experts=2, **FAST)
-    rec = {"skill": 4, "seed": 0, "size": 60, "name": task.name, "train_rows": res.train_rows}
+    res = add_task(model, config, task, shots=None, rng=np.random.default_rng(0), grow_experts=2, adapter="own", **FAST)
+    rec = result_record({"skill": 4, "seed": 0, "size": 60, "name": task.name}, res)
+    assert rec["adapter"] == "own" and rec["train_rows"] == res.train_rows
     source = with_added_record(model.manifest["data_source"], rec)
     where, resumable = save_added(tmp_path / "added", ckpt.resolve(trunk), model, config, load_source(source), source)
     assert resumable
@@ -179,11 +180,12 @@ def test_added_checkpoint_is_verified_and_resumes_joint_training(trunk, tmp_path
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=manifest["step"] + 20, sampling="uniform"))
     trainer = Trainer(cfg, data, tmp_path / "added", data_source=manifest["data_source"],
                       head_hidden=manifest["head_hidden"], expert_owners=manifest["expert_owners"], echo=lambda _: None)
-    head = {n: p.copy() for n, (p, _) in again.task_views(task.name, ("head",)).items()}  # as saved
+    own = {n: p.copy() for n, (p, _) in again.task_views(task.name, ("head", "encoder")).items()}  # as saved
+    assert any(n.startswith("enc.") for n in own)  # its own encoder row came back with it
     result = trainer.train(resume=True)
     assert result.step == manifest["step"] + 20 and result.seen[task.name] > 0
-    for n, (p, _) in trainer.model.task_views(task.name, ("head",)).items():
-        assert not np.array_equal(p, head[n]), n  # the added task trains jointly
+    for n, (p, _) in trainer.model.task_views(task.name, ("head", "encoder")).items():
+        assert not np.array_equal(p, own[n]), n  # the added task trains jointly, its own encoder too
     assert trainer.model.expert_owners() == {task.name: res.grown}
     # the same integrity checks as any training checkpoint
     (where / "optim.safetensors").write_bytes((where / "optim.safetensors").read_bytes()[:-1] + b"\x00")
@@ -225,3 +227,88 @@ def test_skill_task_alone_is_the_family_member():
 
     a, b = make_skill_tasks(6, 60, 0)[5], skill_task(5, 60, 0)
     assert a.spec == b.spec and np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_test, b.y_test)
+
+
+def _domain_row(model, domain: str, width: int) -> dict[str, np.ndarray]:
+    table, row = model.encoders[width], model.space_row[domain]
+    return {n: p[row].copy() for n, p in table.params.items()}
+
+
+def test_own_adapter_trains_a_copy_of_the_domain_encoder_and_moves_no_other_task(trunk):
+    model = load(trunk)
+    config = Config.from_dict(model.manifest["config"])
+    data = load_source(model.manifest["data_source"])
+    task = _skill(5)
+    assert task.spec.domain == "skills"
+    before, domain = _outputs(model, data), _domain_row(model, "skills", task.spec.n_inputs)
+    n_rows = model.encoders[task.spec.n_inputs].n_rows
+    res = add_task(model, config, task, shots=None, rng=np.random.default_rng(0), adapter="own", **FAST)
+    assert res.adapter == "own" and "asked for" in res.adapter_why
+    spec = model.tasks.spec(task.name)
+    assert spec.domain is None and model.space_row[spec.input_space] == n_rows  # one row appended
+    after = _outputs(model, data)
+    for d in data:
+        assert np.array_equal(before[d.name], after[d.name]), d.name
+    for n, v in _domain_row(model, "skills", task.spec.n_inputs).items():
+        assert np.array_equal(v, domain[n]), n  # the domain's encoder did not move
+    views = model.task_views(task.name)
+    enc = {n: p for n, (p, _) in views.items() if n.startswith("enc.")}
+    assert sorted(k.split(".")[2].split("[")[0] for k in enc) == ["b", "w"]
+    w = next(p for n, p in enc.items() if ".w[" in n)
+    assert not np.array_equal(w, domain["w"])  # trained ...
+    assert np.linalg.norm(w - domain["w"]) < np.linalg.norm(domain["w"])  # ... from the domain's copy
+    assert res.params_added == sum(p.size for p, _ in views.values())
+    assert sum(p.size for p in enc.values()) == (task.spec.n_inputs + 1) * model.config.d_model
+    with pytest.raises(ValueError, match="already has an encoder of its own"):
+        model.own_encoder(task.name)
+
+
+def test_auto_adapter_keeps_the_lower_held_out_loss_and_puts_the_domain_back(trunk):
+    model = load(trunk)
+    config = Config.from_dict(model.manifest["config"])
+    data = load_source(model.manifest["data_source"])
+    before, domain = _outputs(model, data), _domain_row(model, "skills", _skill(6).spec.n_inputs)
+    decisions = set()
+    for i, t in enumerate((6, 7)):  # 200 examples: 120 to train on, 36 of them held out
+        task = load_added({"skill": t, "seed": 0, "size": 200, "name": f"skill_{t:03d}"})
+        res = add_task(model, config, task, shots=None, rng=np.random.default_rng(i), **FAST)
+        assert res.adapter_why.startswith(f"auto: {res.adapter}; held-out loss "), res.adapter_why
+        own, shared = (float(part.split("held-out loss ")[-1].split()[0]) for part in res.adapter_why.split(" vs "))
+        assert (res.adapter == "own") == (own < shared), res.adapter_why
+        assert (model.tasks.spec(res.task).domain is None) == (res.adapter == "own")
+        decisions.add(res.adapter)
+    after = _outputs(model, data)
+    for d in data:
+        assert np.array_equal(before[d.name], after[d.name]), d.name
+    for n, v in _domain_row(model, "skills", _skill(6).spec.n_inputs).items():
+        assert np.array_equal(v, domain[n]), n  # the "own" trial trained the domain's row, then restored it
+    # one example per class: nothing to compare on; 10: too few held out to compare on
+    digits = load_added({"heldout": True, "name": "digits_ge5", "seed": 0}, shots=None)
+    res = add_task(model, config, digits, shots=1, rng=np.random.default_rng(0), **FAST)
+    assert res.adapter == "shared" and "nothing can be held out" in res.adapter_why
+    res = add_task(model, config, _skill(8), shots=None, rng=np.random.default_rng(0), **FAST)
+    assert res.adapter == "shared" and "only 11 held-out examples; comparing two fits needs 20" in res.adapter_why
+
+
+def test_a_domain_the_model_does_not_know_gets_an_encoder_of_its_own(trunk):
+    model = load(trunk)
+    config = Config.from_dict(model.manifest["config"])
+    task = _skill(8)
+    task = dataclasses.replace(task, spec=dataclasses.replace(task.spec, domain="elsewhere"))
+    res = add_task(model, config, task, shots=None, rng=np.random.default_rng(0), **FAST)
+    assert res.adapter == "own" and "no task of domain 'elsewhere'" in res.adapter_why
+    assert model.tasks.spec(task.name).domain is None
+    assert any(n.startswith("enc.") for n in model.task_views(task.name))
+    assert result_record({"name": task.name}, res)["adapter"] == "own"
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        add_task(model, config, _skill(9), shots=None, rng=np.random.default_rng(0), adapter="mine")
+
+
+def test_an_added_record_with_an_own_encoder_loads_without_its_domain():
+    rec = {"skill": 3, "seed": 0, "size": 60, "name": "skill_003"}
+    assert load_added(rec).spec.domain == "skills"
+    own = load_added({**rec, "adapter": "own"})
+    assert own.spec.domain is None and own.spec.input_space == "task:skill_003"
+    assert np.array_equal(own.x_train, load_added(rec).x_train)
+    with pytest.raises(ValueError, match="adapter must be 'shared' or 'own', got 'mine'"):
+        load_added({**rec, "adapter": "mine"})

@@ -196,6 +196,21 @@ def test_add_task_and_eval_of_the_new_checkpoint(run, tmp_path):
     assert json.loads(r.stdout)["tasks"]["digits_ge5"]["score"] == pytest.approx(res["score"], abs=1e-12)
 
 
+def test_add_task_with_an_own_encoder_evaluates_from_its_checkpoint(run, tmp_path):
+    out, _ = run
+    r = moe("add-task", str(out), "--adapter", "own", "--out", str(tmp_path / "added"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["adapter"] == "own" and res["adapter_why"] == "asked for (--adapter own)"
+    manifest = json.loads(next((tmp_path / "added" / "checkpoints").glob("step-*/manifest.json")).read_text())
+    assert manifest["data_source"]["added"][-1]["adapter"] == "own"
+    r = moe("eval", str(tmp_path / "added"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tasks"]["digits_ge5"]["score"] == pytest.approx(res["score"], abs=1e-12)
+    r = moe("add-task", str(out), "--adapter", "mine")
+    assert r.returncode == 2 and "--adapter" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_add_task_from_a_user_table_and_grow_experts(run, tmp_path):
     out, _ = run
     csv = tmp_path / "t.csv"

@@ -6,6 +6,7 @@ task a stable integer id in insertion order, which is what the router and the he
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -194,6 +195,19 @@ class TaskRegistry:
         self._columns = None
         return self._ids[spec.name]
 
+    def give_own_space(self, name: str) -> TaskSpec:
+        """Task `name` stops sharing its domain's input space and gets one of its own (add-task's
+        own adapter); everything else about it, and every other task, is unchanged. Returns
+        the new spec."""
+        old = self.spec(name)
+        if old.domain is None:
+            raise ValueError(f"task {name!r} already has an input space of its own")
+        new = dataclasses.replace(old, domain=None)
+        self._specs[self._ids[name]] = new
+        self._domain_width[new.input_space] = new.n_inputs
+        self._columns = None
+        return new
+
     def columns(self) -> TaskColumns:
         """Every task's input width, target group and loss weight as arrays (rebuilt after add)."""
         if self._columns is None:
@@ -297,6 +311,11 @@ class TaskData:
             raise ValueError(f"task '{self.spec.name}' std must be > 0 everywhere")
         self._check_target_scaling()
         self._check_classes()
+
+    def with_own_space(self) -> TaskData:
+        """The same task reading through an input space of its own (its spec without a domain):
+        what add-task's own adapter registers."""
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, domain=None))
 
     # -- validation -------------------------------------------------------------------------
 

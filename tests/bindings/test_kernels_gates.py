@@ -135,7 +135,7 @@ def test_backward_leaves_its_inputs_unchanged(backend, G):
         kept = d_gates.copy(), d_imp.copy(), d_load.copy()
         gate.backward(d_gates, d_importance=d_imp, d_load=d_load, dw_gate=np.zeros_like(wg),
                       dw_noise=np.zeros_like(wn))
-    for a, b in zip((d_gates, d_imp, d_load), kept):
+    for a, b in zip((d_gates, d_imp, d_load), kept, strict=True):
         assert np.array_equal(a, b)
 
 
