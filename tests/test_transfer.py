@@ -1,8 +1,8 @@
 """add-task's training against an independent oracle: full-batch AdamW written out here.
 
 The oracle replays add_task's procedure (the same shot selection and measured start, then
-early stopping on the held-out shots, then a refit on all shots for the chosen number of
-epochs) with its own Adam: decoupled weight decay on the head, an L2 pull toward the start on
+the epoch count from early-stopped fits on three held-out sets, then a refit on all shots
+for that many epochs) with its own Adam: decoupled weight decay on the head, an L2 pull toward the start on
 the task's embedding (anchored, no decay). Gradients come from the model (they are
 checked by finite differences elsewhere); every optimizer step is the oracle's.
 """
@@ -43,10 +43,26 @@ class AdamW:
             self.p[n] = p - self.lr * (m_hat / (np.sqrt(v_hat) + self.eps) + self.wd * p)
 
 
-def oracle_fit(model, free, anchored, task, fit, stop, *, max_epochs, patience, wd=WD):
-    """(best epoch, final params) by the rule fit_few_shot documents; `free` (the head, decayed)
-    and `anchored` (pulled toward their start) map names to the (param, grad) rows the model
-    reads and writes (the task's rows of stacked tables)."""
+def oracle_folds(task, fit, stop):
+    """The held-out sets fit_few_shot documents: stop, then the fit rows dealt class by class
+    (in row order) into min(2, fewest of a class - 1) more."""
+    labels = task.y_train[fit] if task.spec.kind == "multiclass" else task.y_train[fit, 0]
+    per_class = {c: [r for r, lab in zip(fit.tolist(), labels.tolist(), strict=True) if lab == c]
+                 for c in sorted(set(labels.tolist()))}
+    least = min(len(v) for v in per_class.values())
+    if least < 2:
+        return [stop]
+    k = min(2, least - 1)
+    folds = [sorted(r for v in per_class.values() for i, r in enumerate(v) if i % k == f) for f in range(k)]
+    return [stop] + [np.array(f, dtype=np.int64) for f in folds]
+
+
+def oracle_fit(model, free, anchored, task, idx, fit, stop, *, max_epochs, patience, wd=WD):
+    """(best epoch, final params) by the rule fit_few_shot documents: for each held-out set,
+    train on the other shots with early stopping and keep its held-out loss curve (a stopped
+    curve keeps its last value); the epoch count is where the mean curve is least; then a
+    refit on all shots. `free` (the head, decayed) and `anchored` (pulled toward their start)
+    map names to the (param, grad) rows the model reads and writes."""
     views = {**free, **anchored}
     start = {n: p.copy() for n, (p, _) in views.items()}
 
@@ -55,7 +71,7 @@ def oracle_fit(model, free, anchored, task, fit, stop, *, max_epochs, patience, 
             p[...] = start[n]
         f = AdamW({n: start[n] for n in free}, LR, wd)
         a = AdamW({n: start[n] for n in anchored}, LR, 0.0)
-        best, best_epoch = np.inf, 0
+        best, best_epoch, curve = np.inf, 0, []
         for epoch in range(1, epochs + 1):
             out = model.forward([Chunk(task.name, task.x_train[rows], task.y_train[rows])], train=False, grad=True)
             model.backward([loss_and_grad(task.spec.kind, out.outputs[0], task.y_train[rows])[1]])
@@ -66,19 +82,23 @@ def oracle_fit(model, free, anchored, task, fit, stop, *, max_epochs, patience, 
             if stop_rows is not None:
                 held = model.forward([Chunk(task.name, task.x_train[stop_rows])], train=False).outputs[0]
                 loss = loss_and_grad(task.spec.kind, held, task.y_train[stop_rows])[0]
+                curve.append(loss)
                 if loss < best - 1e-6:
                     best, best_epoch = loss, epoch
                 elif epoch - best_epoch >= patience:
                     break
-        return best_epoch, {**f.p, **a.p}
+        return curve, {**f.p, **a.p}
 
-    best_epoch, _ = run(fit, max_epochs, stop)
-    return best_epoch, run(np.union1d(fit, stop), max(best_epoch, 1))[1]
+    curves = [run(np.setdiff1d(idx, held), max_epochs, held)[0] for held in oracle_folds(task, fit, stop)]
+    n = max(len(c) for c in curves)
+    mean = np.mean([list(c) + [c[-1]] * (n - len(c)) for c in curves], axis=0)
+    best_epoch = int(np.argmin(mean)) + 1
+    return best_epoch, run(idx, best_epoch)[1]
 
 
-# seeds whose early stopping trains long enough (> 10 epochs) for the decay to show; 0, 1, 5 stop at 1-6
-# (with the per-example router these seeds were chosen for)
-@pytest.mark.parametrize("seed", [2, 3, 4])
+# seeds whose epoch count is long enough (> 10 epochs) for the decay to show: 3, 7 and 9
+# reach 24, 19 and 12; 0, 2, 4 stop at 2-10 (3-fold rule, per-example router)
+@pytest.mark.parametrize("seed", [3, 7, 9])
 def test_add_task_trains_the_head_and_its_routing_with_adamw(seed):
     tasks = make_family(4, 200, seed=4)
     known, new = tasks[:2], tasks[3]  # family_03 is multiclass
@@ -106,7 +126,7 @@ def test_add_task_trains_the_head_and_its_routing_with_adamw(seed):
         views = ref.task_views(new.name)
         free = {n: v for n, v in views.items() if n.startswith("head.")}
         anchored = {n: v for n, v in views.items() if n not in free}
-        return views, oracle_fit(ref, free, anchored, new, fit, stop, max_epochs=100, patience=20, wd=wd)
+        return views, oracle_fit(ref, free, anchored, new, idx, fit, stop, max_epochs=100, patience=20, wd=wd)
 
     views, (best_epoch, want) = oracle(WD)
     assert any(n.startswith("head.") for n in views) and any(not n.startswith("head.") for n in views)
