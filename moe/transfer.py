@@ -17,8 +17,9 @@
 4. Adapter: a task of a domain the model knows reads through that domain's encoder
    ("shared") or gets a copy of it that it trains (anchored) for itself ("own"; its encoder
    row is then one more add-on, and no other task moves). "auto" measures both on the
-   held-out part of the shots and keeps the lower held-out loss (shared on ties, and when nothing can be
-   held out, or too few for the comparison to mean anything: ADAPTER_MIN_HELD_OUT).
+   held-out part of the shots and keeps the lower held-out loss (shared on ties, when
+   nothing can be held out, and when too few can for the comparison to mean anything:
+   ADAPTER_MIN_HELD_OUT).
 5. Epochs: when every class has at least two examples, early-stopped fits on up to FOLDS
    held-out sets (every shot held out once) give held-out loss curves, the epoch count is
    where their mean is least, and the start is retrained on all examples for that many; one
@@ -78,6 +79,12 @@ class AddTaskResult:
     train_rows: list[int] = field(default_factory=list)  # the train-split rows used
 
 
+def class_labels(task: TaskData, rows: np.ndarray | None = None) -> np.ndarray:
+    """The class of each train row (all, or `rows`) of a multiclass or binary task."""
+    y = task.y_train if rows is None else task.y_train[rows]
+    return y if task.spec.kind == "multiclass" else y[:, 0]
+
+
 def select_shots(task: TaskData, shots: int | None, rng: np.random.Generator) -> np.ndarray:
     """Indices into the train split: `shots` per class (classification) or in total."""
     n = task.x_train.shape[0]
@@ -87,7 +94,7 @@ def select_shots(task: TaskData, shots: int | None, rng: np.random.Generator) ->
         raise ValueError(f"--shots must be >= 1, got {shots}")
     kind = task.spec.kind
     if kind in ("multiclass", "binary"):
-        labels = task.y_train if kind == "multiclass" else task.y_train[:, 0]
+        labels = class_labels(task)
         picked = []
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)
@@ -103,7 +110,7 @@ def shots_short(task: TaskData, shots: int | None) -> dict[str, int]:
         return {}
     kind = task.spec.kind
     if kind in ("multiclass", "binary"):
-        labels = task.y_train if kind == "multiclass" else task.y_train[:, 0]
+        labels = class_labels(task)
         ids, have = np.unique(labels.astype(np.int64), return_counts=True)
         names = task.decode_labels(ids) if task.classes is not None else ids
         return {str(n): int(h) for n, h in zip(names.tolist(), have.tolist(), strict=True) if h < shots}
@@ -116,7 +123,7 @@ def split_fit_stop(task: TaskData, idx: np.ndarray, rng: np.random.Generator, fr
     has a single example (or fewer than 4 examples in all) and nothing can be held out."""
     kind = task.spec.kind
     if kind in ("multiclass", "binary"):
-        labels = task.y_train[idx] if kind == "multiclass" else task.y_train[idx, 0]
+        labels = class_labels(task, idx)
         counts = [int((labels == c).sum()) for c in np.unique(labels)]
         if min(counts) < 2:
             return None
@@ -226,7 +233,7 @@ def fold_sets(task: TaskData, split) -> list[np.ndarray]:
     fit, stop = split
     kind = task.spec.kind
     if kind in ("multiclass", "binary"):
-        labels = task.y_train[fit] if kind == "multiclass" else task.y_train[fit, 0]
+        labels = class_labels(task, fit)
         rank = np.empty(fit.size, dtype=np.int64)
         for c in np.unique(labels):
             rank[labels == c] = np.arange(int((labels == c).sum()))
@@ -332,8 +339,8 @@ def add_task(
     "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots).
     head_hidden: the new head's hidden width (None: HEAD_HIDDEN, or ONE_SHOT_HEAD_HIDDEN
     when nothing can be held out). adapter: "auto", "shared" or "own" (module doc, step 4;
-    only for a task of a domain the model knows). progress (2 units) advances after the new task's fit and
-    after the scratch model's."""
+    only for a task of a domain the model knows). progress (2 units) advances after the new
+    task's fit and after the scratch model's."""
     if task.name in model.tasks:
         raise ValueError(f"task {task.name!r} is already in the model")
     if not (grow_experts == "auto" or (isinstance(grow_experts, int) and grow_experts >= 0)):
