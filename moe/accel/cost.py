@@ -32,6 +32,11 @@ capacity_factor None (dropless) buffers are ragged: the busiest device's real lo
 expert and all-to-all time, and buffer memory is sized as cf = 1.0 times that imbalance.
 Nothing is overlapped: the step is the sum of its parts (an upper bound on a good schedule).
 Nothing is fused either: the activation and the LayerNorm are separate memory passes.
+Measured rates, where a device carries them (the calibrated "cpu", an XLA CPU mesh): the gate's
+elementwise work per (token x expert) and the dispatch per (assignment x d) and per
+(assignment x expert) take the slower of
+the roofline and the measured rate; a switch's all-to-all and all-reduce run at their measured
+rates (moe.accel.devices). A TPU or GPU spec has none: the roofline alone.
 
 Components: dense (adapters, heads, LayerNorm + residual), router (gate matmuls, softmax /
 top-k, and the local dispatch/combine copies into and out of the capacity buffers), experts,
@@ -141,6 +146,17 @@ def _elementwise(name: str, component: str, elems: float, flops_per: float, touc
 
 
 # ============================================================================ load model
+def _measured(op: Op, *rates: tuple[float, float]) -> Op:
+    """Where the device carries measured rates for this op's elements, (seconds per element,
+    elements) pairs (the calibrated "cpu", an XLA CPU mesh: moe.accel.xla_rates), their sum
+    replaces the roofline when slower: elementwise work with transcendentals, top-k and
+    gathers runs far below both limits there."""
+    seconds = sum(elem_s * elems for elem_s, elems in rates if elem_s > 0)
+    if seconds <= 0:
+        return op
+    return replace(op, seconds=max(op.seconds, seconds), bound="measured")
+
+
 def _load_shares(expert_loads: np.ndarray | None, n_experts: int) -> np.ndarray:
     """Per-expert share of assignments (sums to 1); uniform without a profile."""
     if expert_loads is None:
@@ -254,10 +270,12 @@ def _micro_batch_ops(shape: MoEShape, pod: PodSpec, ep: int, dp: int, ep_inner: 
         _elementwise("layernorm+residual", "dense", t * d, 9.0, 5.0, a, dev),
         _matmul("gate matmul", "router", t, shape.gate_in, gm * E, w * gm * shape.gate_in * E, a, dev),
         # softmax / softplus / noise / top-k / load estimator over [t, E] per gate matrix
-        _elementwise("gate softmax+top-k", "router", gm * t * E, 10.0, 2.0, a, dev),
+        _measured(_elementwise("gate softmax+top-k", "router", gm * t * E, 10.0, 2.0, a, dev),
+                  (dev.router_elem_s, t * E)),
         # dispatch gathers t*k rows into `send` buffer rows; combine reads them back into [t, d]
-        _roofline("dispatch+combine copies", "router", FWD_BWD * 2.0 * t * shape.k * d,
-                  FWD_BWD * a * d * (t * shape.k + 2 * rows.send + t), dev.peak_flops, dev.hbm_bw),
+        _measured(_roofline("dispatch+combine copies", "router", FWD_BWD * 2.0 * t * shape.k * d,
+                            FWD_BWD * a * d * (t * shape.k + 2 * rows.send + t), dev.peak_flops, dev.hbm_bw),
+                  (dev.dispatch_elem_s, t * shape.k * d), (dev.dispatch_expert_s, t * shape.k * E)),
         _matmul("expert W1", "experts", rows.busy, d, h, w * e_local * (d * h + h), a, dev),
         _elementwise("expert activation", "experts", rows.busy * h, 1.0, 2.0, a, dev),
         _matmul("expert W2", "experts", rows.busy, h, d, w * e_local * (h * d + d), a, dev),
@@ -402,12 +420,8 @@ def predict_layer_step(shape: MoEShape, device: DeviceSpec) -> dict:
     gate_elem = _elementwise("gate softmax+top-k", "router", gm * T * E, 10.0, 2.0, a, device)
     dispatch = _roofline("dispatch+combine", "dispatch", FWD_BWD * 2.0 * N * d, FWD_BWD * a * d * (3 * N + T),
                          device.peak_flops, device.hbm_bw)  # gather N rows, combine N rows into [T, d]
-    # Where the device carries measured rates for these (the calibrated "cpu"), they replace
-    # the roofline: elementwise numpy work runs far below both limits.
-    if device.router_elem_s > 0:
-        gate_elem = replace(gate_elem, seconds=max(gate_elem.seconds, device.router_elem_s * T * E), bound="measured")
-    if device.dispatch_elem_s > 0:
-        dispatch = replace(dispatch, seconds=max(dispatch.seconds, device.dispatch_elem_s * N * d), bound="measured")
+    gate_elem = _measured(gate_elem, (device.router_elem_s, T * E))
+    dispatch = _measured(dispatch, (device.dispatch_elem_s, N * d), (device.dispatch_expert_s, N * E))
     ops = [
         _matmul("gate matmul", "router", T, shape.gate_in, gm * E, w * gm * shape.gate_in * E, a, device),
         gate_elem,

@@ -65,12 +65,25 @@ class DeviceSpec:
     # (dispatched row x d) element of dispatch + combine, fwd + bwd.
     router_elem_s: float = 0.0
     dispatch_elem_s: float = 0.0
+    # and seconds per (dispatched row x expert) of it, where the dispatch builds one-hot
+    # capacity slots over the experts (measured only for XLA: moe.accel.xla_rates)
+    dispatch_expert_s: float = 0.0
+    # Measured per-collective rates of a "switch" mesh (0 = from link_bw x links_per_chip):
+    # bytes leaving a device per second in an all-to-all, and ring bytes per second
+    # (2 (g-1)/g x payload / time) in an all-reduce. On XLA's CPU mesh the two collectives run
+    # at rates an order of magnitude apart, and neither is the copy bandwidth.
+    a2a_bw: float = 0.0
+    all_reduce_bw: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "hbm_bytes", "hbm_bw"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"DeviceSpec {self.name!r}: {name} must be finite and > 0, got {value}")
+        for name in ("router_elem_s", "dispatch_elem_s", "dispatch_expert_s", "a2a_bw", "all_reduce_bw"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"DeviceSpec {self.name!r}: {name} must be finite and >= 0, got {value}")
         if self.link_bw < 0 or self.links_per_chip < 0 or self.cache_bytes < 0:
             raise ValueError(
                 f"DeviceSpec {self.name!r}: link_bw, links_per_chip and cache_bytes must be >= 0, "
@@ -243,7 +256,8 @@ def cpu_mesh(n_devices: int, device: DeviceSpec | None = None) -> PodSpec:
         f"{base.name}/{n}", peak_flops=base.peak_flops / n, hbm_bytes=base.hbm_bytes / n, hbm_bw=base.hbm_bw / n,
         link_bw=base.hbm_bw / n, links_per_chip=1, flops_kind=base.flops_kind, cache_bytes=base.cache_bytes / n,
         source=f"1/{n} of {base.name} ({base.source})",
-        router_elem_s=base.router_elem_s * n, dispatch_elem_s=base.dispatch_elem_s * n)
+        router_elem_s=base.router_elem_s * n, dispatch_elem_s=base.dispatch_elem_s * n,
+        dispatch_expert_s=base.dispatch_expert_s * n)
     return PodSpec(f"cpu:{n}", per, n, "switch" if n > 1 else "single", (n,), per.source)
 
 
@@ -478,7 +492,8 @@ def _bisection_bw(pod: PodSpec, rings: list[_Ring], group_size: int) -> float:
 def all_reduce_time(nbytes: float, pod: PodSpec, group_size: int, *, stride: int = 1) -> float:
     """Seconds to all-reduce `nbytes` per chip across `group_size` chips (module docstring).
 
-    switch: 2 (g-1)/g * bytes / (links * link_bw), the ring bound of Patarasuk & Yuan 2009.
+    switch: 2 (g-1)/g * bytes / (links * link_bw), the ring bound of Patarasuk & Yuan 2009
+    (the device's measured all_reduce_bw in place of links * link_bw where it has one).
     torus: per-dimension rings, payload split over dimensions with rotated order; returns
     max over dims of sum_parts 2 (t-1)/t * part_bytes_reaching_that_dim / ring_bw.
     """
@@ -488,7 +503,7 @@ def all_reduce_time(nbytes: float, pod: PodSpec, group_size: int, *, stride: int
     if group_size == 1 or nbytes == 0:
         return 0.0
     if pod.topology == "switch":
-        return 2.0 * (group_size - 1) / group_size * nbytes / pod.device.injection_bw
+        return 2.0 * (group_size - 1) / group_size * nbytes / (pod.device.all_reduce_bw or pod.device.injection_bw)
     rings = _group_rings(pod, group_size, stride)
     n_parts = len(rings)
     load = [0.0] * n_parts
@@ -505,13 +520,16 @@ def all_reduce_time(nbytes: float, pod: PodSpec, group_size: int, *, stride: int
 def all_to_all_time(bytes_per_device: float, pod: PodSpec, group_size: int, *, stride: int = 1) -> float:
     """Seconds for an all-to-all where each of `group_size` chips sends `bytes_per_device`
     spread evenly over the group (itself included): max(injection, bisection) bound.
-    stride > 1: the group interleaves with others (see _group_rings) and shares their links."""
+    stride > 1: the group interleaves with others (see _group_rings) and shares their links.
+    A switch whose device carries a measured a2a_bw: the bytes leaving a device at that rate."""
     _check_group(pod, group_size, stride)
     if bytes_per_device < 0:
         raise ValueError(f"all_to_all_time needs bytes_per_device >= 0, got {bytes_per_device}")
     if group_size == 1 or bytes_per_device == 0:
         return 0.0
     leaving = (group_size - 1) / group_size * bytes_per_device
+    if pod.topology == "switch" and pod.device.a2a_bw > 0:  # a measured rate holds every limit
+        return leaving / pod.device.a2a_bw
     if pod.topology == "switch":
         inject_bw = pod.device.injection_bw
         rings: list[_Ring] = []

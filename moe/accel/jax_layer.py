@@ -163,32 +163,45 @@ def experts_forward(activation: str, x, w1, b1, w2, b2):
     return jnp.einsum("erh,ehd->erd", act, w2) + b2[:, None, :]  # [E_l, R, d]
 
 
+def send_buffers(x, index, keep, slot, n_experts: int, S: int):
+    """x [b, d] into send buffers [E, S, d]: which local row fills (expert, slot); empty slots
+    read an appended zero row, dropped assignments scatter out of range."""
+    b, d = x.shape
+    k = index.shape[1]
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, k))  # [b, k]
+    tgt_e = jnp.where(keep, index, n_experts)  # [b, k]
+    src = jnp.full((n_experts, S), b, dtype=jnp.int32).at[tgt_e, slot].set(rows, mode="drop")  # [E, S]
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)  # [b+1, d]
+    return x_pad[src]  # [E, S, d]
+
+
+def combine_rows(ret, index, keep, slot, gates):
+    """The experts' outputs ret [E, S, d] back to this device's rows: (y [b, d], kept gates [b, k])."""
+    kept_gates = jnp.where(keep, gates, 0.0)  # [b, k]
+    y = jnp.zeros((index.shape[0], ret.shape[2]), ret.dtype)  # [b, d]
+    for j in range(index.shape[1]):  # j = 0..k-1, the numpy summation order
+        out_j = ret[jnp.where(keep[:, j], index[:, j], 0), jnp.where(keep[:, j], slot[:, j], 0)]  # [b, d]
+        y = y + kept_gates[:, j, None] * jnp.where(keep[:, j, None], out_j, 0.0)
+    return y, kept_gates
+
+
 def moe_local(spec: LayerSpec, batch: int, x, xg, eps, w_gate, w_noise, w1, b1, w2, b2):
     """The body run on each device by shard_map (see the module docstring)."""
     b, d = x.shape
-    E, k = spec.n_experts, spec.k
+    E = spec.n_experts
     n = jax.lax.axis_size(EXPERT)
     cap = capacity(spec, b if spec.capacity_scope == "device" else batch)
     S = min(cap, b)
     index, gates, importance, load, aux = gate_forward(spec, xg, w_gate, w_noise, eps, batch)
     keep, slot = capacity_slots(index, E, cap, spec.capacity_scope)  # [b, k], [b, k]
-    # Send buffer: which local row fills (expert, slot); empty slots read an appended zero row.
-    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, k))  # [b, k]
-    tgt_e = jnp.where(keep, index, E)  # dropped assignments scatter out of range (dropped)
-    src = jnp.full((E, S), b, dtype=jnp.int32).at[tgt_e, slot].set(rows, mode="drop")  # [E, S]
-    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)  # [b+1, d]
-    send = x_pad[src]  # [E, S, d]
+    send = send_buffers(x, index, keep, slot, E, S)  # [E, S, d]
     recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True)  # [n*E_l, S, d], source-major
     E_l = E // n
     work = recv.reshape(n, E_l, S, d).transpose(1, 0, 2, 3).reshape(E_l, n * S, d)  # [E_l, n*S, d]
     done = experts_forward(spec.activation, work, w1, b1, w2, b2)  # [E_l, n*S, d]
     back = done.reshape(E_l, n, S, d).transpose(1, 0, 2, 3).reshape(n * E_l, S, d)  # [E, S, d]
     ret = jax.lax.all_to_all(back, EXPERT, 0, 0, tiled=True)  # [E, S, d] this device's rows
-    kept_gates = jnp.where(keep, gates, 0.0)  # [b, k]
-    y = jnp.zeros_like(x)  # [b, d]
-    for j in range(k):  # j = 0..k-1, the numpy summation order
-        out_j = ret[jnp.where(keep[:, j], index[:, j], 0), jnp.where(keep[:, j], slot[:, j], 0)]  # [b, d]
-        y = y + kept_gates[:, j, None] * jnp.where(keep[:, j, None], out_j, 0.0)
+    y, kept_gates = combine_rows(ret, index, keep, slot, gates)  # [b, d], [b, k]
     counts = _psum(jnp.einsum("bk,bke->e", keep.astype(x.dtype), jax.nn.one_hot(index, E, dtype=x.dtype)))
     routing = {"expert_index": index, "keep": keep, "gates": kept_gates,
                "importance": importance, "load": load, "counts": counts}

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from moe.accel.cost import COMPONENTS, format_report, predict, predict_layer_step
-from moe.accel.devices import DeviceSpec, GiB, PodSpec, get_pod
+from moe.accel.devices import DeviceSpec, GiB, PodSpec, all_reduce_time, all_to_all_time, cpu_mesh, get_pod
 from moe.accel.shape import MoEShape
 
 pytestmark = pytest.mark.accel
@@ -94,6 +94,53 @@ def test_all_to_all_counts_four_exchanges_per_layer():
     nbytes = 16 * C * 256 * 4  # the whole [E, C, d] float32 buffer
     assert rep.times["all_to_all"] == pytest.approx(4 * 3 * (7 / 8) * nbytes / 450e9)
     assert predict(s, pod, 1, 8).times["all_to_all"] == 0.0
+
+
+def _measured_mesh(**rates) -> PodSpec:
+    """An 8-device CPU-like mesh whose devices carry measured rates (as moe.accel.xla_rates
+    gives them)."""
+    base = DeviceSpec("cpu-like", 8e10, 16 * GiB, 4e10, 0.0, 0)
+    pod = cpu_mesh(8, base)
+    return PodSpec(pod.name, DeviceSpec(**{**pod.device.__dict__, **rates}), 8, "switch", (8,))
+
+
+def test_measured_element_rates_replace_the_roofline_where_slower():
+    """Router: gate rate x tokens x experts per layer; dispatch: per (assignment x d) plus per
+    (assignment x expert). A rate below the roofline leaves the roofline."""
+    s = MoEShape(d_model=128, d_hidden=256, n_experts=32, k=2, n_layers=2, tokens=8 * 512, capacity_factor=1.25)
+    plain = predict(s, _measured_mesh(), 8, 1)
+    slow = predict(s, _measured_mesh(router_elem_s=800e-9, dispatch_elem_s=80e-9, dispatch_expert_s=100e-9), 8, 1)
+    t = 512
+    ops = {op.name: op for op in slow.ops}
+    assert ops["gate softmax+top-k"].seconds == pytest.approx(2 * 800e-9 * t * 32)
+    assert ops["dispatch+combine copies"].seconds == pytest.approx(2 * (80e-9 * t * 2 * 128 + 100e-9 * t * 2 * 32))
+    assert ops["gate softmax+top-k"].bound == ops["dispatch+combine copies"].bound == "measured"
+    base = {op.name: op for op in plain.ops}
+    assert ops["gate matmul"] == base["gate matmul"] and ops["expert W1"] == base["expert W1"]
+    assert slow.times["router"] - plain.times["router"] == pytest.approx(
+        ops["gate softmax+top-k"].seconds + ops["dispatch+combine copies"].seconds
+        - base["gate softmax+top-k"].seconds - base["dispatch+combine copies"].seconds)
+    fast = predict(s, _measured_mesh(router_elem_s=1e-18, dispatch_elem_s=1e-18), 8, 1)
+    assert fast.times == plain.times
+
+
+def test_measured_collective_rates_time_the_exchanges():
+    """A switch with measured rates: the all-to-all moves the bytes leaving a device at a2a_bw,
+    the all-reduce its ring bytes 2 (g-1)/g x payload at all_reduce_bw; without them the links."""
+    pod = _measured_mesh(a2a_bw=0.5e9, all_reduce_bw=3e9)
+    assert all_to_all_time(8e6, pod, 8) == pytest.approx(7 / 8 * 8e6 / 0.5e9)
+    assert all_reduce_time(8e6, pod, 8) == pytest.approx(2 * 7 / 8 * 8e6 / 3e9)
+    assert all_reduce_time(8e6, pod, 2, stride=4) == pytest.approx(2 * 1 / 2 * 8e6 / 3e9)
+    links = _measured_mesh()
+    assert all_to_all_time(8e6, links, 8) == pytest.approx(7 / 8 * 8e6 / links.device.injection_bw)
+    assert all_reduce_time(8e6, links, 8) == pytest.approx(2 * 7 / 8 * 8e6 / links.device.injection_bw)
+    s = MoEShape(d_model=128, d_hidden=256, n_experts=32, k=2, n_layers=1, tokens=8 * 512, capacity_factor=1.25)
+    rep = predict(s, pod, 8, 1)
+    C = s.capacity(512)
+    assert rep.times["all_to_all"] == pytest.approx(4 * all_to_all_time(32 * C * 128 * 4, pod, 8))
+    for bad in (dict(a2a_bw=-1.0), dict(all_reduce_bw=float("nan")), dict(dispatch_expert_s=-1e-9)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be finite and >= 0"):
+            _measured_mesh(**bad)
 
 
 def _mem(E, ep, pod="tpu-v4-slice"):
