@@ -58,15 +58,23 @@ from moe.tasks.spec import TaskData
 from moe.train import Trainer, TrainResult, evaluate_tasks
 
 
-def _adam(p, m, v, g, lr, t, cfg: AdamConfig):
-    """One Adam update (moe.optim.Adam._update); t broadcasts against p (per-row step counts)."""
-    mm = cfg.beta1 * m + (1 - cfg.beta1) * g
-    vv = cfg.beta2 * v + (1 - cfg.beta2) * (g * g)
+def _adam(p, m, v, g, lr, t, hit, cfg: AdamConfig):
+    """One Adam update (moe.optim.Adam._update) where `hit` (broadcasting against p: per row
+    or one flag), the old values elsewhere; t broadcasts against p (per-row step counts).
+
+    The new moments are materialised first and the weight update reads them: written as one
+    expression, XLA recomputed the moments inside the weight's kernel from the old ones, so it
+    copied each donated moment before overwriting it (16 array passes per parameter instead
+    of 10; Adam took 32 ms of the 1 x 8 layout's step). Same values bit for bit: where `hit`,
+    the new moment is the updated one."""
+    m_new = jnp.where(hit, cfg.beta1 * m + (1 - cfg.beta1) * g, m)
+    v_new = jnp.where(hit, cfg.beta2 * v + (1 - cfg.beta2) * (g * g), v)
+    m_new, v_new = jax.lax.optimization_barrier((m_new, v_new))
     tf = t.astype(jnp.float32)
-    upd = (mm / (1 - cfg.beta1 ** tf)) / (jnp.sqrt(vv / (1 - cfg.beta2 ** tf)) + cfg.eps)
+    upd = (m_new / (1 - cfg.beta1 ** tf)) / (jnp.sqrt(v_new / (1 - cfg.beta2 ** tf)) + cfg.eps)
     if cfg.weight_decay:
         upd = upd + cfg.weight_decay * p
-    return p - lr * upd, mm, vv
+    return jnp.where(hit, p - lr * upd, p), m_new, v_new
 
 
 def row_group(name: str, tables: tuple[str, ...]) -> str | None:
@@ -98,13 +106,10 @@ def adam_step(state: dict, grads: dict, touched: dict, lr, clip_norm: float, cfg
         if group is not None:
             rows = (-1,) + (1,) * (p.ndim - 1)
             hit = touched[group].reshape(rows) & ok  # [R, 1, ...]
-            p2, m2, v2 = _adam(p, m, v, g, lr, jnp.maximum(t_rows[group], 1).reshape(rows), cfg)
+            out = _adam(p, m, v, g, lr, jnp.maximum(t_rows[group], 1).reshape(rows), hit, cfg)
         else:
-            hit = ok
-            p2, m2, v2 = _adam(p, m, v, g, lr, t1, cfg)
-        new["params"][n] = jnp.where(hit, p2, p)
-        new["m"][n] = jnp.where(hit, m2, m)
-        new["v"][n] = jnp.where(hit, v2, v)
+            out = _adam(p, m, v, g, lr, t1, ok, cfg)
+        new["params"][n], new["m"][n], new["v"][n] = out
     new["t"] = jnp.where(ok, t1, state["t"])
     new["t_rows"] = {g: jnp.where(ok, t_rows[g], state["t_rows"][g]) for g in t_rows}
     return new, norm

@@ -7,7 +7,15 @@ import pytest
 from scipy import stats
 
 from moe.accel.cost import COMPONENTS, format_report, predict, predict_layer_step
-from moe.accel.devices import DeviceSpec, GiB, PodSpec, all_reduce_time, all_to_all_time, cpu_mesh, get_pod
+from moe.accel.devices import (
+    DeviceSpec,
+    GiB,
+    PodSpec,
+    all_reduce_time,
+    all_to_all_time,
+    cpu_mesh,
+    get_pod,
+)
 from moe.accel.shape import MoEShape
 
 pytestmark = pytest.mark.accel
