@@ -34,9 +34,9 @@ Nothing is overlapped: the step is the sum of its parts (an upper bound on a goo
 Nothing is fused either: the activation and the LayerNorm are separate memory passes.
 Measured rates, where a device carries them (the calibrated "cpu", an XLA CPU mesh): the gate's
 elementwise work per (token x expert) and the dispatch per (assignment x d) and per
-(assignment x expert) take the slower of
-the roofline and the measured rate; a switch's all-to-all and all-reduce run at their measured
-rates (moe.accel.devices). A TPU or GPU spec has none: the roofline alone.
+(assignment x expert) take the slower of the roofline and the measured rate; a switch's
+all-to-all and all-reduce run at their measured rates (moe.accel.devices). A TPU or GPU spec
+has none: the roofline alone.
 
 Components: dense (adapters, heads, LayerNorm + residual), router (gate matmuls, softmax /
 top-k, and the local dispatch/combine copies into and out of the capacity buffers), experts,
