@@ -13,24 +13,7 @@ per second.
 
     python bench/jax_backend.py --steps 20 [--experts 8,64,512] [--devices N] [--tokens 8192]
 
-Many tasks (issue 12): `--tasks 200,1000` trains the built-in benchmark with that many tasks
-(7 built-in + a generated family, each family task with an encoder of its own; default
-config otherwise: d = 64, E = 64, batch 256) for --steps steps, each configuration in a
-fresh process, and prints per configuration the first step (trace + compile + one step),
-its CPU time (all threads: a figure a busy machine changes less), the median of the later
-steps, the peak RSS of the process and its RSS before the trainer
-existed (imports and data loaded). Backends: numpy (moe.train.Trainer) and JAX
-(moe.accel.jax_train.JaxTrainer) with each way of laying out per-task work
-(`--impl`, see moe.accel.jax_model.table_linear):
-
-- blocks: rows sorted by table row into static-shape blocks of one table row each, one
-          batched product over the blocks (the backend's choice);
-- gather: each batch row gathers its own table row's weights, one batched product;
-- ragged: rows sorted by table row, jax.lax.ragged_dot over the groups, unsorted back;
-- where:  every table row on every batch row, selected by `where` (how the backend worked
-          before issue 12: cost grows with tasks x batch).
-
-    python bench/jax_backend.py --tasks 200,1000 --impl blocks,gather,ragged,where --steps 10
+Many tasks (issue 12) are measured in bench/jax_tasks.py.
 """
 
 from __future__ import annotations
@@ -105,104 +88,6 @@ def bench_model(mesh, E: int, T: int, steps: int, rng: np.random.Generator) -> f
     return median_time(lambda: jm._grad(jm.params, *args, eps), steps)
 
 
-# ============================================================================ many tasks
-def _linear_gather(x, w, b, rows):
-    """Each batch row gathers its own weights [B, i, o], one batched product."""
-    return jnp.einsum("bi,bio->bo", x, w[rows]) + b[rows]
-
-
-def _linear_ragged(x, w, b, rows):
-    """Rows sorted by table row, one ragged_dot over the groups, unsorted back."""
-    perm = jnp.argsort(rows)  # [B]
-    sizes = jnp.bincount(rows, length=w.shape[0]).astype(jnp.int32)  # [R]
-    ys = jax.lax.ragged_dot(x[perm], w, sizes)  # [B, o]
-    return jnp.zeros_like(ys).at[perm].set(ys) + b[rows]
-
-
-def _linear_where(x, w, b, rows):
-    """Every table row on every batch row, each batch row keeping its own."""
-    y = jnp.zeros((x.shape[0], w.shape[2]), x.dtype)  # [B, o]
-    for j in range(w.shape[0]):
-        y = jnp.where((rows == j)[:, None], x @ w[j] + b[j], y)
-    return y
-
-
-IMPLS = {"gather": _linear_gather, "ragged": _linear_ragged, "where": _linear_where}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def tasks_worker(n_tasks: int, impl: str, steps: int) -> dict:
-    """One configuration in this (fresh) process: timings and memory."""
-    import resource
-    import tempfile
-
-    from moe.config import Config, DataConfig, TrainConfig
-    from moe.datasets import load_source, source_of
-
-    if n_tasks < 8:
-        raise ValueError(f"--tasks needs >= 8 (7 built-in tasks + a family), got {n_tasks}")
-    data_cfg = DataConfig(n_family=n_tasks - 7, n_digit_sets=0, n_skills=0)
-    data = load_source(source_of(data_cfg))
-    config = Config(data=data_cfg, train=TrainConfig(steps=steps + 1, progress=False, baseline=False))
-    base = _rss_mb()
-    with tempfile.TemporaryDirectory() as tmp:
-        if impl == "numpy":
-            from moe.train import Trainer
-
-            tr = Trainer(config, data, tmp, save_checkpoints=False, echo=lambda m: None)
-        else:
-            import moe.accel.jax_model as jax_model
-            from moe.accel.jax_train import JaxTrainer
-
-            if impl != "blocks":
-                jax_model.table_linear = IMPLS[impl]
-            tr = JaxTrainer(config, data, tmp, save_checkpoints=False, echo=lambda m: None)
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss0 = tr.train_step()["loss"]
-        first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            loss = tr.train_step()["loss"]
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tasks": len(data), "impl": impl, "first_s": first, "first_cpu_s": first_cpu,
-            "step_s": statistics.median(times),
-            "peak_mb": peak, "base_mb": base, "loss_first": loss0, "loss_last": loss}
-
-
-def bench_tasks(counts: list[int], impls: list[str], steps: int, timeout: float) -> None:
-    import json
-    import subprocess
-
-    print(f"many tasks: default config, batch 256, medians of {steps} steps after the first; "
-          "each row a fresh process")
-    print(f"{'tasks':>6} {'backend':>12} {'first step s':>13} {'its CPU s':>10} {'step ms':>9} {'peak RSS MB':>12} "
-          f"{'before MB':>10} {'loss first -> last':>19}")
-    for n in counts:
-        for impl in ["numpy", *impls]:
-            cmd = [sys.executable, __file__, "--tasks-worker", str(n), impl, "--steps", str(steps)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{n:>6} {impl:>12}  did not finish in {timeout:.0f} s", flush=True)
-                continue
-            if proc.returncode:
-                print(f"{n:>6} {impl:>12}  failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}", flush=True)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            name = impl if impl == "numpy" else f"jax {impl}"
-            print(f"{r['tasks']:>6} {name:>12} {r['first_s']:>13.2f} {r['first_cpu_s']:>10.2f} {r['step_s'] * 1e3:>9.1f} {r['peak_mb']:>12.0f} "
-                  f"{r['base_mb']:>10.0f} {r['loss_first']:>9.3f} -> {r['loss_last']:.3f}", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -210,19 +95,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--devices", type=int, default=None)
     ap.add_argument("--skip-model", action="store_true")
-    ap.add_argument("--tasks", default=None, help="comma list of task counts: the many-tasks benchmark")
-    ap.add_argument("--impl", default="blocks,gather,ragged,where", help="with --tasks: JAX layouts of per-task work")
-    ap.add_argument("--timeout", type=float, default=900, help="with --tasks: seconds per configuration")
-    ap.add_argument("--tasks-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.tasks_worker is not None:
-        import json
-
-        print(json.dumps(tasks_worker(int(a.tasks_worker[0]), a.tasks_worker[1], a.steps)))
-        return
-    if a.tasks is not None:
-        bench_tasks([int(n) for n in a.tasks.split(",")], a.impl.split(","), a.steps, a.timeout)
-        return
     mesh = make_mesh(a.devices)
     n = mesh.shape["expert"]
     dev = jax.devices()[0]

@@ -17,7 +17,7 @@ row's weights). Rows of other widths or head shapes are masked with `where`, whi
 (they add exact zeros to every gradient). Outputs are padded to the widest head [B, n_max];
 the losses mask the padding. Why blocks and not the alternatives (per-task `where` over all
 rows, every row gathering its weights, `lax.ragged_dot`, which XLA:CPU expands to every
-group on every row): bench/jax_backend.py --tasks, recorded in bench/RESULTS.md.
+group on every row): bench/jax_tasks.py, recorded in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def table_linear(x, w, b, rows):
     FLOPs and min(R, B) weight rows gathered, whatever R is, where gathering every batch
     row's weights would move B x i x o (too much for wide inputs) and running every table
     row on every batch row would cost R x B x i x o. The seam where per-task work is laid
-    out: bench/jax_backend.py --tasks measures the alternatives."""
+    out: bench/jax_tasks.py measures the alternatives."""
     B, i = x.shape
     blk, nb = block_shape(B, w.shape[0])
     order = jnp.argsort(rows)  # [B] batch rows grouped by table row

@@ -7,7 +7,7 @@ Why these checks and not a timing: compile time and memory follow the program's 
 XLA's buffer assignment, which `Compiled.as_text()` and `Compiled.memory_analysis()` report
 exactly; a layout that runs every task on every row (`where` per task) grows the program
 with the number of tasks, and one that expands to every group (XLA:CPU's ragged_dot) grows
-the scratch with tasks x batch. The timings are in bench/jax_backend.py --tasks.
+the scratch with tasks x batch. The timings are in bench/jax_tasks.py.
 
 A subprocess does the JAX work on 2 simulated CPU devices (see test_accel_jax for why);
 norms as tests/accel/jaxcheck.py.
