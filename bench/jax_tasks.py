@@ -18,6 +18,10 @@ of laying out per-task work (`--impl`, see moe.accel.jax_model.table_linear):
 - where:  every table row on every batch row, selected by `where` (how the backend worked
           before issue 12: cost grows with tasks x batch).
 
+XLA flags come from the environment as for any run (moe.accel.xla_flags adds the library's CPU
+defaults unless XLA_FLAGS already chooses them), so `XLA_FLAGS=... python bench/jax_tasks.py`
+measures another setting.
+
     python bench/jax_tasks.py --tasks 8,200,1000 --impl blocks,gather,ragged,where --steps 10
 """
 

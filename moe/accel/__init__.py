@@ -2,8 +2,11 @@
 
 Pure numpy: nothing here imports jax (the JAX backend lives in moe.accel.jax_backend and is
 optional). The core never imports this package.
+
+First, before any module here imports jax: the XLA flags moe sets (moe.accel.xla_flags).
 """
 
+from moe.accel import xla_flags as _xla_flags  # noqa: F401 (applies them on import)
 from moe.accel.cost import CostReport, format_report, predict, predict_layer_step
 from moe.accel.devices import (
     DeviceSpec,

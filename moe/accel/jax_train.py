@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe import checkpoint as ckpt
+from moe.accel import xla_flags
 from moe.accel.jax_backend import (
     JaxMoE,
     check_fits,
@@ -341,7 +342,7 @@ class JaxTrainer:
         if saving and self.main:
             tr.out.mkdir(parents=True, exist_ok=True)
         plan = f"; plan {self.layout.describe()}" if self.layout is not None else ""
-        self.echo(f"jax backend: {describe_mesh(self.mesh)}{plan}")
+        self.echo(f"jax backend: {describe_mesh(self.mesh)}{plan}; XLA_FLAGS {xla_flags.describe()}")
         log_path = tr.out / "metrics.jsonl"
         start = time.perf_counter()
         bar = tr.progress_bar(t.steps)

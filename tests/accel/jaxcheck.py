@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def run_worker(script: str, out_dir: str, n_devices: int = 8, timeout: float = 300) -> str:
-    """Run `script --worker out_dir` with n_devices forced host devices; its stdout."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices} {FAST_XLA}",
+def run_worker(script: str, out_dir: str, n_devices: int = 8, timeout: float = 300, fast: bool = True) -> str:
+    """Run `script --worker out_dir` with n_devices forced host devices; its stdout.
+    fast=False: XLA's default optimisation (what users run), for claims about compiled bits."""
+    flags = f"--xla_force_host_platform_device_count={n_devices}" + (f" {FAST_XLA}" if fast else "")
+    env = {**os.environ, "XLA_FLAGS": flags,
            "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, script, "--worker", out_dir], cwd=ROOT, env=env,
