@@ -84,7 +84,9 @@ def worker(n_tasks: int, impl: str, steps: int) -> dict:
         raise ValueError(f"--tasks needs >= 8 (7 built-in tasks + a family), got {n_tasks}")
     data_cfg = DataConfig(n_family=n_tasks - 7, n_digit_sets=0, n_skills=0)
     data = load_source(source_of(data_cfg))
-    config = Config(data=data_cfg, train=TrainConfig(steps=steps + 1, progress=False, baseline=False))
+    # top-k routing throughout, as the JAX trainer runs (it sets train.balanced_share = 0)
+    config = Config(data=data_cfg, train=TrainConfig(steps=steps + 1, progress=False, baseline=False,
+                                                     balanced_share=0.0))
     pre_jax = _rss_mb()
     if impl != "numpy":
         import moe.accel.jax_model as jax_model
