@@ -108,21 +108,10 @@ class LowRank:
 
     def sq_norms(self) -> np.ndarray:
         """float64 [n]: each row's squared Frobenius norm without building it, from the Gram
-        identity |sum_r u_r v_r^T|^2 = sum_{r,s} (u_r . u_s)(v_r . v_s). Rows with the same
-        count c are done together: their factors gathered as [m, c, a] and [m, c, b] and the
-        Gram matrices [m, c, c] formed by einsum (numpy's own loops, float64: the bits do not
-        depend on BLAS threads, so shards and coordinator agree)."""
-        out = np.zeros(self.starts.shape[0], dtype=np.float64)
-        for c in np.unique(self.counts).tolist():
-            rows = np.flatnonzero(self.counts == c)  # [m]
-            at = self.starts[rows, None] + np.arange(c)  # [m, c]
-            v = self.v[at]  # [m, c, b]
-            gram = np.einsum("mib,mjb->mij", v, v, dtype=np.float64)  # [m, c, c]
-            if self.u is not None:
-                u = self.u[at]  # [m, c, a]
-                gram *= np.einsum("mia,mja->mij", u, u, dtype=np.float64)
-            out[rows] = gram.sum(axis=(1, 2))
-        return out
+        identity |sum_r u_r v_r^T|^2 = sum_{r,s} (u_r . u_s)(v_r . v_s) (one kernel call; the
+        bits do not depend on threads, so shards and coordinator agree)."""
+        out = np.empty(self.starts.shape[0], dtype=np.float64)
+        return bindings.lowrank_sq_norms(self.u, self.v, self.starts, self.counts, out)
 
 
 def _fits_kernel(p: np.ndarray, m: np.ndarray, v: np.ndarray) -> bool:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe import bindings
+
 # Few, long runs: one matmul per run. Many short runs: gather each example's weights and do
 # one batched product, which costs a copy of [n, d_in, d_out] but no Python loop per row.
 _LOOP_MAX_RUNS = 16
@@ -86,7 +88,7 @@ class SparseGrads:
             return total
         for g in self.grads.values():
             rows = g[self.touched].reshape(self.touched.shape[0], -1)  # [r, size]
-            total += float(np.einsum("ij,ij->", rows, rows, dtype=np.float64))
+            total += float(np.sum(bindings.row_sq_norms(rows, np.empty(rows.shape[0]))))
         return total
 
 

@@ -419,6 +419,60 @@ def test_lowrank_gradients_are_sums_of_outer_products_and_their_norms(dtype):
 
 @pytest.mark.parametrize("backend", ["numpy", "compiled"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_squared_norm_kernels_equal_float64_sums_of_squares(backend, dtype):
+    """row_sq_norms and lowrank_sq_norms (the clipping norm's parts) on both paths against
+    sums of squares formed in float64 from the built rows: row lengths that are not a
+    multiple of the kernel's 8 lanes, a zero row, counts 1 to 8, u None."""
+    from moe import bindings
+
+    if backend == "compiled" and not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    rng = np.random.default_rng(12)
+    with bindings.use_backend(backend):
+        for size in (1, 7, 8, 9, 8192 + 3):
+            g = rng.normal(size=(5, size)).astype(dtype)
+            g[2] = 0
+            got = bindings.row_sq_norms(g, np.empty(5))
+            np.testing.assert_allclose(got, np.sum(g.astype(np.float64) ** 2, axis=1), rtol=1e-13, atol=0)
+            assert got[2] == 0.0
+        assert bindings.row_sq_norms(np.zeros((0, 4), dtype), np.empty(0)).shape == (0,)
+        counts = np.arange(1, 9)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        N = int(counts.sum())
+        u, v = rng.normal(size=(N, 9)).astype(dtype), rng.normal(size=(N, 13)).astype(dtype)
+        for uu in (u, None):
+            want = [np.sum(sum(np.outer(np.ones(1) if uu is None else uu[s + r].astype(np.float64),
+                                        v[s + r].astype(np.float64)) for r in range(c)) ** 2)
+                    for s, c in zip(starts, counts, strict=True)]
+            got = bindings.lowrank_sq_norms(uu, v, starts, counts, np.empty(8))
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_squared_norm_kernels_refuse_bad_buffers():
+    from moe import bindings
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    from moe.bindings import _optim
+
+    g = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"row_sq_norms: g must be C-contiguous float32/float64 \[n, size\], got int64"):
+        _optim.row_sq_norms(np.ones((3, 4), np.int64), np.empty(3))
+    with pytest.raises(ValueError, match=r"row_sq_norms: out must be writeable float64 \[3\]"):
+        _optim.row_sq_norms(g, np.empty(3, np.float32))
+    with pytest.raises(ValueError, match=r"row_sq_norms: g must be C-contiguous"):
+        _optim.row_sq_norms(np.ones((4, 3), np.float32).T, np.empty(3))
+    v = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"lowrank_sq_norms: out must be writeable float64 \[2\]"):
+        _optim.lowrank_sq_norms(None, v, np.array([0, 1]), np.array([1, 3]), np.empty(3))
+    with pytest.raises(ValueError, match=r"lowrank_sq_norms: each row needs 1 <= count and start \+ count <= N = 4"):
+        _optim.lowrank_sq_norms(None, v, np.array([0, 3]), np.array([1, 2]), np.empty(2))
+    with pytest.raises(ValueError, match=r"lowrank_sq_norms: u must be C-contiguous float32 \[N, a\] with N = 4"):
+        _optim.lowrank_sq_norms(np.ones((3, 2), np.float32), v, np.array([0]), np.array([1]), np.empty(1))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lazy_adam_on_lowrank_gradients_gives_the_bits_of_materialized_ones(backend, dtype):
     from moe import bindings
 

@@ -2,12 +2,13 @@
 
 XLA:CPU generates each fusion's code with one of two emitters. With its default ("fusion
 emitters"), compiling the JAX training step of the default model left the process about
-370 MB larger than with the older loop emitters, and took longer: at 200 tasks a peak of
-884-926 against 525-536 MB, the first step 8.5-8.7 against 6.6-6.7 s (three runs each,
-bench/jax_tasks.py; bench/RESULTS.md), for the same step time (51-56 against 49-55 ms) and
-the same mean test score after 300 steps, to every digit. So moe selects the loop emitters.
-The price: elementwise work over large arrays is slower with them (an Adam update of 4.3 M
-parameters 7-10 against 3-4 ms). Only XLA:CPU reads the flag: GPU and TPU are unchanged.
+370 MB larger than with the older loop emitters and took more CPU: at 200 tasks, five
+alternated runs each (bench/jax_tasks.py; bench/RESULTS.md), a peak of 890-920 against
+527-542 MB, the first step's CPU 10.3-13.2 against 8.0-9.2 s, the step itself about the
+same (medians 50.6 and 52.4 ms), and the same mean test score after a 300-step run, to
+every digit. So moe selects the loop emitters. The price: elementwise work over large
+arrays is slower with them (an Adam update of 4.3 M parameters 7-10 against 3-4 ms). Only
+XLA:CPU reads the flag: GPU and TPU are unchanged.
 
 XLA reads XLA_FLAGS once, when the first backend starts (the first jax.devices(), jit or
 device_put), not at `import jax`. moe.accel's modules that use JAX import this one first

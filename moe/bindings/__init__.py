@@ -97,6 +97,16 @@ def lowrank_rows(u, v, starts, counts, out):
     return _mod(_optim, out.dtype).lowrank_rows(u, v, starts, counts, out)
 
 
+def row_sq_norms(g: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[i] = float64 sum of squares of g[i] (g [n, size]): gradient norms for clipping."""
+    return _mod(_optim, g.dtype).row_sq_norms(g, out)
+
+
+def lowrank_sq_norms(u, v, starts, counts, out):
+    """out[i] = float64 squared Frobenius norm of row i of a moe.optim.LowRank, unbuilt."""
+    return _mod(_optim, v.dtype).lowrank_sq_norms(u, v, starts, counts, out)
+
+
 def compiled_adam_rows():
     """The fused lazy-Adam kernel when the compiled path is live, else None (numpy path)."""
     return _optim.adam_rows if _backend == "compiled" else None
@@ -112,6 +122,8 @@ __all__ = [
     "compiled_gates",
     "compiled_adam_lowrank",
     "lowrank_rows",
+    "lowrank_sq_norms",
+    "row_sq_norms",
     "HAVE_COMPILED",
     "backend",
     "use_backend",

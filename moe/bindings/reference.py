@@ -225,3 +225,30 @@ def lowrank_rows(
         sel = np.flatnonzero(counts > r)
         flat[sel] = flat[sel] + term(starts[sel] + r)
     return out
+
+
+def row_sq_norms(g: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[i] = sum_j g[i, j]^2 in float64 (g [n, size]); numpy's own loops, so the bits do
+    not depend on BLAS threads."""
+    out[...] = np.einsum("ij,ij->i", g, g, dtype=np.float64)
+    return out
+
+
+def lowrank_sq_norms(
+    u: np.ndarray | None, v: np.ndarray, starts: np.ndarray, counts: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """out[i] = |sum_{r < counts[i]} outer(u[starts[i] + r], v[starts[i] + r])|^2 in float64 (u
+    None: ones), from the Gram identity |sum_r u_r v_r^T|^2 = sum_{r,s} (u_r . u_s)(v_r . v_s)
+    without building the rows. Rows with the same count c are done together: their factors
+    gathered as [m, c, a] and [m, c, b], the Gram matrices [m, c, c] formed by einsum."""
+    out[...] = 0.0
+    for c in np.unique(counts).tolist():
+        rows = np.flatnonzero(counts == c)  # [m]
+        at = starts[rows, None] + np.arange(c)  # [m, c]
+        w = v[at]  # [m, c, b]
+        gram = np.einsum("mib,mjb->mij", w, w, dtype=np.float64)  # [m, c, c]
+        if u is not None:
+            uu = u[at]  # [m, c, a]
+            gram *= np.einsum("mia,mja->mij", uu, uu, dtype=np.float64)
+        out[rows] = gram.sum(axis=(1, 2))
+    return out

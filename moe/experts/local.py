@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe import bindings
 from moe.experts import state
 from moe.experts.ffn import FFNExperts
 from moe.optim import Adam, AdamConfig
@@ -91,9 +92,9 @@ class LocalExperts:
         explicit = np.searchsorted(b.touched, b.explicit)  # their places in touched
         for n in state.PARAM_NAMES:
             g = b.grad_rows[n].reshape(b.explicit.shape[0], b.params[n][0].size)  # [A_x, size]
-            # float64 accumulation without a float64 copy; numpy's own loops, so the bits do
-            # not depend on BLAS threads (shards and coordinator must agree)
-            sq[explicit] += np.einsum("ij,ij->i", g, g, dtype=np.float64)
+            # float64 accumulation without a float64 copy, in a fixed order: the bits do not
+            # depend on threads (shards and coordinator must agree)
+            sq[explicit] += bindings.row_sq_norms(np.ascontiguousarray(g), np.empty(g.shape[0]))
             if b.implicit.size:  # from the factors, without building the gradients
                 sq[np.searchsorted(b.touched, b.implicit)] += b.low_rank[n].sq_norms()
         return b.touched, sq
