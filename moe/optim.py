@@ -194,6 +194,10 @@ class Adam:
 
     def _by_block(self, places: np.ndarray):
         """(m block, v block, which of places fall in it, their places in the block) per block used."""
+        if len(self._blocks) == 1:  # a task table's moments live in one block (see the class)
+            first, m, v = self._blocks[0]
+            yield m, v, np.arange(places.size), places - first
+            return
         starts = np.array([b[0] for b in self._blocks], dtype=np.int64)
         which = np.searchsorted(starts, places, side="right") - 1  # [r]
         for i in np.unique(which):

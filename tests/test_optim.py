@@ -471,6 +471,27 @@ def test_squared_norm_kernels_refuse_bad_buffers():
         _optim.lowrank_sq_norms(np.ones((3, 2), np.float32), v, np.array([0]), np.array([1]), np.empty(1))
 
 
+@pytest.mark.parametrize(("which", "bad"), [(w, b) for w in ("rows", "places", "g_rows") for b in (-1, "bound")]
+                         + [("t", -1)])  # t's only upper bound is int64's
+def test_the_fused_adam_kernel_refuses_an_index_out_of_range_and_changes_nothing(which, bad):
+    from moe import bindings
+
+    if not bindings.HAVE_COMPILED:
+        pytest.skip("compiled kernels not built (MOE_ALLOW_PURE_PYTHON run)")
+    from moe.bindings import _optim
+
+    p, m, v, g = (np.ones((4, 3), np.float32) for _ in range(4))
+    m, v, g = m[:3].copy(), v[:3].copy(), g[:2].copy()  # bounds: p 4 rows, m/v 3, g 2
+    idx = {"rows": np.array([0, 3]), "places": np.array([2, 0]), "g_rows": np.array([1, 0]), "t": np.array([1, 5])}
+    bound = {"rows": 4, "places": 3, "g_rows": 2, "t": None}[which]
+    idx[which] = np.array([0, -1 if bad == -1 else bound])
+    before = [a.copy() for a in (p, m, v)]
+    with pytest.raises(ValueError, match=rf"adam_rows: {which} must be in \[0, "):
+        _optim.adam_rows(p, m, v, g, idx["rows"], idx["places"], idx["g_rows"], idx["t"], 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0)
+    for a, b in zip((p, m, v), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "compiled"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lazy_adam_on_lowrank_gradients_gives_the_bits_of_materialized_ones(backend, dtype):

@@ -30,6 +30,8 @@ cimport openmp
 from cython.parallel cimport prange, threadid
 from libc.math cimport pow
 
+import math
+
 import numpy as np
 
 from moe.bindings._dispatch import _claim_threads
@@ -157,11 +159,22 @@ cdef void _adam_rows(
                            scale, scaled, b1, 1.0 - b1, b2, 1.0 - b2, bc1, bc2, eps, lr, wd, decay)
 
 
+cdef bint _in_range(const long long[::1] a, long long bound) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(a.shape[0]):
+        if a[i] < 0 or a[i] >= bound:
+            return False
+    return True
+
+
 def _index(a, str name, Py_ssize_t n, Py_ssize_t bound):
+    """a as C-contiguous int64 [n] with every entry in [0, bound), checked in one C pass (a
+    lazy update of a small table is a few dozen rows: two numpy reductions per index array
+    cost more than the update)."""
     a = np.ascontiguousarray(a, dtype=np.int64)
     if a.shape != (n,):
         raise ValueError(f"adam_rows: {name} must be int64 [{n}], got shape {list(a.shape)}")
-    if n and (a.min() < 0 or a.max() >= bound):
+    if n and not _in_range(a, bound):
         raise ValueError(f"adam_rows: {name} must be in [0, {bound})")
     return a
 
@@ -189,7 +202,7 @@ def adam_rows(p, m, v, g, rows, places, g_rows, t, double lr, double scale, doub
     t = _index(t, "t", n, np.iinfo(np.int64).max)
     if n == 0:
         return
-    width = int(np.prod(p.shape[1:], dtype=np.int64))
+    width = math.prod(p.shape[1:])
     p2, m2, v2 = p.reshape(p.shape[0], width), m.reshape(m.shape[0], width), v.reshape(v.shape[0], width)
     g2 = np.ascontiguousarray(g).reshape(g.shape[0], width)
     # OpenMP in a child forked after the parent used it can hang (GNU libgomp): the guard in
@@ -251,7 +264,7 @@ def _factors(p, u, w, starts, counts, str who):
     if u is not None and (u.ndim != 2 or u.dtype != p.dtype or not u.flags.c_contiguous or u.shape[0] != w.shape[0]):
         raise ValueError(f"{who}: u must be C-contiguous {p.dtype} [N, a] with N = {w.shape[0]}, "
                          f"got {u.dtype}{list(u.shape)}")
-    width = int(np.prod(p.shape[1:], dtype=np.int64))
+    width = math.prod(p.shape[1:])
     if a * w.shape[1] != width:
         raise ValueError(f"{who}: outer products of u [N, {a}] and v [N, {w.shape[1]}] do not give "
                          f"rows of {list(p.shape[1:])}")
