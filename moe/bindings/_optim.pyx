@@ -22,8 +22,8 @@ the same float operations in the same order (u[r0] v[r0], then + u[r] v[r] in ro
 `row_sq_norms` and `lowrank_sq_norms` give each row's squared norm in float64 for the global
 clipping norm (a low-rank row's from the Gram identity, unbuilt), in a fixed order of
 additions, so the bits do not depend on threads. numpy's einsum with a float64 result took
-1.5 ms of a 7 ms default step for this (converting every element through a buffer, and
-one call per group of rows of one count).
+1.6 ms of a 10.5 ms default step for this (converting every element through a buffer, and
+one call per group of rows of one count; bench/RESULTS.md, the step breakdown).
 """
 
 cimport openmp
