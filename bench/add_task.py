@@ -9,7 +9,8 @@ domain) for --steps steps. Then:
   scratch on the same shots with the same epoch rule. Mean and worst over seeds.
 - growth: a held-out skill task whose two skills no trained skill task uses (capacity the
   model does not have), learned from its training split, with --grow-experts 4 against no
-  growth (same seeds); and `auto` on it and on digits_ge5 (10 shots), with its decision.
+  growth (same seeds); and `auto` on it and on digits_ge5 (10 shots), with its decision;
+  grown experts start as --grow-start says (fresh weights, or copies).
 - sequence: --sequence held-out skill tasks added one after another (--sequence-grow, all
   their training examples); after each, every earlier task's test outputs are compared bit for bit
   with before, the new task's score with scratch, and the parameters it added are printed.
@@ -17,6 +18,7 @@ domain) for --steps steps. Then:
   for --resume-steps more steps (`moe train --resume`'s code path).
 
 Run: python bench/add_task.py [--parts shots,growth,sequence] [--trunk RUN] [--seeds 5]
+         [--sequence-grow 0|M|auto] [--grow-start fresh|clone]
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def part_shots(trunk: Path, seeds: int, shot_counts: list[int]) -> dict:
     return rows
 
 
-def part_growth(trunk: Path, seeds: int, n_skills: int, skill_size: int, shots: int | None) -> dict:
+def part_growth(trunk: Path, seeds: int, n_skills: int, skill_size: int, shots: int | None, start: str) -> dict:
     from moe.api import load
     from moe.config import Config
     from moe.datasets import load_added
@@ -97,7 +99,7 @@ def part_growth(trunk: Path, seeds: int, n_skills: int, skill_size: int, shots: 
         for grow in (0, 4, "auto"):
             model = load(trunk)
             r = add_task(model, Config.from_dict(model.manifest["config"]), task, shots=shots,
-                         rng=np.random.default_rng(seed), grow_experts=grow)
+                         rng=np.random.default_rng(seed), grow_experts=grow, grow_start=start)
             scores[str(grow)] = (r.score, r.scratch_score, r.grown_share, r.growth)
         res[seed] = scores
         print(f"growth {task.name} ({task.spec.kind}) seed {seed}: none {scores['0'][0]:.3f}  grow4 "
@@ -107,13 +109,13 @@ def part_growth(trunk: Path, seeds: int, n_skills: int, skill_size: int, shots: 
     for seed in range(seeds):
         model = load(trunk)
         r = add_task(model, Config.from_dict(model.manifest["config"]), digits, shots=10,
-                     rng=np.random.default_rng(seed), grow_experts="auto")
+                     rng=np.random.default_rng(seed), grow_experts="auto", grow_start=start)
         res[f"digits_auto_{seed}"] = r.growth
         print(f"auto on digits_ge5 seed {seed}: {r.growth}", flush=True)
     return res
 
 
-def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_steps: int, grow) -> dict:
+def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_steps: int, grow, start: str) -> dict:
     from moe import checkpoint as ckpt
     from moe.added import save_added
     from moe.api import load
@@ -131,7 +133,8 @@ def part_sequence(trunk: Path, n: int, n_skills: int, skill_size: int, resume_st
         rec = {"skill": t, "seed": 0, "size": skill_size, "name": f"skill_{t:03d}"}
         task = load_added(rec)
         before = outputs(model, data)
-        r = add_task(model, config, task, shots=None, rng=np.random.default_rng(i), grow_experts=grow)
+        r = add_task(model, config, task, shots=None, rng=np.random.default_rng(i), grow_experts=grow,
+                     grow_start=start)
         after = outputs(model, data)
         changed = [k for k in before if not np.array_equal(before[k], after[k])]
         rec = result_record(rec, r)
@@ -172,6 +175,7 @@ def main() -> None:
     ap.add_argument("--growth-shots", type=int, default=None, help="examples for the growth task (default: its train split)")
     ap.add_argument("--resume-steps", type=int, default=50)
     ap.add_argument("--sequence-grow", default="0", help="--grow-experts for each task of the sequence (M or auto)")
+    ap.add_argument("--grow-start", choices=("fresh", "clone"), default="fresh", help="grown experts' start (growth, sequence)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     np.seterr(all="raise")
@@ -184,10 +188,11 @@ def main() -> None:
         if "shots" in parts:
             out["shots"] = part_shots(trunk, args.seeds, [int(s) for s in args.shots.split(",")])
         if "growth" in parts:
-            out["growth"] = part_growth(trunk, args.seeds, args.n_skills, args.skill_size, args.growth_shots)
+            out["growth"] = part_growth(trunk, args.seeds, args.n_skills, args.skill_size, args.growth_shots, args.grow_start)
         if "sequence" in parts:
             grow = args.sequence_grow if args.sequence_grow == "auto" else int(args.sequence_grow)
-            out["sequence"] = part_sequence(trunk, args.sequence, args.n_skills, args.skill_size, args.resume_steps, grow)
+            out["sequence"] = part_sequence(trunk, args.sequence, args.n_skills, args.skill_size, args.resume_steps, grow,
+                                            args.grow_start)
     print(f"load average after: {os.getloadavg()}; {time.perf_counter() - t0:.0f}s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))

@@ -397,7 +397,7 @@ def cmd_add_task(args) -> int:
     with Progress(2, f"add-task {task.name} (the new task, then from scratch)", unit="fits",
                   enabled=args.progress) as bar:
         res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=grow,
-                       init_from=args.init_from, head_hidden=args.head_hidden, adapter=args.adapter,
+                       grow_start=args.grow_start, init_from=args.init_from, head_hidden=args.head_hidden, adapter=args.adapter,
                        progress=bar)
     record = result_record(record, res)
     source = with_added_record(manifest["data_source"], record)
@@ -583,8 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--shots", type=int, default=10,
                    help="examples per class (or in total for regression) to learn from; default 10")
     a.add_argument("--grow-experts", default="0", metavar="M|auto",
-                   help="add M experts only this task routes to (copies of its most used ones); 'auto' "
-                        "grows only if that raises the held-out score on the shots")
+                   help="add M experts only this task routes to; 'auto' grows only if that raises the "
+                        "held-out score on the shots")
+    a.add_argument("--grow-start", choices=("fresh", "clone"), default="fresh",
+                   help="grown experts start with fresh weights (default) or as perturbed copies of the "
+                        "task's most used experts; either way the task routes to them from the first step")
     a.add_argument("--adapter", choices=("auto", "shared", "own"), default="auto",
                    help="for a task of a domain the model knows: read through the domain's encoder "
                         "(shared), or train a copy of it for this task alone (own); 'auto' (default) "

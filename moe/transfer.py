@@ -9,17 +9,19 @@
 2. Learned routing: the new task's embedding (and own encoder row) is trained from the
    shots together with its head, pulled toward its start by an L2 anchor, so the routers
    pick the experts that serve it without drifting far from what was measured.
-3. Growth (µ2Net's clone-and-mutate): grown experts start as perturbed copies of the
-   experts the new task uses most, with gate columns that rank each copy just above its
-   source for this task; only this task may route to them (model.expert_owner), so every
-   other task's outputs stay bit for bit. With `grow_experts="auto"` growth is kept only if
-   it raises the score on a held-out part of the shots.
+3. Growth (new pathways, as DEMix's new expert per domain): grown experts start with fresh
+   weights (or, `grow_start="clone"`, as µ2Net's perturbed copies of the experts the new
+   task uses most; fresh measured better, moe.transfer_grow), with gate columns that rank
+   each just above its source for this task; only this task may route to them
+   (model.expert_owner), so every other task's outputs stay bit for bit. With
+   `grow_experts="auto"` growth is kept only if it raises the score on a held-out part of
+   the shots of at least AUTO_MIN_HELD_OUT examples (declined on fewer).
 4. Adapter: a task of a domain the model knows reads through that domain's encoder
    ("shared") or gets a copy of it that it trains (anchored) for itself ("own"; its encoder
    row is then one more add-on, and no other task moves). "auto" measures both on the
    held-out part of the shots and keeps the lower held-out loss (shared on ties, when
    nothing can be held out, and when too few can for the comparison to mean anything:
-   ADAPTER_MIN_HELD_OUT).
+   AUTO_MIN_HELD_OUT).
 5. Epochs: when every class has at least two examples, early-stopped fits on up to FOLDS
    held-out sets (every shot held out once) give held-out loss curves, the epoch count is
    where their mean is least, and the start is retrained on all examples for that many; one
@@ -45,7 +47,7 @@ from moe.tasks.losses import loss_and_grad
 from moe.tasks.metrics import evaluate
 from moe.tasks.spec import TaskData, TaskRegistry
 from moe.train import predict_split
-from moe.transfer_grow import clone_experts, expert_usage, grown_share
+from moe.transfer_grow import STARTS, expert_usage, grown_share, start_grown
 from moe.transfer_start import choose_start
 
 # Epochs when nothing can be held out (a class with one example). The median early-stopped
@@ -265,11 +267,13 @@ def with_grown(model: MultiTaskMoE, trainable: Trainable, ids: list[int]) -> Tra
 
 
 ADAPTERS = ("auto", "shared", "own")
-# auto compares the two encoders only on at least this many held-out examples. On fewer the
-# comparison is noise: on digits_ge5 (bench/add_task.py, 5 seeds) letting 4 and 6 held-out
-# examples decide lowered the mean gain at 5 shots from +0.174 to +0.128 and at 10 from
-# +0.201 to +0.180, while 30 (50 shots) raised it from +0.055 to +0.101. Set after those runs.
-ADAPTER_MIN_HELD_OUT = 20
+# "auto" compares two fits (the two encoders; growth against none) only on at least this many
+# held-out examples. On fewer the comparison is noise: on digits_ge5 (bench/add_task.py, 5
+# seeds) letting 4 and 6 held-out examples pick the encoder lowered the mean gain at 5 shots
+# from +0.174 to +0.128 and at 10 from +0.201 to +0.180, while 30 (50 shots) raised it from
+# +0.055 to +0.101; 6 held-out examples kept fresh growth on 2 of 5 seeds at 10 shots on
+# one more right answer. Set after those runs.
+AUTO_MIN_HELD_OUT = 20
 
 
 def choose_adapter(model: MultiTaskMoE, trainable: Trainable, task: TaskData, split, rule: FitRule,
@@ -287,9 +291,9 @@ def choose_adapter(model: MultiTaskMoE, trainable: Trainable, task: TaskData, sp
     if adapter == "auto":
         if split is None:
             return trainable, "shared", "auto: shared (nothing can be held out to compare on: a class has one example)"
-        if split[1].size < ADAPTER_MIN_HELD_OUT:
+        if split[1].size < AUTO_MIN_HELD_OUT:
             return trainable, "shared", (f"auto: shared (only {split[1].size} held-out examples; comparing two fits "
-                                         f"needs {ADAPTER_MIN_HELD_OUT})")
+                                         f"needs {AUTO_MIN_HELD_OUT})")
         shared = _held_out(model, trainable, task, split, rule)
         table, row = model.encoders[spec.n_inputs], model.space_row[spec.input_space]
         domain_row = {f"enc.{spec.n_inputs}.{n}[{row}]": (p[row], table.grads[n][row]) for n, p in table.params.items()}
@@ -326,6 +330,7 @@ def add_task(
     shots: int | None,
     rng: np.random.Generator,
     grow_experts: int | str = 0,
+    grow_start: str = "fresh",
     init_from: str | None = None,
     head_hidden: int | None = None,
     adapter: str = "auto",
@@ -336,7 +341,8 @@ def add_task(
     test score next to a from-scratch model's on the same examples.
 
     init_from: force the start (default: the measured best). grow_experts: M experts, or
-    "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots).
+    "auto" (AUTO_GROW experts, kept only if they raise the held-out score on the shots);
+    grow_start: "fresh" weights or "clone"s of the task's most used experts (transfer_grow).
     head_hidden: the new head's hidden width (None: HEAD_HIDDEN, or ONE_SHOT_HEAD_HIDDEN
     when nothing can be held out). adapter: "auto", "shared" or "own" (module doc, step 4;
     only for a task of a domain the model knows). progress (2 units) advances after the new
@@ -345,6 +351,8 @@ def add_task(
         raise ValueError(f"task {task.name!r} is already in the model")
     if not (grow_experts == "auto" or (isinstance(grow_experts, int) and grow_experts >= 0)):
         raise ValueError(f"grow_experts must be an int >= 0 or 'auto', got {grow_experts!r}")
+    if grow_start not in STARTS:
+        raise ValueError(f"grow_start must be one of {STARTS}, got {grow_start!r}")
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
     alone = ""
@@ -365,13 +373,18 @@ def add_task(
     grown: list[int] = []
     growth = "none"
     m = AUTO_GROW if grow_experts == "auto" else grow_experts
+    if grow_experts == "auto" and split is not None and split[1].size < AUTO_MIN_HELD_OUT:
+        m, growth = 0, (f"auto: declined (only {split[1].size} held-out examples; comparing two fits needs "
+                        f"{AUTO_MIN_HELD_OUT})")
     if m:
         base_score = _held_out(model, trainable, task, split, rule)[0] if grow_experts == "auto" and split else None
         usage = expert_usage(model, task.name, x_shots)
         grown = model.grow_experts(task.name, m, rng=rng)
-        sources = clone_experts(model, task.name, usage, grown, rng=rng)
+        sources = start_grown(model, task.name, usage, grown, rng=rng, start=grow_start)
         trainable = with_grown(model, trainable, grown)
-        growth = f"grew {m} experts (copies of {sources})"
+        grown_what = (f"{m} fresh experts (gate columns from {sources})" if grow_start == "fresh"
+                      else f"{m} experts (copies of {sources})")
+        growth = f"grew {grown_what}"
         if grow_experts == "auto":
             if split is None:
                 model.drop_last_experts(m)
@@ -381,7 +394,7 @@ def add_task(
                 grow_score = _held_out(model, trainable, task, split, rule)[0]
                 verdict = f"held-out {task.spec.metric} {grow_score:.3f} with {m} grown experts vs {base_score:.3f} without"
                 if grow_score > base_score:
-                    growth = f"auto: kept {m} experts (copies of {sources}); {verdict}"
+                    growth = f"auto: kept {grown_what}; {verdict}"
                 else:
                     model.drop_last_experts(m)
                     trainable, grown = task_trainable(model, task.name), []

@@ -97,6 +97,44 @@ def test_grown_experts_are_used_by_the_new_task_and_closed_to_every_other(trunk,
         assert np.isin(r.expert_index[old_rows:], res.grown).any()
 
 
+@pytest.mark.parametrize("start", ["fresh", "clone"])
+def test_grown_experts_start_fresh_or_as_copies_and_lead_the_task_s_routing(trunk, start):
+    """start_grown: "fresh" keeps the weights every new expert gets, "clone" perturbs copies of
+    the sources; either way each grown expert's gate columns are its source's plus the push
+    that puts it MARGIN above its source in the task's logits."""
+    from moe.transfer_grow import MARGIN, PERTURB, expert_usage, start_grown
+
+    model = load(trunk)
+    task = _skill(5)
+    model.add_task(task.spec, rng=np.random.default_rng(0))
+    usage = expert_usage(model, task.name, task.x_train)
+    grown = model.grow_experts(task.name, 2, rng=np.random.default_rng(1))
+    layer = model.layers[0]
+    fresh = {n: p[grown].copy() for n, p in layer.experts.params.items()}
+    old_gate = {n: p.copy() for n, p in layer.gate.params.items()}
+    sources = start_grown(model, task.name, usage, grown, rng=np.random.default_rng(2), start=start)
+    src = sources[0]
+    assert src[0] == int(np.argmax(usage[0][: grown[0]]))  # the task's most used expert first
+    for n, p in layer.experts.params.items():
+        if start == "fresh":
+            assert np.array_equal(p[grown], fresh[n]), n
+        else:
+            spread = p[src].std(axis=tuple(range(1, p.ndim)), keepdims=True)
+            assert not np.array_equal(p[grown], p[src]), n
+            assert np.all(np.abs(p[grown] - p[src]) <= 6 * PERTURB * spread + 1e-12), n
+    e = model.task_views(task.name, ("emb",))
+    emb = next(iter(e.values()))[0].astype(np.float64)
+    w = layer.gate.params["w_gate"].astype(np.float64)
+    extra = w[w.shape[0] - layer.d_gate_extra:]  # the task embedding's rows
+    for g, s_ in zip(grown, src, strict=True):
+        assert emb @ extra[:, g] == pytest.approx(emb @ extra[:, s_] + MARGIN, rel=1e-5)
+        for n, p in layer.gate.params.items():
+            if n != "w_gate":
+                np.testing.assert_array_equal(p[:, g], old_gate[n][:, s_])
+    with pytest.raises(ValueError, match=r"start must be one of \('fresh', 'clone'\), got 'copy'"):
+        start_grown(model, task.name, usage, grown, rng=np.random.default_rng(2), start="copy")
+
+
 def test_auto_growth_undone_leaves_the_model_as_it_was(trunk):
     model = load(trunk)
     n = model.config.n_experts
@@ -122,6 +160,19 @@ def test_one_shot_per_class_uses_the_fixed_budget_and_auto_declines(trunk):
     assert res.growth.startswith("auto: declined") and res.grown == [] and model.config.n_experts == n
     assert res.init_from == min(res.similarity, key=res.similarity.get) or res.init_from is None
     assert len(res.similarity) == len(model.tasks)  # fresh + every other task
+
+
+def test_auto_growth_declines_when_too_few_examples_are_held_out_to_compare(trunk):
+    from moe.transfer import AUTO_MIN_HELD_OUT
+
+    model = load(trunk)
+    config = Config.from_dict(model.manifest["config"])
+    task = load_added({"heldout": True, "name": "digits_ge5", "seed": 0}, shots=None)
+    n = model.config.n_experts
+    res = add_task(model, config, task, shots=5, rng=np.random.default_rng(0), grow_experts="auto", **FAST)
+    # 5 shots of each of 2 classes: split_fit_stop holds out 2 of each, far below the floor
+    assert res.growth == f"auto: declined (only 4 held-out examples; comparing two fits needs {AUTO_MIN_HELD_OUT})"
+    assert res.grown == [] and model.config.n_experts == n
 
 
 def test_learned_routing_moves_the_embedding_from_its_measured_start(trunk):
