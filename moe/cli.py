@@ -397,8 +397,8 @@ def cmd_add_task(args) -> int:
     with Progress(2, f"add-task {task.name} (the new task, then from scratch)", unit="fits",
                   enabled=args.progress) as bar:
         res = add_task(model, config, task, shots=args.shots, rng=rng, grow_experts=grow,
-                       grow_start=args.grow_start, init_from=args.init_from, head_hidden=args.head_hidden, adapter=args.adapter,
-                       progress=bar)
+                       grow_start=args.grow_start, init_from=args.init_from, head_hidden=args.head_hidden,
+                       adapter=args.adapter, progress=bar)
     record = result_record(record, res)
     source = with_added_record(manifest["data_source"], record)
     where, resumable = save_added(out, source_ckpt, model, config, load_source(source), source)
