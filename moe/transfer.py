@@ -228,7 +228,7 @@ def fit_few_shot(model, trainable: Trainable, task: TaskData, idx: np.ndarray, s
     best_epoch = epoch_count(curves, sizes)
     _epochs(model, trainable, task, idx, rule, epochs=best_epoch)
     by = (f"the best pooled held-out {task.spec.metric}, ties to the least mean loss"
-          if min(sizes) < LOSS_MIN_HELD_OUT else "the least mean held-out loss")
+          if _by_metric(sizes) else "the least mean held-out loss")
     return best_epoch, f"{len(curves)}-fold early stopping (the epoch of {by}), then retrained on all {idx.size}"
 
 
@@ -242,6 +242,11 @@ def fit_few_shot(model, trainable: Trainable, task: TaskData, idx: np.ndarray, s
 LOSS_MIN_HELD_OUT = 20
 
 
+def _by_metric(sizes: list[int]) -> bool:
+    """Whether epoch_count follows the pooled metric (a fold of fewer than LOSS_MIN_HELD_OUT)."""
+    return min(sizes) < LOSS_MIN_HELD_OUT
+
+
 def epoch_count(curves: list[list[tuple[float, float]]], sizes: list[int]) -> int:
     """The epoch (from 1) of the least mean held-out loss; when a fold holds out fewer than
     LOSS_MIN_HELD_OUT examples, the epoch whose held-out metric weighted by fold size (right
@@ -251,7 +256,7 @@ def epoch_count(curves: list[list[tuple[float, float]]], sizes: list[int]) -> in
     longest = max(len(c) for c in curves)
     full = np.array([c + [c[-1]] * (longest - len(c)) for c in curves], dtype=np.float64)  # [F, epochs, 2]
     mean_loss = full[:, :, 0].mean(axis=0)  # [epochs]
-    if min(sizes) >= LOSS_MIN_HELD_OUT:
+    if not _by_metric(sizes):
         return int(np.argmin(mean_loss)) + 1
     w = np.asarray(sizes, dtype=np.float64)[:, None]  # [F, 1]
     pooled = np.sum(full[:, :, 1] * w, axis=0) / w.sum()  # [epochs]
