@@ -8,6 +8,9 @@ best of linear / forest / boosting by validation score); then the capacity curve
 k = 2 and fixed expert size (so fixed active compute): E = 4, 16, 64, 256. It also reports
 routing specialisation (task-expert mutual information with training-time and noise-free
 routing, expert overlap of related and unrelated skill tasks) and balanced inference.
+`moe_shuffled` is the MoE with its signature-started task embeddings dealt to the wrong tasks
+of their domain (the ablation of `model.task_emb_init=signature`); `model.task_emb_init=random`
+as an override gives the random start.
 
 Mean primary test score per task group, over seeds, with the worst seed. Every variant
 trains on the same tasks, batches and steps as the default job (config overrides apply to
@@ -30,7 +33,23 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout
 
-VARIANTS = ("moe", "dense_active", "dense_total", "sklearn_linear", "sklearn_best")
+VARIANTS = ("moe", "moe_shuffled", "dense_active", "dense_total", "sklearn_linear", "sklearn_best")
+
+
+def shuffle_signature_starts(trainer, data, seed: int) -> None:
+    """The ablation of the signature start: the same embedding rows, dealt to the wrong tasks
+    (a permutation within each domain), so only which tasks start together is lost."""
+    from moe.tasks.signature import signature_embeddings
+
+    e = trainer.model.task_emb.params["e"]  # [T, d_t]
+    start = signature_embeddings(data, e.shape[1], np.random.default_rng([seed, 3]))  # the Trainer's draw
+    by_domain: dict[str, list[int]] = {}
+    for d in data:
+        if d.name in start:
+            by_domain.setdefault(d.spec.domain, []).append(trainer.model.tasks.id(d.name))
+    rng = np.random.default_rng([seed, 4])
+    for ids in by_domain.values():
+        e[ids] = e[rng.permutation(ids)]
 
 
 def run_variant(variant: str, seed: int, n_experts: int, overrides: list[str]) -> dict:
@@ -54,12 +73,15 @@ def run_variant(variant: str, seed: int, n_experts: int, overrides: list[str]) -
         out["hidden"] = hidden
     else:
         trainer = Trainer(config, data, "unused", save_checkpoints=False)
+        if variant == "moe_shuffled":
+            shuffle_signature_starts(trainer, data, config.train.seed)
         result = trainer.train()
         scores = compare.primary(result.test, data)
         out["ablated"] = compare.by_group(compare.ablated(trainer.model, data))
-        if n_experts == 64:
+        if n_experts == 64 and variant == "moe":
             related = skill_relatedness(config.data.n_skills, seed)
-            spec = compare.specialisation(trainer.model, data, seed=seed, related=related)
+            spec = compare.specialisation(trainer.model, data, seed=seed, related=related,
+                                          train_routing=(config.train.routing, config.train.balanced_factor))
             out["specialisation"] = {m: {k: v for k, v in r.items() if k != "per_task"} for m, r in spec.items()}
             out["balanced"] = compare.balanced_inference(trainer.model, data, seed=seed)
     out["groups"] = compare.by_group(scores)

@@ -15,6 +15,7 @@ from typing import Any
 from moe.routing.gates import GATE_TYPES
 
 ROUTE_BY = ("example+task", "example", "task")
+TASK_EMB_INIT = ("signature", "random")
 SAMPLING = ("proportional", "uniform", "temperature")
 # what a finished `moe train` is compared with: nothing; a dense net per task; that and a
 # scikit-learn logistic/ridge model per task; those and a dense model of the MoE's active size
@@ -45,6 +46,11 @@ class ModelConfig:
     w_z: float = 0.0
     route_by: str = "task"
     d_task_emb: int = 16
+    # where the task embeddings start under route_by = "task": "signature" (tasks of a shared
+    # domain from what their training targets correlate with, moe.tasks.signature, so related
+    # tasks start on shared experts; the rest at random) or "random" (N(0, I) for every task,
+    # and always under the per-example routers, whose gates read the example too)
+    task_emb_init: str = "signature"
     activation: str = "relu"
 
     def __post_init__(self) -> None:
@@ -66,6 +72,7 @@ class ModelConfig:
             _need(isinstance(v, int | float) and math.isfinite(v) and v >= 0, f"model.{name} must be >= 0", v)
         _need(self.route_by in ROUTE_BY, f"model.route_by must be one of {ROUTE_BY}", self.route_by)
         _need(self.activation in ("relu", "gelu"), "model.activation must be 'relu' or 'gelu'", self.activation)
+        _need(self.task_emb_init in TASK_EMB_INIT, f"model.task_emb_init must be one of {TASK_EMB_INIT}", self.task_emb_init)
 
     @property
     def gates(self) -> list[str]:

@@ -1,8 +1,10 @@
 """Trainer: mixed-task batches, Adam with warmup + cosine, clipping, eval, logs, checkpoints, resume.
 
 Reproducibility: three generators, all derived from the seed and all saved in checkpoints:
-`init` (weights), `noise` (gate noise), `data` (task mix and example order). A run resumed
-from a checkpoint takes exactly the steps an uninterrupted run would, bit for bit.
+`init` (weights), `noise` (gate noise), `data` (task mix and example order); a fourth,
+[seed, 3], draws the features of the task signatures that start the task embeddings
+(moe.tasks.signature) and is used once, before step 0. A run resumed from a checkpoint takes
+exactly the steps an uninterrupted run would, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from moe.progress import Progress
 from moe.sampler import TaskSampler
 from moe.tasks.losses import row_losses
 from moe.tasks.metrics import evaluate
+from moe.tasks.signature import blend, nonlinear_share, signature_embeddings
 from moe.tasks.spec import TaskData, TaskRegistry
 
 EVAL_BATCH = 2048
@@ -126,6 +129,13 @@ class Trainer:
         # Always initialise in this process, so the weights do not depend on where experts run.
         self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init, head_hidden=head_hidden,
                                   expert_owners=expert_owners)
+        if config.model.task_emb_init == "signature" and config.model.route_by == "task":
+            e = self.model.task_emb.params["e"]  # [T, d_t]
+            start = signature_embeddings(data, e.shape[1], np.random.default_rng([seed, 3]))
+            for d in data:
+                if d.name in start:
+                    i = self.model.tasks.id(d.name)
+                    e[i] = blend(e[i], start[d.name], nonlinear_share(d))
         if config.train.balanced_share > 0 and (self.model.expert_owner >= 0).any():
             raise ValueError(f"train.balanced_share={config.train.balanced_share:g} routes through balanced seats, which would put "
                              f"other tasks' rows on experts grown for one task ({sorted(self.model.expert_owners())}); "

@@ -2,8 +2,8 @@
 
 Every bar is asserted on the WORST of three training seeds: a bar that one lucky seed clears
 proves nothing. Everything is seeded, so these are deterministic; the margins are what the
-bars demand. The add-task 10-shot bar and the growth bar miss on the worst seed today (strict
-xfails with their figures).
+bars demand. The add-task 10-shot bar and the growth bar miss on the worst seed today (xfails
+with their figures: the first strict, the second not, its worst seed has moved with the machine).
 """
 
 import numpy as np
@@ -98,10 +98,10 @@ def test_add_task_uses_ten_shots_per_class_and_keeps_the_trunk(added):
 @pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="bar missed on the worst seed (measured 2026-12-02 on the default job's 135-task trunk at steps=500, "
-    "n_family=8, task router, issue 10): the gains over scratch are 0.181, 0.134, 0.078 on training seeds "
-    "0, 1, 2 with the epoch count by right answers on the three folds (0.181, 0.173, 0.078 by their mean loss; "
-    "0.175, 0.100, 0.050 with one held-out split; bench/add_task.py's 2,000-step trunk meets it on 5 of 5 seeds). "
-    "Strict: it fails as soon as the bar holds",
+    "n_family=8, task router with signature starts, issue 10): the gains over scratch are 0.187, 0.206, 0.022 on "
+    "training seeds 0, 1, 2 (0.181, 0.134, 0.078 with random task-embedding starts); bench/add_task.py's "
+    "2,000-step trunks meet it on 5 of 5 add-task seeds for training seed 0 (worst +0.150) and reach +0.106 and "
+    "+0.075 for training seeds 1 and 2. Strict: it fails as soon as the bar holds",
 )
 def test_add_task_from_ten_shots_per_class_beats_scratch_by_ten_points(added):
     gains = {seed: res.score - res.scratch_score for seed, (res, _) in added.items()}
@@ -110,12 +110,11 @@ def test_add_task_from_ten_shots_per_class_beats_scratch_by_ten_points(added):
 
 @pytest.mark.xfail(
     strict=False, raises=AssertionError,
-    reason="bar at the edge of the machine's bits (issue 10, fresh grown experts): grow 4 minus none on "
-    "skill_108 on the 500-step trunks was +0.133, -0.017, +0.300 on training seeds 0, 1, 2 where it was "
-    "measured (2026-12-02 07:46, and CI then failed it as expected) and is +0.150, +0.033, +0.283 on the "
-    "machine of 2026-12-02 11:30 with the same code, met by 0.3 points; on bench/add_task.py's 2,000-step "
-    "trunks +0.067..+0.217 (trunk D) and -0.050..+0.267 (that day's draw) over 5 add-task seeds. Not strict "
-    "because which side of the bar the worst seed lands on depends on the machine",
+    reason="bar missed on the 500-step trunks (issue 10, fresh grown experts): grow 4 minus none on skill_108 "
+    "is +0.117, -0.017, +0.033 on training seeds 0, 1, 2 with signature starts (2026-12-02 15:20; with random "
+    "starts +0.133, -0.017, +0.300 on one machine and +0.150, +0.033, +0.283 on another); on bench/add_task.py's "
+    "2,000-step trunk +0.100..+0.317 over 5 add-task seeds (met; -0.050..+0.267 with random starts). Not strict: "
+    "which side of the bar the worst seed lands on has moved with the machine's bits",
 )
 def test_grown_experts_add_the_capacity_a_task_of_unseen_skills_needs(trained, tmp_path_factory):
     """A held-out skill task whose two skills no trained task reads (capacity the model does
@@ -159,3 +158,16 @@ def test_balance_losses_balance_the_load(tmp_path):
     cv_ratio = min(unbalanced[s]["cv_load"] / balanced[s]["cv_load"] for s in SEEDS)
     max_ratio = min(unbalanced[s]["max_mean_load"] / balanced[s]["max_mean_load"] for s in SEEDS)
     assert cv_ratio >= 3 and max_ratio >= 2, (balanced, unbalanced)
+
+
+def test_related_tasks_share_more_experts_than_unrelated_ones(trained):
+    """Issue 9's specialisation bar: skill tasks that read a common skill put more of their
+    routing on the same experts than unrelated pairs, with the routing the model trains with
+    (balanced seats) and noise-free top-k, on every seed. Chance is k / E = 0.03; with random
+    task-embedding starts both were ~0.03 (bench/RESULTS.md), with signature starts ~0.15."""
+    ratios = {}
+    for seed, (config, data, trainer, _) in trained.items():
+        spec = compare.specialisation(trainer.model, data, seed=seed, related=compare.skill_relatedness_of(config),
+                                      train_routing=(config.train.routing, config.train.balanced_factor))
+        ratios[seed] = {mode: spec[mode]["overlap_related"] / spec[mode]["overlap_unrelated"] for mode in ("train", "noise_free")}
+    assert min(min(r.values()) for r in ratios.values()) >= 2.0, ratios
