@@ -138,7 +138,7 @@ def one(n_tasks: int, steps: int, warmup: int, checkpoint: bool, router: str) ->
             out["save_s"] = time.perf_counter() - t0
             out["checkpoint_mb"] = sum(f.stat().st_size for f in where.iterdir()) / 2**20
             t0 = time.perf_counter()
-            fresh = Trainer(config, data, tmp)
+            fresh = Trainer(config, data, tmp, restoring=True)  # as `moe train --resume` builds it
             out["rebuild_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             fresh.restore(ckpt.list_checkpoints(where.parent)[-1])

@@ -91,7 +91,7 @@ def save_added(
     if [d.name for d in data] != list(model.tasks.names):
         raise ValueError("save_added: data must hold the model's tasks in registry order")
     trainer = Trainer(new_config, data, out, data_source=data_source, head_hidden=model.head_hidden,
-                      expert_owners=model.expert_owners(), echo=lambda _: None)
+                      expert_owners=model.expert_owners(), echo=lambda _: None, restoring=True)
     for n in trainer.dense_names:
         trainer.model.params[n][...] = model.params[n]
     for i, (mine, theirs) in enumerate(zip(trainer.model.layers, model.layers, strict=True)):

@@ -167,7 +167,7 @@ def _train_and_report(args, config, data, source, out, groups, on_failure, added
     from moe.train import Trainer
 
     trainer = Trainer(config, data, out, data_source=source, expert_groups=groups, on_failure=on_failure,
-                      echo=lambda m: say(args, m), **added)
+                      echo=lambda m: say(args, m), restoring=args.resume, **added)
     result = trainer.train(resume=args.resume, stop_at=args.stop_at)
     return _finish_training(args, config, data, result, trainer.model, trainer.recovering)
 

@@ -113,11 +113,14 @@ class Trainer:
         echo=print,
         head_hidden: dict[str, int] | None = None,
         expert_owners: dict[str, list[int]] | None = None,
+        restoring: bool = False,
     ) -> None:
         """expert_groups: one ExpertGroup per MoE block to use instead of in-process experts
         (they receive the same initial weights). on_failure is called after an
         ExpertGroupFailure (e.g. to restart a dead shard) before rolling back. head_hidden and
-        expert_owners: as MultiTaskMoE's (a model that tasks were added to; see moe.added)."""
+        expert_owners: as MultiTaskMoE's (a model that tasks were added to; see moe.added).
+        restoring: every weight will come from a checkpoint (a resume), so the signature start
+        of the task embeddings is not drawn (at 100,000 tasks it takes ~20 s)."""
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.echo, self.save_checkpoints = echo, save_checkpoints
         self.data_source = data_source or {}
@@ -129,7 +132,7 @@ class Trainer:
         # Always initialise in this process, so the weights do not depend on where experts run.
         self.model = MultiTaskMoE(config.model, registry, rng=self.rng_init, head_hidden=head_hidden,
                                   expert_owners=expert_owners)
-        if config.model.task_emb_init == "signature" and config.model.route_by == "task":
+        if config.model.task_emb_init == "signature" and config.model.route_by == "task" and not restoring:
             e = self.model.task_emb.params["e"]  # [T, d_t]
             start = signature_embeddings(data, e.shape[1], np.random.default_rng([seed, 3]))
             for d in data:

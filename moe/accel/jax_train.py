@@ -177,6 +177,7 @@ class JaxTrainer:
         echo=print,
         mesh=None,
         layout: Layout | None = None,
+        restoring: bool = False,
     ) -> None:
         if config.shards.enabled:
             raise ValueError("the JAX backend runs the experts on JAX devices; remote expert shards "
@@ -200,7 +201,7 @@ class JaxTrainer:
             echo(top_k_only)
         self.config, self.data, self.echo, self.layout = config, data, echo, layout
         self.trainer = Trainer(config, data, out_dir, data_source=data_source,
-                               save_checkpoints=save_checkpoints and self.main, echo=echo)
+                               save_checkpoints=save_checkpoints and self.main, echo=echo, restoring=restoring)
         self.save_checkpoints = save_checkpoints
         self.model = self.trainer.model
         self.jm = JaxMoE(self.model, mesh, layout)
@@ -378,5 +379,5 @@ def train_with_jax(
 ) -> tuple[TrainResult, JaxTrainer]:
     """One call for the CLI: train with the JAX backend; returns the result and the trainer
     (its `.model` is the trained numpy model, for baselines and the profile)."""
-    trainer = JaxTrainer(config, data, out_dir, data_source=data_source, echo=echo, layout=layout)
+    trainer = JaxTrainer(config, data, out_dir, data_source=data_source, echo=echo, layout=layout, restoring=resume)
     return trainer.train(resume=resume, stop_at=stop_at), trainer

@@ -152,6 +152,9 @@ def test_the_trainer_starts_domain_tasks_from_signatures_and_the_rest_at_random(
     for name in a.params:  # nothing else moves
         if name != "task.emb.e":
             np.testing.assert_array_equal(a.params[name], rand.params[name])
+    # a trainer whose weights will come from a checkpoint does not draw the start (a resume)
+    restoring = Trainer(_config("signature"), data, tmp_path / "c", save_checkpoints=False, restoring=True).model
+    np.testing.assert_array_equal(restoring.task_emb.params["e"], er)
 
 
 def test_an_unknown_start_is_refused_in_one_line():
