@@ -120,7 +120,7 @@ class Trainer:
         ExpertGroupFailure (e.g. to restart a dead shard) before rolling back. head_hidden and
         expert_owners: as MultiTaskMoE's (a model that tasks were added to; see moe.added).
         restoring: every weight will come from a checkpoint (a resume), so the signature start
-        of the task embeddings is not drawn (at 100,000 tasks it takes ~20 s)."""
+        of the task embeddings is not drawn (at 100,000 tasks it takes ~24 s)."""
         self.config, self.data, self.out = config, data, Path(out_dir)
         self.echo, self.save_checkpoints = echo, save_checkpoints
         self.data_source = data_source or {}
