@@ -7,7 +7,8 @@ expert overlap 0.03 for related pairs, the same as for unrelated ones). Starting
 close together lets the experts they share learn what they share.
 
 A task's signature is what its targets correlate with, in one random feature space per
-shared input domain: c_t = phi(x)^T Y / n over its train split, [F, o], where phi(x) =
+shared input domain: c_t = phi(x)^T Y / n over its train split (at most MAX_ROWS rows of it,
+evenly spaced, so a large table costs no more than 4,096 rows), [F, o], where phi(x) =
 relu(x W + b) with standardised columns, and Y the centred targets (one-hot classes, 0/1
 labels, standardised values) with their linear fit on [x, 1] taken out (a head reads the
 linear part; the experts are there for the rest). Two tasks' similarity is
@@ -34,11 +35,19 @@ FEATURES = 1024  # random ReLU features per domain
 LANDMARKS = 256  # tasks whose kernel columns span the map (all of them in a smaller domain)
 CHUNK = 4096  # tasks per block of kernel rows (bounds the memory at 100,000 tasks)
 LINEAR_TOL = 1e-4  # targets whose residual is below this share of their spread count as linear
+MAX_ROWS = 4096  # train rows a signature reads (evenly spaced): bounds [rows, FEATURES] at 32 MiB
+
+
+def _rows(data: TaskData) -> np.ndarray:
+    """Indices of the train rows the signature reads: all of them, or MAX_ROWS evenly spaced
+    (spread over the whole split, so a table sorted by its label is still sampled across)."""
+    n = data.x_train.shape[0]
+    return np.arange(n) if n <= MAX_ROWS else np.unique(np.linspace(0, n - 1, MAX_ROWS).round().astype(np.int64))
 
 
 def _targets(data: TaskData) -> np.ndarray:
     """The train split's targets as float64 [n, o]: one-hot classes, 0/1 labels, standardised values."""
-    y = data.y_train
+    y = data.y_train[_rows(data)]
     if data.spec.kind == "multiclass":
         return np.eye(data.spec.n_outputs)[np.asarray(y, dtype=np.int64)]  # [n, C]
     return np.asarray(y, dtype=np.float64).reshape(y.shape[0], -1)  # [n, o]
@@ -46,7 +55,7 @@ def _targets(data: TaskData) -> np.ndarray:
 
 def centred_targets(data: TaskData) -> np.ndarray:
     """The train split's targets as float64 [n, o], centred, with their linear fit on [x, 1] removed."""
-    x, t = data.x_train.astype(np.float64), _targets(data)
+    x, t = data.x_train[_rows(data)].astype(np.float64), _targets(data)
     design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)  # [n, d + 1]
     resid = t - design @ np.linalg.lstsq(design, t, rcond=None)[0]  # [n, o]
     # what float32 targets leave of an exactly linear function is rounding, not signal
@@ -57,8 +66,8 @@ def nonlinear_share(data: TaskData) -> float:
     """rho in [0, 1]: the share of the train targets' variance that their linear fit on [x, 1]
     leaves, adjusted for the fit's d + 1 parameters (as adjusted R^2 is); 0 for a task a linear
     head solves (and when n <= d + 1), ~0.3 for the digit-set tasks, ~1 for a skill task."""
-    n, p = data.x_train.shape[0], data.spec.n_inputs + 1
     t = _targets(data)
+    n, p = t.shape[0], data.spec.n_inputs + 1
     total = float(((t - t.mean(axis=0)) ** 2).sum())
     if total <= 0 or n <= p:
         return 0.0
@@ -74,7 +83,7 @@ def blend(random_row: np.ndarray, signature_row: np.ndarray, share: float) -> np
 
 def signature(data: TaskData, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """c_t [F, o], scaled so that K(t, t) = 1 (zeros when nothing is left beyond the linear part)."""
-    phi = np.maximum(data.x_train.astype(np.float64) @ w + b, 0.0)  # [n, F]
+    phi = np.maximum(data.x_train[_rows(data)].astype(np.float64) @ w + b, 0.0)  # [n, F]
     sd = phi.std(axis=0)
     phi = (phi - phi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     c = phi.T @ centred_targets(data) / phi.shape[0]  # [F, o]

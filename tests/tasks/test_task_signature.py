@@ -160,3 +160,16 @@ def test_the_trainer_starts_domain_tasks_from_signatures_and_the_rest_at_random(
 def test_an_unknown_start_is_refused_in_one_line():
     with pytest.raises(ValueError, match="model.task_emb_init must be one of"):
         load_config(None, ["model.task_emb_init=nearest"])
+
+
+def test_a_large_task_is_read_through_max_rows_evenly_spaced_rows(skills, monkeypatch):
+    """A task with more train rows than MAX_ROWS gives the signature and share of the task cut
+    to those rows, which span the whole split (first and last row included)."""
+    task = skills[0][4]
+    monkeypatch.setattr(sig, "MAX_ROWS", 50)
+    rows = sig._rows(task)
+    assert len(rows) == 50 and rows[0] == 0 and rows[-1] == task.x_train.shape[0] - 1
+    cut = dataclasses.replace(task, x_train=task.x_train[rows], y_train=task.y_train[rows])
+    w, b = _features(task.spec.n_inputs, np.random.default_rng(6))
+    np.testing.assert_array_equal(sig.signature(task, w, b), sig.signature(cut, w, b))
+    assert sig.nonlinear_share(task) == sig.nonlinear_share(cut)
