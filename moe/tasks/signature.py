@@ -13,7 +13,9 @@ relu(x W + b) with standardised columns, and Y the centred targets (one-hot clas
 labels, standardised values) with their linear fit on [x, 1] taken out (a head reads the
 linear part; the experts are there for the rest). Two tasks' similarity is
   K(t, u) = ||c_t^T c_u||_F^2 / (||c_t^T c_t||_F ||c_u^T c_u||_F)   in [0, 1],
-unchanged when a task's outputs are permuted or flip sign (its head can undo either). The
+unchanged when a task's outputs are permuted or flip sign (its head can undo either); K reads
+c_t only through c_t c_t^T, so a task of more than MAX_OUTPUTS outputs keeps its top
+MAX_OUTPUTS singular directions and the kernel blocks stay bounded (CHUNK_COLUMNS). The
 embeddings are the top d kernel principal components of K over the domain's tasks, through a
 Nystroem map on at most LANDMARKS tasks so the cost stays linear in the number of tasks, each
 row scaled to norm sqrt(d) (the expected norm of the random start it replaces). A task then
@@ -33,7 +35,8 @@ from moe.tasks.spec import TaskData
 
 FEATURES = 1024  # random ReLU features per domain
 LANDMARKS = 256  # tasks whose kernel columns span the map (all of them in a smaller domain)
-CHUNK = 4096  # tasks per block of kernel rows (bounds the memory at 100,000 tasks)
+CHUNK_COLUMNS = 8192  # signature columns per block of kernel rows (bounds the memory at 100,000 tasks)
+MAX_OUTPUTS = 16  # columns a signature keeps: a task with more keeps its top singular directions
 LINEAR_TOL = 1e-4  # targets whose residual is below this share of their spread count as linear
 MAX_ROWS = 4096  # train rows a signature reads (evenly spaced): bounds [rows, FEATURES] at 32 MiB
 
@@ -87,6 +90,9 @@ def signature(data: TaskData, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     sd = phi.std(axis=0)
     phi = (phi - phi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     c = phi.T @ centred_targets(data) / phi.shape[0]  # [F, o]
+    if c.shape[1] > MAX_OUTPUTS:  # K reads c only through c c^T: keep its top MAX_OUTPUTS directions
+        u, sv, _ = np.linalg.svd(c, full_matrices=False)
+        c = u[:, :MAX_OUTPUTS] * sv[:MAX_OUTPUTS]  # [F, MAX_OUTPUTS]
     norm = np.sqrt(np.linalg.norm(c.T @ c))
     return c / norm if norm > 0 else np.zeros_like(c)
 
@@ -111,11 +117,14 @@ def domain_embeddings(tasks: list[TaskData], d: int, rng: np.random.Generator) -
     lam, u = np.linalg.eigh(k_mm)
     keep = lam > 1e-9 * max(float(lam[-1]), 1e-300)
     proj = u[:, keep] / np.sqrt(lam[keep])  # [m, r]: Nystroem map K(., landmarks) -> features
-    feats, ok = [], []
-    for start in range(0, len(tasks), CHUNK):
-        sigs = [signature(t, w, b) for t in tasks[start:start + CHUNK]]
-        feats.append(_kernel(sigs, land) @ proj)  # [chunk, r]
-        ok.extend(bool(s.any()) for s in sigs)
+    feats, ok, sigs, cols = [], [], [], 0
+    for i, t in enumerate(tasks):
+        sigs.append(signature(t, w, b))
+        cols += sigs[-1].shape[1]
+        if cols >= CHUNK_COLUMNS or i == len(tasks) - 1:
+            feats.append(_kernel(sigs, land) @ proj)  # [chunk, r]
+            ok.extend(bool(c.any()) for c in sigs)
+            sigs, cols = [], 0
     f = np.concatenate(feats)  # [n, r]
     ok_ = np.array(ok)
     if ok_.sum() < 2:

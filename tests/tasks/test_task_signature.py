@@ -48,7 +48,7 @@ def test_related_skill_tasks_start_closer_than_unrelated_ones(skills):
 
 def test_the_nystroem_map_on_every_task_is_the_exact_kernel_pca(skills, monkeypatch):
     """With every task a landmark the embeddings are the centred kernel PCA's, computed here
-    from K directly; the chunked rows of a smaller CHUNK give the same numbers."""
+    from K directly; the chunked rows of a smaller CHUNK_COLUMNS give the same numbers."""
     tasks = skills[0][:40]
     rng = np.random.default_rng(5)
     w, b = _features(tasks[0].spec.n_inputs, rng)
@@ -58,7 +58,7 @@ def test_the_nystroem_map_on_every_task_is_the_exact_kernel_pca(skills, monkeypa
     lam, u = np.linalg.eigh(h @ k @ h)
     top = u[:, ::-1][:, :8] * np.sqrt(lam[::-1][:8])
     want = top / np.linalg.norm(top, axis=1, keepdims=True) * np.sqrt(8)
-    monkeypatch.setattr(sig, "CHUNK", 7)
+    monkeypatch.setattr(sig, "CHUNK_COLUMNS", 7)
     got = sig.domain_embeddings(tasks, 8, np.random.default_rng(5))
     e = np.stack([got[t.name] for t in tasks])
     np.testing.assert_allclose(e @ e.T, want @ want.T, atol=1e-8)  # equal up to each axis' sign
@@ -173,3 +173,26 @@ def test_a_large_task_is_read_through_max_rows_evenly_spaced_rows(skills, monkey
     w, b = _features(task.spec.n_inputs, np.random.default_rng(6))
     np.testing.assert_array_equal(sig.signature(task, w, b), sig.signature(cut, w, b))
     assert sig.nonlinear_share(task) == sig.nonlinear_share(cut)
+
+
+def test_a_task_of_many_outputs_keeps_its_top_directions_exactly_when_they_span_it(skills, monkeypatch):
+    """K reads a signature only through c c^T: with 20 labels that repeat 5 columns (rank 5), the
+    16 kept directions give the same K against another task as all 20 columns."""
+    base = next(t for t in skills[0] if t.spec.kind == "multiclass")
+    other = next(t for t in skills[0] if t.spec.kind == "binary")
+    onehot = np.eye(3, dtype=np.float32)[base.y_train]  # [n, 3]
+    labels = np.concatenate([onehot, (onehot[:, :2].sum(1, keepdims=True) > 0).astype(np.float32),
+                             (onehot[:, 1:].sum(1, keepdims=True) > 0).astype(np.float32)], axis=1)  # [n, 5]
+    wide = dataclasses.replace(
+        base, spec=dataclasses.replace(base.spec, kind="multilabel", n_outputs=20),
+        y_train=np.tile(labels, 4), y_val=np.zeros((base.y_val.shape[0], 20), np.float32),
+        y_test=np.zeros((base.y_test.shape[0], 20), np.float32), classes=None)
+    w, b = _features(base.spec.n_inputs, np.random.default_rng(7))
+    kept, o = sig.signature(wide, w, b), sig.signature(other, w, b)
+    assert kept.shape == (sig.FEATURES, sig.MAX_OUTPUTS)
+    monkeypatch.setattr(sig, "MAX_OUTPUTS", 100)
+    full = sig.signature(wide, w, b)
+    assert full.shape == (sig.FEATURES, 20)
+    k = lambda a, c: np.linalg.norm(a.T @ c) ** 2  # noqa: E731
+    assert k(kept, o) == pytest.approx(k(full, o), rel=1e-9)
+    assert k(kept, kept) == pytest.approx(1.0) and k(full, full) == pytest.approx(1.0)
