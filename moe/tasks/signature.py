@@ -117,9 +117,10 @@ def domain_embeddings(tasks: list[TaskData], d: int, rng: np.random.Generator) -
     lam, u = np.linalg.eigh(k_mm)
     keep = lam > 1e-9 * max(float(lam[-1]), 1e-300)
     proj = u[:, keep] / np.sqrt(lam[keep])  # [m, r]: Nystroem map K(., landmarks) -> features
+    at = {int(i): j for j, i in enumerate(marks)}  # task index -> its landmark signature
     feats, ok, sigs, cols = [], [], [], 0
     for i, t in enumerate(tasks):
-        sigs.append(signature(t, w, b))
+        sigs.append(land[at[i]] if i in at else signature(t, w, b))
         cols += sigs[-1].shape[1]
         if cols >= CHUNK_COLUMNS or i == len(tasks) - 1:
             feats.append(_kernel(sigs, land) @ proj)  # [chunk, r]
