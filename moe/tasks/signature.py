@@ -41,11 +41,11 @@ LINEAR_TOL = 1e-4  # targets whose residual is below this share of their spread 
 MAX_ROWS = 4096  # train rows a signature reads (evenly spaced): bounds [rows, FEATURES] at 32 MiB
 
 
-def _rows(data: TaskData) -> np.ndarray:
-    """Indices of the train rows the signature reads: all of them, or MAX_ROWS evenly spaced
-    (spread over the whole split, so a table sorted by its label is still sampled across)."""
+def _rows(data: TaskData) -> slice | np.ndarray:
+    """The train rows the signature reads: all of them (a slice, no copy), or MAX_ROWS evenly
+    spaced indices (spread over the whole split, so a table sorted by its label is still sampled across)."""
     n = data.x_train.shape[0]
-    return np.arange(n) if n <= MAX_ROWS else np.unique(np.linspace(0, n - 1, MAX_ROWS).round().astype(np.int64))
+    return slice(None) if n <= MAX_ROWS else np.unique(np.linspace(0, n - 1, MAX_ROWS).round().astype(np.int64))
 
 
 def _targets(data: TaskData) -> np.ndarray:
