@@ -7,7 +7,8 @@ with its total parameters (E * d_hidden units), and scikit-learn per task (linea
 best of linear / forest / boosting by validation score); then the capacity curve at fixed
 k = 2 and fixed expert size (so fixed active compute): E = 4, 16, 64, 256. It also reports
 routing specialisation (task-expert mutual information with training-time and noise-free
-routing, expert overlap of related and unrelated skill tasks) and balanced inference.
+routing, expert overlap of related and unrelated skill tasks), balanced inference, and the
+load balance of the batches the MoE trained on, per phase (top-k, balanced seats).
 `moe_shuffled` is the MoE with its signature-started task embeddings dealt to the wrong tasks
 of their domain (the ablation of `model.task_emb_init=signature`); `model.task_emb_init=random`
 as an override gives the random start.
@@ -52,6 +53,44 @@ def shuffle_signature_starts(trainer, data, seed: int) -> None:
         e[ids] = e[rng.permutation(ids)]
 
 
+class TallyingTrainer:
+    """Wraps a Trainer's steps to add up what its training batches routed, per phase ("topk",
+    "balanced") and MoE block: the balance of the routing the model trains with, measured on
+    the batches it trained on (the sampler's temperature mix), not on a proportional replay of
+    the train split (what `moe train`'s profile routes)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.tally = trainer, {}
+        step = trainer.train_step
+
+        def counted() -> dict:
+            phase = trainer.routing_at(trainer.step)
+            m = step()
+            for b, r in enumerate(trainer.last_routings):
+                t = self.tally.setdefault((phase, b), {"load": 0.0, "importance": 0.0, "batch_max_mean": []})
+                counts = r.counts.astype(np.float64)  # [E] assignments this batch
+                t["load"] = t["load"] + counts
+                t["importance"] = t["importance"] + r.importance.astype(np.float64)
+                t["batch_max_mean"].append(float(counts.max() / counts.mean()))
+            return m
+
+        trainer.train_step = counted
+
+    def summary(self) -> dict:
+        """Per phase, the worst block's CV(importance), CV(load) and max/mean load over all the
+        phase's steps together, and the median max/mean within one batch."""
+        from moe.profiling.stats import cv
+
+        out: dict = {}
+        for (phase, _), t in self.tally.items():
+            row = {"steps": len(t["batch_max_mean"]), "cv_importance": cv(t["importance"]), "cv_load": cv(t["load"]),
+                   "max_mean_load": float(t["load"].max() / t["load"].mean()),
+                   "batch_max_mean_median": float(np.median(t["batch_max_mean"]))}
+            prev = out.get(phase)
+            out[phase] = row if prev is None else {k: max(prev[k], v) for k, v in row.items()}
+        return out
+
+
 def run_variant(variant: str, seed: int, n_experts: int, overrides: list[str]) -> dict:
     from moe import compare
     from moe.config import load_config
@@ -75,7 +114,9 @@ def run_variant(variant: str, seed: int, n_experts: int, overrides: list[str]) -
         trainer = Trainer(config, data, "unused", save_checkpoints=False)
         if variant == "moe_shuffled":
             shuffle_signature_starts(trainer, data, config.train.seed)
+        tally = TallyingTrainer(trainer)
         result = trainer.train()
+        out["training_batches"] = tally.summary()
         scores = compare.primary(result.test, data)
         out["ablated"] = compare.by_group(compare.ablated(trainer.model, data))
         if n_experts == 64 and variant == "moe":
@@ -143,6 +184,11 @@ def report(rows: list[dict]) -> None:
         if "specialisation" in r:
             print(f"\nseed {r['seed']}: specialisation {json.dumps(r['specialisation'])}")
             print(f"seed {r['seed']}: inference {json.dumps(r['balanced'])}")
+    for r in moe:
+        for phase, b in r.get("training_batches", {}).items():
+            print(f"seed {r['seed']}: training batches, {phase} phase ({b['steps']} steps, worst block): "
+                  f"CV(importance) {b['cv_importance']:.3f}, CV(load) {b['cv_load']:.3f}, max/mean "
+                  f"{b['max_mean_load']:.2f}; within one batch median max/mean {b['batch_max_mean_median']:.2f}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ class Trainer:
         self.sampler = TaskSampler(data, t.batch_size, sampling=t.sampling, temperature=t.temperature,
                                    rng=self.rng_data)
         self.step = 0
+        self.last_routings: list = []  # the last step's Routing per MoE block
         self.ckpt_root = self.out / "checkpoints"
         self._tb = None
         if expert_groups is not None:
@@ -195,15 +196,20 @@ class Trainer:
             self._initial = None
 
     # ------------------------------------------------------------------ one step
+    def routing_at(self, step: int) -> str:
+        """The routing training step `step` (from 0) takes: "balanced" for the last
+        train.balanced_share of the steps, "topk" before."""
+        t = self.config.train
+        return "balanced" if step >= t.steps - round(t.balanced_share * t.steps) else "topk"
+
     def train_step(self) -> dict[str, float]:
         t = self.config.train
         batch = self.sampler.next_packed()
         noise = noise_scale_at(self.step, final=t.noise_final, total=t.steps)
         self.model.set_noise_scale(noise)
-        balanced = self.step >= t.steps - round(t.balanced_share * t.steps)  # the last share of the steps
-        out = self.model.forward_batch(batch, train=True, rng=self.rng_noise,
-                                       routing="balanced" if balanced else "topk",
+        out = self.model.forward_batch(batch, train=True, rng=self.rng_noise, routing=self.routing_at(self.step),
                                        balance_factor=t.balanced_factor)
+        self.last_routings = out.routings  # what this step routed, one per MoE block (for tallies)
         loss, d_outs = batch_loss(self.model, batch, out)
         self.model.backward_batch(d_outs)
         grads = self.model.grads

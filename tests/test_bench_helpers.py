@@ -100,3 +100,39 @@ def test_copy_bandwidth_counts_bytes_read_plus_written(monkeypatch):
 
     monkeypatch.setattr(devices, "_median_seconds", one_second)
     assert devices.copy_bandwidth(0.01) == 2 * 64 * 2**20  # 64 MiB read + 64 MiB written
+
+
+def test_the_training_batch_tally_adds_up_each_phase_of_the_steps_it_trained():
+    """bench/multitask.py's tally against the routings recorded step by step: the load is the
+    sum of each phase's per-batch assignment counts, and the steps split as balanced_share says."""
+    import numpy as np
+    from multitask import TallyingTrainer
+
+    from moe.config import Config, ModelConfig, TrainConfig
+    from moe.profiling.stats import cv
+    from moe.tasks.spec import TaskSpec
+    from moe.tasks.splits import make_task_data, split_indices
+    from moe.train import Trainer
+
+    rng = np.random.default_rng(5)
+    data = []
+    for i in range(5):
+        x = rng.standard_normal((40, 3))
+        data.append(make_task_data(TaskSpec(f"t{i}", "regression", 3, 1), x, x[:, :1], split_indices(40, rng)))
+    config = Config(model=ModelConfig(d_model=8, n_experts=4, d_hidden=8, k=2, d_task_emb=3),
+                    train=TrainConfig(steps=8, batch_size=16, progress=False, balanced_share=0.25))
+    trainer = Trainer(config, data, "unused", save_checkpoints=False)
+    tally = TallyingTrainer(trainer)
+    counts = {"topk": [], "balanced": []}
+    for i in range(8):
+        phase = trainer.routing_at(i)
+        trainer.train_step()
+        counts[phase].append(trainer.last_routings[0].counts.astype(np.float64))
+    got = tally.summary()
+    assert {p: got[p]["steps"] for p in got} == {"topk": 6, "balanced": 2}
+    for phase, c in counts.items():
+        load = np.sum(c, axis=0)  # [E]
+        assert load.sum() == len(c) * 16 * 2  # dropless: every row's k assignments
+        assert got[phase]["cv_load"] == pytest.approx(cv(load))
+        assert got[phase]["max_mean_load"] == pytest.approx(load.max() / load.mean())
+    assert got["balanced"]["batch_max_mean_median"] == pytest.approx(1.0)  # seats: 8 per expert each batch

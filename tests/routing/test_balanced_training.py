@@ -66,16 +66,19 @@ def test_the_trainer_routes_the_last_share_of_its_steps_by_balanced_seats(share,
     config = Config(model=ModelConfig(d_model=8, n_experts=4, d_hidden=8, k=2, d_task_emb=3),
                     train=TrainConfig(steps=8, batch_size=16, progress=False, balanced_share=share))
     trainer = Trainer(config, data, "unused", save_checkpoints=False)
-    seen = []
+    seen, outs = [], []
     forward = trainer.model.forward_batch
 
     def spy(*a, **kw):
         seen.append(kw["routing"])
-        return forward(*a, **kw)
+        outs.append(forward(*a, **kw))
+        return outs[-1]
 
     monkeypatch.setattr(trainer.model, "forward_batch", spy)
-    for _ in range(8):
+    for i in range(8):
+        assert trainer.routing_at(i) == ("balanced" if i >= 8 - round(8 * share) else "topk")
         trainer.train_step()
+        assert trainer.last_routings is outs[-1].routings  # what a tally of training batches reads
     balanced = [i for i, s in enumerate(seen) if s == "balanced"]
     assert balanced == list(range(8 - round(8 * share), 8))
 
