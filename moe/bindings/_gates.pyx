@@ -36,7 +36,7 @@ cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.float cimport DBL_MIN, FLT_MIN
-from libc.math cimport M_SQRT1_2, erfc, exp, expf, fabsf, log, log1p, log1pf, logf
+from libc.math cimport M_SQRT1_2, erfc, exp, expf, log, log1p, log1pf, logf
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.string cimport memset
 
@@ -137,32 +137,6 @@ cdef inline double _ndtr(double z) noexcept nogil:
     return 0.5 * erfc(-z * M_SQRT1_2)
 
 
-# Mills ratio M(w) = (1 - Phi(w)) / phi(w), w >= 0, as t * P(t) with t = 1 / (1 + w / 2): P (M0..M10) is
-# the degree-10 polynomial fitted by least relative error to sqrt(pi/2) * erfcx(w / sqrt(2)) / t
-# on 2,000 Chebyshev points of t in (0, 1] (scipy.special.erfcx). Phi = phi * M(-z) for z <= 0
-# and 1 - phi * M(z) above is then within 9e-8 relative of scipy.special.ndtr for z in
-# [-14, 8] in exact arithmetic; in float32 it is one division and ten multiply-adds on the
-# phi the backward needs anyway, where erfc in double cost 42% of a noisy gate's forward
-# (perf, [8192, 256]). Used for float32 gates only: float64 keeps erfc (the 1e-12 oracle bar).
-cdef float M0 = 0.50000002, M1 = 0.49999446, M2 = 0.37518516, M3 = 0.12307627, M4 = -0.15279227
-cdef float M5 = -0.21652254, M6 = -0.59298926, M7 = 1.98521853, M8 = -2.09196599, M9 = 1.02311204
-cdef float M10 = -0.19900239
-
-
-cdef inline float _ndtr_from_pdf(float z, float pdf) noexcept nogil:
-    """Phi(z) for float32 gates, from pdf = phi(z) (see M0..M10); NaN stays NaN. The
-    polynomial by Estrin's scheme: a short dependency chain, where Horner's ten steps would be
-    the row loop's critical path."""
-    cdef float t = <float>1 / (<float>1 + <float>0.5 * fabsf(z))
-    cdef float t2 = t * t
-    cdef float t4 = t2 * t2
-    cdef float b0 = (M0 + M1 * t) + (M2 + M3 * t) * t2
-    cdef float b1 = (M4 + M5 * t) + (M6 + M7 * t) * t2
-    cdef float b2 = (M8 + M9 * t) + M10 * t2
-    cdef float p = pdf * t * (b0 + (b1 + b2 * t4) * t4)  # phi(z) * M(|z|) = Phi(-|z|)
-    return <float>1 - p if z > 0 else p
-
-
 # ----------------------------------------------------------------------------- one row
 cdef void _row_forward(
     const Spec* s, const floating* clean, const floating* raw, const floating* eps,
@@ -222,11 +196,8 @@ cdef void _row_forward(
         for i in range(n):
             sdi = tiny if sd[i] < tiny else sd[i]  # np.maximum(std, tiny): NaN stays NaN
             z = (clean[i] - (thr_in if mask[i] else thr_out)) / sdi
+            load[i] += _ndtr(z)
             pdf = _exp(<floating>-0.5 * z * z) * <floating>INV_SQRT_2PI
-            if floating is float:
-                load[i] += _ndtr_from_pdf(z, pdf)
-            else:
-                load[i] += _ndtr(z)
             ai = pdf / sdi
             a[i] = ai
             b[i] = z * sg[i] * scale if ai != 0 else 0  # 0 * inf would be NaN; the term is 0
