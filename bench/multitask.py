@@ -60,7 +60,7 @@ class TallyingTrainer:
     the train split (what `moe train`'s profile routes)."""
 
     def __init__(self, trainer) -> None:
-        self.trainer, self.tally = trainer, {}
+        self.tally: dict = {}
         step = trainer.train_step
 
         def counted() -> dict:
